@@ -1,0 +1,75 @@
+# The two commands a new user needs: `make run` (start everything) and `make test` (the fast suite).
+# Both create the virtualenv .venv and install the pinned requirements when missing or changed.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REQ_HASH := $(shell cat requirements.txt requirements-dev.txt 2>/dev/null | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: help venv run test test-postgres lint format check e2e real-backend-start real-backend-stop bench bench-quick clean
+
+help:
+	@echo "make run        start web + worker + beat + demo backend (http://127.0.0.1:$${PORT:-8000})"
+	@echo "make test       the fast mock suite (no network, no real backend)"
+	@echo "make e2e        start a real CPU vLLM pool, run the E2E suite through the platform, stop it"
+	@echo "make lint       ruff check + format check + Django checks"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+run: venv
+	$(PY) scripts/run_platform.py
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-postgres: venv
+	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test} $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+real-backend-start:
+	bash scripts/real_backend.sh start
+
+real-backend-stop:
+	bash scripts/real_backend.sh stop
+
+e2e: venv
+	bash scripts/e2e.sh
+
+bench: venv
+	$(PY) bench/run.py
+	$(PY) bench/overload.py
+
+bench-quick: venv
+	$(PY) bench/run.py --quick
+
+# Production web server (scripts/serve.sh: collectstatic, then uvicorn with WEB_CONCURRENCY workers and a graceful
+# shutdown of GRACEFUL_TIMEOUT_S); settings from the environment, e.g. DJANGO_DEBUG=0 (docs/deploy.md).
+serve: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/serve.sh
+
+# Lint and schema-validate deploy/ (compose file, Kubernetes overlays) without a container engine or a cluster.
+validate-deploy: venv
+	VENV_BIN=$(VENV)/bin bash scripts/validate_deploy.sh
+
+.PHONY: serve validate-deploy
+
+clean:
+	rm -rf $(VENV) .local staticfiles .pytest_cache .ruff_cache

@@ -1,0 +1,312 @@
+"""Django admin for the registry: saving here is the normal way operators change routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+from django.utils.safestring import mark_safe
+
+from backends.models import Backend, BackendState, GpuPool, HealthStatus, Model, ModelFallback, validate_base_url
+from backends.services import backend_probe_many, backend_state_set
+
+STATUS_COLOURS = {
+    HealthStatus.HEALTHY: "#1a7f37",
+    HealthStatus.DEGRADED: "#b35900",
+    HealthStatus.UNHEALTHY: "#cf222e",
+    HealthStatus.UNKNOWN: "#6e7781",
+}
+STATE_COLOURS = {BackendState.ENABLED: "#1a7f37", BackendState.DRAINING: "#b35900", BackendState.DISABLED: "#6e7781"}
+
+
+def _badge(text: str, colour: str) -> str:
+    return format_html(
+        '<span style="background:{};color:#fff;padding:1px 8px;border-radius:9px;font-size:11px">{}</span>',
+        colour,
+        text,
+    )
+
+
+class BackendForm(forms.ModelForm):
+    """Backend form whose API key is write-only: never rendered back, kept when left blank."""
+
+    api_key = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave blank to keep the current key.",
+    )
+    clear_api_key = forms.BooleanField(required=False, help_text="Remove the stored key.")
+    base_url = forms.CharField(
+        max_length=500,
+        validators=[validate_base_url],
+        help_text="e.g. http://gpu-node-1:8000 (a trailing /v1 is removed)",
+    )
+
+    class Meta:
+        model = Backend
+        fields = "__all__"
+
+    def clean_api_key(self) -> str:
+        """Keep the stored key unless a new one is typed (or clearing is asked for)."""
+        typed = self.cleaned_data.get("api_key", "")
+        if self.data.get(self.add_prefix("clear_api_key")):
+            return ""
+        if not typed and self.instance.pk:
+            return self.instance.api_key
+        return typed
+
+
+class BackendInline(admin.TabularInline):
+    """Backends listed on their pool's page."""
+
+    model = Backend
+    form = BackendForm
+    extra = 0
+    fields = ("name", "base_url", "state", "weight", "max_concurrent_requests", "status_badge", "last_checked_at")
+    readonly_fields = ("status_badge", "last_checked_at")
+    show_change_link = True
+
+    @admin.display(description="health")
+    def status_badge(self, obj: Backend) -> str:
+        return _badge(obj.get_status_display(), STATUS_COLOURS.get(obj.status, "#6e7781"))
+
+
+CIRCUIT_COLOURS = {"closed": "#1a7f37", "half_open": "#b35900", "open": "#cf222e"}
+
+
+def _runtime() -> dict[str, dict[str, Any]]:
+    from routing.runtime import runtime_stats_collect
+
+    return runtime_stats_collect()
+
+
+def _fmt(value: Any, pattern: str = "{}") -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+@admin.register(GpuPool)
+class GpuPoolAdmin(admin.ModelAdmin):
+    """Pools with their backends inline, and a live view of each backend's routing state."""
+
+    list_display = ("name", "routing_strategy", "enabled", "backend_count", "healthy_count", "updated_at")
+    list_filter = ("enabled", "routing_strategy")
+    search_fields = ("name", "description")
+    inlines = [BackendInline]
+    actions = ["check_health", "drain_pool", "undrain_pool"]
+    readonly_fields = ("live_backends",)
+    fields = ("name", "description", "routing_strategy", "affinity_key", "enabled", "live_backends")
+
+    @admin.display(description="backends now")
+    def live_backends(self, obj: GpuPool) -> str:
+        """State, circuit, health, in-flight and queued requests, KV-cache use and latency of each backend."""
+        if obj.pk is None:
+            return "–"
+        runtime = _runtime()
+        rows = []
+        for b in obj.backends.order_by("name"):
+            live = runtime.get(b.name, {})
+            circuit = str(live.get("circuit", "closed"))
+            kv = live.get("kv_cache_usage")
+            rows.append(
+                format_html(
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    b.name,
+                    _badge(b.get_state_display(), STATE_COLOURS.get(b.state, "#6e7781")),
+                    _badge(circuit.replace("_", "-"), CIRCUIT_COLOURS.get(circuit, "#6e7781")),
+                    _badge(b.get_status_display(), STATUS_COLOURS.get(b.status, "#6e7781")),
+                    live.get("in_flight", 0),
+                    _fmt(live.get("vllm_waiting"), "{:g}"),
+                    "–" if kv is None else f"{kv * 100:.0f} %",
+                    _fmt(live.get("latency_ms") or b.last_latency_ms, "{:.0f} ms"),
+                )
+            )
+        header = (
+            "<tr><th>backend</th><th>state</th><th>circuit</th><th>health</th><th>in flight</th>"
+            "<th>vLLM waiting</th><th>KV cache</th><th>latency</th></tr>"
+        )
+        return format_html('<table class="live-backends">{}{}</table>', mark_safe(header), mark_safe("".join(rows)))
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[GpuPool]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _backends=Count("backends", distinct=True),
+                _healthy=Count("backends", filter=Q(backends__status=HealthStatus.HEALTHY), distinct=True),
+            )
+        )
+
+    @admin.display(description="backends", ordering="_backends")
+    def backend_count(self, obj: GpuPool) -> int:
+        return obj._backends  # type: ignore[attr-defined]
+
+    @admin.display(description="healthy", ordering="_healthy")
+    def healthy_count(self, obj: GpuPool) -> int:
+        return obj._healthy  # type: ignore[attr-defined]
+
+    @admin.action(description="Check health now (all backends of the pool)")
+    def check_health(self, request: HttpRequest, queryset: QuerySet[GpuPool]) -> None:
+        _report_probes(self, request, Backend.objects.filter(pool__in=queryset).select_related("pool"))
+
+    @admin.action(description="Drain (all backends of the pool)")
+    def drain_pool(self, request: HttpRequest, queryset: QuerySet[GpuPool]) -> None:
+        count = backend_state_set(
+            backends=Backend.objects.filter(pool__in=queryset, state=BackendState.ENABLED), state=BackendState.DRAINING
+        )
+        self.message_user(request, f"{count} backend(s) draining: they take no new requests.")
+
+    @admin.action(description="Undrain (all backends of the pool)")
+    def undrain_pool(self, request: HttpRequest, queryset: QuerySet[GpuPool]) -> None:
+        count = backend_state_set(
+            backends=Backend.objects.filter(pool__in=queryset, state=BackendState.DRAINING), state=BackendState.ENABLED
+        )
+        self.message_user(request, f"{count} backend(s) back in rotation.")
+
+
+@admin.register(Backend)
+class BackendAdmin(admin.ModelAdmin):
+    """vLLM servers; health fields are read-only and written by probes."""
+
+    form = BackendForm
+    list_display = (
+        "name",
+        "pool",
+        "base_url",
+        "state_badge",
+        "status_badge",
+        "in_flight",
+        "last_latency_ms",
+        "last_checked_at",
+        "weight",
+    )
+    list_filter = ("pool", "state", "status")
+    search_fields = ("name", "base_url", "pool__name")
+    list_select_related = ("pool",)
+    readonly_fields = (
+        "status",
+        "last_checked_at",
+        "last_error",
+        "last_latency_ms",
+        "key_set",
+        "created_at",
+        "updated_at",
+    )
+    actions = ["check_health", "drain", "undrain", "disable"]
+    fieldsets = (
+        (None, {"fields": ("pool", "name", "base_url", "state")}),
+        ("Credentials", {"fields": ("key_set", "api_key", "clear_api_key")}),
+        ("Limits", {"fields": ("weight", "max_concurrent_requests", "connect_timeout_s", "read_timeout_s")}),
+        ("Health (written by probes)", {"fields": ("status", "last_checked_at", "last_latency_ms", "last_error")}),
+        ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
+    )
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        self._live = _runtime()  # one collection per page, not per row
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="in flight")
+    def in_flight(self, obj: Backend) -> int:
+        live = getattr(self, "_live", None)
+        if live is None:
+            live = _runtime()
+        return int(live.get(obj.name, {}).get("in_flight", 0))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Backend | None = None) -> bool:
+        """A backend can be removed only once nothing is in flight on it (drain it first)."""
+        if obj is not None and _runtime().get(obj.name, {}).get("in_flight", 0):
+            return False
+        return super().has_delete_permission(request, obj)
+
+    @admin.display(description="API key set", boolean=True)
+    def key_set(self, obj: Backend) -> bool:
+        return obj.has_api_key
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, obj: Backend) -> str:
+        return _badge(obj.get_state_display(), STATE_COLOURS.get(obj.state, "#6e7781"))
+
+    @admin.display(description="health", ordering="status")
+    def status_badge(self, obj: Backend) -> str:
+        badge = _badge(obj.get_status_display(), STATUS_COLOURS.get(obj.status, "#6e7781"))
+        if obj.last_error:
+            return format_html('{} <span title="{}">ⓘ</span>', badge, obj.last_error)
+        return badge
+
+    @admin.action(description="Check health now")
+    def check_health(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        _report_probes(self, request, queryset.select_related("pool"))
+
+    @admin.action(description="Drain (finish open requests, take no new ones)")
+    def drain(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        count = backend_state_set(backends=queryset.filter(state=BackendState.ENABLED), state=BackendState.DRAINING)
+        self.message_user(request, f"{count} backend(s) draining.")
+
+    @admin.action(description="Undrain (back in rotation)")
+    def undrain(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        count = backend_state_set(backends=queryset.exclude(state=BackendState.ENABLED), state=BackendState.ENABLED)
+        self.message_user(request, f"{count} backend(s) enabled.")
+
+    @admin.action(description="Disable")
+    def disable(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        count = backend_state_set(backends=queryset, state=BackendState.DISABLED)
+        self.message_user(request, f"{count} backend(s) disabled.")
+
+
+def _report_probes(model_admin: admin.ModelAdmin, request: HttpRequest, backends: QuerySet[Backend]) -> None:
+    results = backend_probe_many(backends=backends)
+    healthy = [r for r in results if r.status == HealthStatus.HEALTHY]
+    model_admin.message_user(request, f"Probed {len(results)} backend(s): {len(healthy)} healthy.")
+    for result in results:
+        if result.status != HealthStatus.HEALTHY:
+            model_admin.message_user(request, f"{result.backend}: {result.error}", level=messages.WARNING)
+
+
+class ModelFallbackInline(admin.TabularInline):
+    """Ordered fallback pools of a model."""
+
+    model = ModelFallback
+    extra = 0
+    fields = ("position", "pool")
+
+
+class ModelAdminForm(forms.ModelForm):
+    """Model form; aliases edited as a comma-separated list."""
+
+    aliases = forms.CharField(required=False, help_text="Comma-separated other public names.")
+
+    class Meta:
+        model = Model
+        fields = "__all__"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["aliases"] = ", ".join(self.instance.aliases or [])
+
+    def clean_aliases(self) -> list[str]:
+        """Split the comma-separated aliases."""
+        raw = self.cleaned_data.get("aliases") or ""
+        return [a.strip() for a in raw.split(",") if a.strip()]
+
+
+@admin.register(Model)
+class ModelAdmin(admin.ModelAdmin):
+    """Public model names and where they are served."""
+
+    form = ModelAdminForm
+    list_display = ("name", "served_name", "kind", "pool", "enabled", "max_context_length", "alias_list")
+    list_filter = ("kind", "pool", "enabled")
+    search_fields = ("name", "served_name")
+    list_select_related = ("pool",)
+    inlines = [ModelFallbackInline]
+
+    @admin.display(description="aliases")
+    def alias_list(self, obj: Model) -> str:
+        return ", ".join(obj.aliases or [])
+
+
+from backends.checks import admin as _checks_admin  # noqa: E402,F401

@@ -1,0 +1,69 @@
+"""Management API (DRF) for the registry: staff session or the master key; same validation as admin."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from rest_framework import viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from backends.models import Backend, BackendState, GpuPool, Model
+from backends.serializers import BackendSerializer, GpuPoolSerializer, ModelSerializer
+from backends.services import backend_probe_many, backend_state_set
+
+
+class GpuPoolViewSet(viewsets.ModelViewSet):
+    """CRUD for GPU pools."""
+
+    queryset = GpuPool.objects.prefetch_related("backends")
+    serializer_class = GpuPoolSerializer
+    lookup_field = "name"
+
+
+class BackendViewSet(viewsets.ModelViewSet):
+    """CRUD for backends, plus probe and drain actions."""
+
+    queryset = Backend.objects.select_related("pool")
+    serializer_class = BackendSerializer
+    lookup_field = "name"
+
+    @action(detail=True, methods=["post"])
+    def probe(self, request: Request, name: str | None = None) -> Response:
+        """Probe the backend now and return the stored result."""
+        backend = self.get_object()
+        backend_probe_many(backends=[backend])
+        return Response(self.get_serializer(backend).data)
+
+    @action(detail=True, methods=["post"])
+    def drain(self, request: Request, name: str | None = None) -> Response:
+        """Take no new requests on this backend."""
+        backend = self.get_object()
+        backend_state_set(backends=[backend], state=BackendState.DRAINING)
+        backend.refresh_from_db()
+        return Response(self.get_serializer(backend).data)
+
+    @action(detail=True, methods=["post"])
+    def undrain(self, request: Request, name: str | None = None) -> Response:
+        """Put the backend back in rotation."""
+        backend = self.get_object()
+        backend_state_set(backends=[backend], state=BackendState.ENABLED)
+        backend.refresh_from_db()
+        return Response(self.get_serializer(backend).data)
+
+
+class ModelViewSet(viewsets.ModelViewSet):
+    """CRUD for models."""
+
+    queryset = Model.objects.select_related("pool").prefetch_related("fallbacks__pool")
+    serializer_class = ModelSerializer
+    lookup_field = "name"
+    lookup_value_regex = "[^/]+"
+
+    def perform_create(self, serializer: ModelSerializer) -> None:  # type: ignore[override]
+        with transaction.atomic():
+            serializer.save()
+
+    def perform_update(self, serializer: ModelSerializer) -> None:  # type: ignore[override]
+        with transaction.atomic():
+            serializer.save()

@@ -1,0 +1,1147 @@
+"""A fast, deterministic mock of vLLM's OpenAI-compatible HTTP API as a raw ASGI app.
+
+No framework and no Django: the app is a plain ASGI callable (`MockVLLM`) so that it can
+serve tens of thousands of requests per second on one core under uvicorn + httptools, and
+be driven in-process by `httpx.ASGITransport` in tests.
+
+Shapes follow vLLM's OpenAI server (chat/completions, completions, embeddings, tokenize,
+models, health, metrics); behaviour is deterministic and can be bent at runtime through the
+knobs of `MockConfig` (latency, failures, hangs, broken streams, wrong answers, ...), either
+by mutating `app.config` in-process or with `POST /mock/config`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import math
+import os
+import re
+import time
+import zlib
+from array import array
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "CHAT_PER_MESSAGE_OVERHEAD",
+    "CHAT_REPLY_OVERHEAD",
+    "DEFAULT_ANSWER",
+    "MockAbort",
+    "MockConfig",
+    "MockStats",
+    "MockVLLM",
+    "chat_prompt_text",
+    "chat_prompt_token_count",
+    "chat_prompt_token_ids",
+    "count_tokens",
+    "embed_text",
+    "token_ids",
+    "tokenize",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: the one deterministic function used for usage, /tokenize, embeddings and limits.
+# ---------------------------------------------------------------------------------------------
+
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+# Same tokens as TOKEN_RE, each carrying its leading whitespace, so that "".join(pieces) is the
+# text (minus trailing whitespace) and len(pieces) == count_tokens(text).
+_PIECE_RE = re.compile(r"\s*(?:\w+|[^\w\s])")
+
+CHAT_PER_MESSAGE_OVERHEAD = 4
+"""Tokens added per chat message (role header / separators), as a chat template would."""
+CHAT_REPLY_OVERHEAD = 3
+"""Tokens added once per chat prompt (the assistant generation prompt)."""
+
+DEFAULT_ANSWER = "This is a deterministic answer from the mock vLLM backend ."
+PARIS_ANSWER = "Paris"
+_PARIS_TRIGGER = "capital of france"
+
+_TOKEN_ID_BASE = 100
+_TOKEN_ID_SPAN = 50_000
+_SPECIAL_IDS = {"bos": 1, "eom": 2, "sep": 3}
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into mock tokens (words and single punctuation marks)."""
+    return TOKEN_RE.findall(text)
+
+
+def count_tokens(text: str) -> int:
+    """Count the mock tokens of a text."""
+    return len(TOKEN_RE.findall(text))
+
+
+def _token_id(token: str) -> int:
+    """Map one token string to a stable integer id."""
+    return _TOKEN_ID_BASE + zlib.crc32(token.encode()) % _TOKEN_ID_SPAN
+
+
+def token_ids(text: str) -> list[int]:
+    """Return the mock token ids of a text (one per token)."""
+    return [_token_id(t) for t in TOKEN_RE.findall(text)]
+
+
+def _content_text(content: Any) -> str:
+    """Flatten an OpenAI message content (string or list of parts) into text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    texts.append(text)
+            elif isinstance(part, str):
+                texts.append(part)
+        return " ".join(texts)
+    return str(content)
+
+
+def chat_prompt_text(messages: list[dict[str, Any]]) -> str:
+    """Concatenate the contents of chat messages (what the answer logic looks at)."""
+    return "\n".join(_content_text(m.get("content")) for m in messages)
+
+
+def chat_prompt_token_count(messages: list[dict[str, Any]]) -> int:
+    """Count the prompt tokens of a chat request: contents plus a fixed per-message overhead."""
+    total = CHAT_REPLY_OVERHEAD
+    for m in messages:
+        total += CHAT_PER_MESSAGE_OVERHEAD + len(TOKEN_RE.findall(_content_text(m.get("content"))))
+    return total
+
+
+def chat_prompt_token_ids(messages: list[dict[str, Any]]) -> list[int]:
+    """Return mock token ids of a chat prompt; its length equals `chat_prompt_token_count`."""
+    ids: list[int] = []
+    for m in messages:
+        ids += [_SPECIAL_IDS["bos"], _token_id(str(m.get("role", ""))), _SPECIAL_IDS["sep"]]
+        ids += token_ids(_content_text(m.get("content")))
+        ids.append(_SPECIAL_IDS["eom"])
+    ids += [_SPECIAL_IDS["bos"], _token_id("assistant"), _SPECIAL_IDS["sep"]]
+    return ids
+
+
+def _pieces(text: str) -> list[str]:
+    """Split generated text into streamable token pieces (tokens with leading whitespace)."""
+    return _PIECE_RE.findall(text)
+
+
+def embed_text(tokens: Iterable[str | int], dim: int = 384) -> list[float]:
+    """Embed tokens as an L2-normalised bag of hashed buckets (deterministic)."""
+    counts: dict[int, int] = {}
+    for tok in tokens:
+        key = tok.lower().encode() if isinstance(tok, str) else str(tok).encode()
+        bucket = zlib.crc32(key) % dim
+        counts[bucket] = counts.get(bucket, 0) + 1
+    vec = [0.0] * dim
+    if counts:
+        inv = 1.0 / math.sqrt(sum(c * c for c in counts.values()))
+        for bucket, c in counts.items():
+            vec[bucket] = c * inv
+    return vec
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and counters.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MockConfig:
+    """Knobs of the mock; every field can be changed at runtime (in-process or POST /mock/config)."""
+
+    models: list[str] = field(default_factory=lambda: ["mock-chat"])
+    """Served generative model names (chat + completions)."""
+    embed_models: list[str] = field(default_factory=lambda: ["mock-embed"])
+    """Served embedding model names (/v1/embeddings)."""
+    max_model_len: int = 2048
+    latency_s: float = 0.0
+    """Simulated prefill: delay before a successful answer. Streams send their headers at once (like
+    vLLM) and the first chunk after this delay; errors (injected or validation) are not delayed."""
+    token_delay_s: float = 0.0
+    """Delay between streamed tokens (non-streaming responses wait this per generated token)."""
+    fail_status: int | None = None
+    """When set, every work request answers this status with a JSON error."""
+    fail_next: int = 0
+    """The next N work requests fail with `fail_status` (or 500)."""
+    hang: bool = False
+    """Accept work requests and never answer; they end when the client disconnects."""
+    die_after_tokens: int | None = None
+    """In a stream, abort the connection abruptly after this many token chunks."""
+    answer_override: str | None = None
+    """Answer this text instead of the deterministic answer."""
+    error_message_override: str | None = None
+    """When set, work requests fail (fail_status or 500) with this error message."""
+    usage_prompt_tokens_offset: int = 0
+    """Added to the reported usage.prompt_tokens (to simulate token count mismatches)."""
+    num_requests_waiting: int = 0
+    kv_cache_usage_perc: float = 0.0
+    models_listed: list[str] | None = None
+    """Override the ids listed by /v1/models (None: the served models)."""
+    health_status: int = 200
+    """Status answered by GET /health."""
+    fill_to_max_tokens: bool = True
+    """The default answer repeats to fill max_tokens when the request sets it (finish 'length')."""
+    embedding_dim: int = 384
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the configuration as a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply a dict of field changes in place; unknown fields raise KeyError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise KeyError(f"unknown MockConfig field(s): {', '.join(unknown)}")
+        for key, value in changes.items():
+            setattr(self, key, list(value) if isinstance(value, list) else value)
+
+
+@dataclass
+class MockStats:
+    """Request counters; work requests satisfy open + completed + failed + cancelled == total."""
+
+    open_requests: int = 0
+    total_requests: int = 0
+    completed_requests: int = 0
+    """Work requests fully answered with a status < 400."""
+    failed_requests: int = 0
+    """Work requests answered with an error status, or aborted by die_after_tokens."""
+    cancelled_requests: int = 0
+    """Work requests ended by the client disconnecting before the answer was complete."""
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    by_path: dict[str, int] = field(default_factory=dict)
+    """Count of requests per path (every path except /mock/*)."""
+    last_request: Any = None
+    """The last JSON body received by a work endpoint."""
+    last_raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list, repr=False)
+
+    @property
+    def last_headers(self) -> dict[str, str]:
+        """Headers of the last work request, decoded, lower-case names."""
+        return {k.decode("latin-1"): v.decode("latin-1") for k, v in self.last_raw_headers}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the counters as the JSON-able dict served at GET /mock/stats."""
+        return {
+            "open_requests": self.open_requests,
+            "total_requests": self.total_requests,
+            "completed_requests": self.completed_requests,
+            "failed_requests": self.failed_requests,
+            "cancelled_requests": self.cancelled_requests,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "by_path": dict(self.by_path),
+            "last_request": self.last_request,
+            "last_headers": self.last_headers,
+        }
+
+    def reset(self) -> None:
+        """Zero the counters; open_requests is a live gauge and is kept."""
+        open_requests = self.open_requests
+        fresh = MockStats(open_requests=open_requests)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
+
+
+class MockAbort(Exception):
+    """Raised inside a stream to make the server drop the connection (die_after_tokens)."""
+
+
+class _HTTPError(Exception):
+    """An error answered as a vLLM-shaped JSON error response."""
+
+    def __init__(self, status: int, message: str, err_type: str | None = None, param: str | None = None) -> None:
+        """Describe the error response: HTTP status, message, vLLM error type and offending param."""
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type or _error_type(status)
+        self.param = param
+
+
+class _Disconnected(Exception):
+    """The client went away while the request body was being read."""
+
+
+def _error_type(status: int) -> str:
+    """Name the error type of a status the way vLLM does (BadRequestError, NotFoundError, ...)."""
+    special = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+    if status in special:
+        return special[status]
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        return "Error"
+
+
+def _error_body(status: int, message: str, err_type: str | None = None, param: str | None = None) -> bytes:
+    """Serialise a vLLM ErrorResponse body."""
+    error = {"message": message, "type": err_type or _error_type(status), "param": param, "code": status}
+    return orjson.dumps({"error": error})
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed constants.
+# ---------------------------------------------------------------------------------------------
+
+_JSON_CT = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+]
+_METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+_DONE = b"data: [DONE]\n\n"
+_EMPTY_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+_WORK_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"})
+_DEFAULT_PIECES: list[str] = _pieces(DEFAULT_ANSWER)
+_VLLM_VERSION = b'{"version":"0.32.0"}'
+_FINGERPRINT = "vllm-0.32.0-mock"
+
+
+def _repeat_pieces(base: list[str], n: int) -> list[str]:
+    """Repeat an answer's pieces until there are exactly n (a space joins the repetitions)."""
+    if not base:
+        return []
+    unit = [" " + base[0].lstrip(), *base[1:]]
+    out = list(base)
+    while len(out) < n:
+        out += unit
+    return out[:n]
+
+
+_DEFAULT_FILL_CACHE: list[str] = _repeat_pieces(_DEFAULT_PIECES, 4096)
+
+
+def _rid() -> str:
+    """Return a random request id suffix (16 hex chars, like vLLM 0.32)."""
+    return os.urandom(8).hex()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ASGI application.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """What one choice will generate."""
+
+    __slots__ = ("finish_reason", "pieces", "stop_reason", "text")
+
+    def __init__(self, pieces: list[str], finish_reason: str, stop_reason: str | None) -> None:
+        """Store the generated pieces, their text and why generation finished."""
+        self.pieces = pieces
+        self.text = "".join(pieces)
+        self.finish_reason = finish_reason
+        self.stop_reason = stop_reason
+
+
+class MockVLLM:
+    """Raw ASGI app imitating a vLLM OpenAI-compatible server; see the module docstring."""
+
+    def __init__(self, config: MockConfig | None = None, **overrides: Any) -> None:
+        """Build the app from a MockConfig and/or MockConfig field overrides (kwargs)."""
+        cfg = MockConfig(**_deepcopy_fields(config)) if config is not None else MockConfig()
+        cfg.update(overrides)
+        self.config: MockConfig = cfg
+        self._defaults: MockConfig = MockConfig(**_deepcopy_fields(cfg))
+        self.stats: MockStats = MockStats()
+        self.created: int = int(time.time())
+        self._get_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
+            "/health": self._health,
+            "/ping": self._health,
+            "/v1/models": self._models,
+            "/metrics": self._metrics,
+            "/version": self._version,
+            "/mock/stats": self._mock_stats,
+            "/mock/config": self._mock_get_config,
+        }
+        self._work_routes: dict[str, Callable[[dict[str, Any], Send], Awaitable[int]]] = {
+            "/v1/chat/completions": self._chat,
+            "/v1/completions": self._completions,
+            "/v1/embeddings": self._embeddings,
+            "/tokenize": self._tokenize,
+        }
+        self._control_routes: dict[str, Callable[[bytes, Send], Awaitable[None]]] = {
+            "/mock/config": self._mock_set_config,
+            "/mock/reset": self._mock_reset,
+        }
+
+    # -- public helpers ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Restore the construction-time configuration (in place) and zero the counters."""
+        for key, value in _deepcopy_fields(self._defaults).items():
+            setattr(self.config, key, value)
+        self.stats.reset()
+
+    # -- ASGI entry point ----------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch one ASGI connection scope."""
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                await _lifespan(receive, send)
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if not path.startswith("/mock/"):
+            by_path = self.stats.by_path
+            by_path[path] = by_path.get(path, 0) + 1
+        if method == "POST":
+            work = self._work_routes.get(path)
+            if work is not None:
+                await self._serve_work(work, scope, receive, send)
+                return
+            control = self._control_routes.get(path)
+            if control is not None:
+                try:
+                    body = await _read_body(receive)
+                except _Disconnected:
+                    return
+                await control(body, send)
+                return
+        elif method in ("GET", "HEAD"):
+            handler = self._get_routes.get(path)
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        if path in self._get_routes or path in self._work_routes or path in self._control_routes:
+            await _send_json(send, 405, b'{"detail":"Method Not Allowed"}')
+        else:
+            await _send_json(send, 404, b'{"detail":"Not Found"}')
+
+    # -- work endpoints: accounting, knobs, cancellation -----------------------------------------
+
+    async def _serve_work(
+        self,
+        handler: Callable[[dict[str, Any], Send], Awaitable[int]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Serve a POST work endpoint: count it, apply the knobs, watch for client disconnects."""
+        stats = self.stats
+        cfg = self.config
+        try:
+            raw = await _read_body(receive)
+        except _Disconnected:
+            return
+        stats.open_requests += 1
+        stats.total_requests += 1
+        stats.last_raw_headers = scope["headers"]
+        outcome = "failed"
+        try:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                body = None
+                parse_error: _HTTPError | None = _HTTPError(400, f"Invalid JSON body: {exc}")
+            else:
+                parse_error = None
+                if not isinstance(body, dict):
+                    parse_error = _HTTPError(400, "The request body must be a JSON object.")
+            stats.last_request = body
+
+            stream = bool(body.get("stream")) if isinstance(body, dict) else False
+            if not (stream or cfg.hang or cfg.latency_s > 0 or cfg.token_delay_s > 0):
+                status = await self._respond(handler, body, parse_error, send)
+            else:
+                job = asyncio.ensure_future(self._respond_slowly(handler, body, parse_error, send))
+                watcher = asyncio.ensure_future(_wait_disconnect(receive))
+                try:
+                    await asyncio.wait((job, watcher), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not job.done():
+                        job.cancel()
+                        outcome = "cancelled"
+                    watcher.cancel()
+                    await asyncio.gather(job, watcher, return_exceptions=True)
+                if outcome == "cancelled":
+                    return
+                status = job.result()  # re-raises MockAbort so that the server drops the connection
+            outcome = "completed" if status < 400 else "failed"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            stats.open_requests -= 1
+            if outcome == "completed":
+                stats.completed_requests += 1
+            elif outcome == "cancelled":
+                stats.cancelled_requests += 1
+            else:
+                stats.failed_requests += 1
+
+    async def _respond_slowly(
+        self,
+        handler: Callable[[dict[str, Any], Send], Awaitable[int]],
+        body: Any,
+        parse_error: _HTTPError | None,
+        send: Send,
+    ) -> int:
+        """Apply hang, then respond (handlers apply latency_s / token_delay_s themselves)."""
+        if self.config.hang:
+            await asyncio.Future()  # never completes; cancelled on client disconnect
+        return await self._respond(handler, body, parse_error, send)
+
+    async def _respond(
+        self,
+        handler: Callable[[dict[str, Any], Send], Awaitable[int]],
+        body: Any,
+        parse_error: _HTTPError | None,
+        send: Send,
+    ) -> int:
+        """Inject failures, report parse errors, otherwise run the endpoint handler."""
+        cfg = self.config
+        try:
+            if cfg.fail_status is not None or cfg.fail_next > 0 or cfg.error_message_override is not None:
+                status = cfg.fail_status or 500
+                if cfg.fail_next > 0:
+                    cfg.fail_next -= 1
+                if cfg.error_message_override is not None:
+                    message = cfg.error_message_override
+                else:
+                    message = f"Mock vLLM injected failure: {status} {_phrase(status)}"
+                raise _HTTPError(status, message)
+            if parse_error is not None:
+                raise parse_error
+            return await handler(body, send)
+        except _HTTPError as err:
+            await _send_error(send, err)
+            return err.status
+        except (MockAbort, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a request shape the mock did not anticipate: answer like vLLM would
+            await _send_error(send, _HTTPError(500, f"{type(exc).__name__}: {exc}"))
+            return 500
+
+    # -- helpers shared by generation endpoints --------------------------------------------------
+
+    def _check_model(self, body: dict[str, Any], embedding: bool) -> str:
+        """Resolve the requested model name, or raise 404 (unknown) / 400 (wrong task)."""
+        cfg = self.config
+        served = cfg.embed_models if embedding else cfg.models
+        model = body.get("model")
+        if model is None:
+            if not served:
+                raise _HTTPError(404, "No model is served for this endpoint.", param="model")
+            return served[0]
+        if model in served:
+            return model
+        other = cfg.models if embedding else cfg.embed_models
+        if model in other:
+            api = "Embeddings API" if embedding else "Generation API"
+            raise _HTTPError(400, f"The model does not support {api}", param="model")
+        raise _HTTPError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.", param="model")
+
+    def _max_tokens(self, body: dict[str, Any]) -> int | None:
+        """Read max_completion_tokens / max_tokens, validating it."""
+        value = body.get("max_completion_tokens")
+        if value is None:
+            value = body.get("max_tokens")
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _HTTPError(
+                400,
+                f"max_tokens must be at least 1, got {value!r}. (parameter=max_tokens, value={value!r})",
+                param="max_tokens",
+            )
+        limit = self.config.max_model_len
+        if value > limit:
+            raise _HTTPError(
+                400,
+                f"max_tokens={value} cannot be greater than max_model_len={limit}. Please request fewer "
+                f"output tokens. (parameter=max_tokens, value={value})",
+                param="max_tokens",
+            )
+        return value
+
+    def _n(self, body: dict[str, Any]) -> int:
+        """Read and validate n (number of choices)."""
+        n = body.get("n", 1)
+        if n is None:
+            return 1
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise _HTTPError(400, f"n must be an integer >= 1, got {n!r}.", param="n")
+        return n
+
+    def _check_length(self, prompt_tokens: int, generative: bool = True) -> int:
+        """Raise vLLM's context-length 400 for a too long prompt; return the tokens left for output.
+
+        Like vLLM 0.32, prompt + max_tokens > max_model_len is not an error: generation simply stops
+        (finish_reason 'length') when the context is full.
+        """
+        limit = self.config.max_model_len
+        if prompt_tokens > limit or (generative and prompt_tokens >= limit):
+            raise _HTTPError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your prompt contains at "
+                f"least {prompt_tokens} input tokens, which exceeds this limit even without any output "
+                f"tokens. Please reduce the length of the input prompt. "
+                f"(parameter=input_tokens, value={prompt_tokens})",
+                "BadRequestError",
+                "input_tokens",
+            )
+        return limit - prompt_tokens
+
+    def _plan(self, prompt_text: str, body: dict[str, Any], max_tokens: int | None, room: int) -> _Plan:
+        """Decide the deterministic generation for a prompt (room: tokens left in the context)."""
+        cfg = self.config
+        fill = bool(body.get("ignore_eos"))
+        if cfg.answer_override is not None:
+            base = _pieces(cfg.answer_override)
+        elif _PARIS_TRIGGER in prompt_text.lower():
+            base = [PARIS_ANSWER]
+        else:
+            base = _DEFAULT_PIECES
+            fill = fill or cfg.fill_to_max_tokens
+        if max_tokens is None:
+            # vLLM's default max_tokens is the room left in the context; answers stop naturally.
+            cap, fill = room, bool(body.get("ignore_eos"))
+        else:
+            cap = min(max_tokens, room)
+        if fill:
+            if base is _DEFAULT_PIECES and cap <= len(_DEFAULT_FILL_CACHE):
+                pieces = _DEFAULT_FILL_CACHE[:cap]
+            else:
+                pieces = _repeat_pieces(base, cap)
+            finish = "length" if pieces else "stop"
+        elif len(base) > cap:
+            pieces, finish = base[:cap], "length"
+        else:
+            pieces, finish = list(base), "stop"
+        stop_reason: str | None = None
+        stop = body.get("stop")
+        if stop:
+            if isinstance(stop, str):
+                stops = [stop]
+            elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+                stops = [s for s in stop if s]
+            else:
+                raise _HTTPError(400, "`stop` must be a string or a list of strings.", param="stop")
+            text = "".join(pieces)
+            cut = -1
+            for s in stops:
+                pos = text.find(s)
+                if pos != -1 and (cut == -1 or pos < cut):
+                    cut, stop_reason = pos, s
+            if cut != -1:
+                pieces, finish = _pieces(text[:cut]), "stop"
+        return _Plan(pieces, finish, stop_reason)
+
+    async def _generation_delay(self, plans: list[_Plan]) -> None:
+        """Wait latency_s plus token_delay_s per generated token (non-streaming responses)."""
+        cfg = self.config
+        delay = cfg.latency_s
+        if cfg.token_delay_s > 0 and plans:
+            delay += cfg.token_delay_s * max(len(p.pieces) for p in plans)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _account(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Add token counts to the metrics counters."""
+        self.stats.prompt_tokens_total += prompt_tokens
+        self.stats.generation_tokens_total += completion_tokens
+
+    # -- /v1/chat/completions ------------------------------------------------------------------
+
+    async def _chat(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /v1/chat/completions."""
+        model = self._check_model(body, embedding=False)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise _HTTPError(400, "`messages` must be a non-empty list of message objects.", param="messages")
+        max_tokens = self._max_tokens(body)
+        n = self._n(body)
+        prompt_tokens = chat_prompt_token_count(messages)
+        room = self._check_length(prompt_tokens)
+        plan = self._plan(chat_prompt_text(messages), body, max_tokens, room)
+        completion_tokens = len(plan.pieces) * n
+        reported_prompt = prompt_tokens + self.config.usage_prompt_tokens_offset
+        self._account(prompt_tokens, completion_tokens)
+        rid = "chatcmpl-" + _rid()
+        created = int(time.time())
+        if body.get("stream"):
+            opts = body.get("stream_options")
+            include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            usage = _stream_usage(reported_prompt, completion_tokens) if include_usage else None
+            prefix = _chunk_prefix(rid, "chat.completion.chunk", created, model)
+            return await self._stream(send, prefix, [plan], n, chat=True, usage=usage)
+        await self._generation_delay([plan])
+        message = {
+            "role": "assistant",
+            "content": plan.text,
+            "refusal": None,
+            "annotations": None,
+            "audio": None,
+            "function_call": None,
+            "reasoning": None,
+        }
+        choices = [
+            {
+                "index": i,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": plan.finish_reason,
+                "stop_reason": plan.stop_reason,
+            }
+            for i in range(n)
+        ]
+        payload = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": _FINGERPRINT,
+            "usage": _usage(reported_prompt, completion_tokens),
+            "prompt_logprobs": None,
+        }
+        await _send_json(send, 200, orjson.dumps(payload))
+        return 200
+
+    # -- /v1/completions -------------------------------------------------------------------------
+
+    async def _completions(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /v1/completions (string, token-id, or batched prompts)."""
+        model = self._check_model(body, embedding=False)
+        prompts = _completion_prompts(body.get("prompt"))
+        max_tokens = self._max_tokens(body)
+        n = self._n(body)
+        prompt_tokens = 0
+        plans: list[_Plan] = []
+        for text, count in prompts:
+            room = self._check_length(count)
+            prompt_tokens += count
+            plans.append(self._plan(text, body, max_tokens, room))
+        completion_tokens = sum(len(p.pieces) for p in plans) * n
+        reported_prompt = prompt_tokens + self.config.usage_prompt_tokens_offset
+        self._account(prompt_tokens, completion_tokens)
+        rid = "cmpl-" + _rid()
+        created = int(time.time())
+        if body.get("stream"):
+            opts = body.get("stream_options")
+            include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            usage = _stream_usage(reported_prompt, completion_tokens) if include_usage else None
+            prefix = _chunk_prefix(rid, "text_completion", created, model)
+            return await self._stream(send, prefix, plans, n, chat=False, usage=usage)
+        await self._generation_delay(plans)
+        choices = [
+            {
+                "index": p_idx * n + i,
+                "text": plan.text,
+                "logprobs": None,
+                "finish_reason": plan.finish_reason,
+                "stop_reason": plan.stop_reason,
+                "prompt_logprobs": None,
+            }
+            for p_idx, plan in enumerate(plans)
+            for i in range(n)
+        ]
+        payload = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": _FINGERPRINT,
+            "usage": _usage(reported_prompt, completion_tokens),
+        }
+        await _send_json(send, 200, orjson.dumps(payload))
+        return 200
+
+    # -- streaming -------------------------------------------------------------------------------
+
+    async def _stream(
+        self,
+        send: Send,
+        prefix: bytes,
+        plans: list[_Plan],
+        n: int,
+        *,
+        chat: bool,
+        usage: dict[str, Any] | None,
+    ) -> int:
+        """Stream plans as SSE like vLLM: role chunk (chat), one chunk per token, finish, usage, [DONE].
+
+        The finish_reason rides on the last token's chunk when generation was cut (length or a stop
+        string), and comes in an extra empty chunk on a natural stop (the EOS token has no text).
+        Choices (n, and the prompts of a batched completion) are interleaved token by token.
+        """
+        cfg = self.config
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        if cfg.latency_s > 0:
+            await asyncio.sleep(cfg.latency_s)  # prefill: headers are out, the first chunk is not
+        choices = [(str(p_idx * n + i).encode(), plan) for p_idx, plan in enumerate(plans) for i in range(n)]
+        if chat:
+            for index, _ in choices:
+                await _chunk(send, prefix + index + _ROLE_TAIL)
+            head, tail = b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        else:
+            head, tail = b',"text":', b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+        die_after = cfg.die_after_tokens
+        delay = cfg.token_delay_s
+        longest = max(len(plan.pieces) for plan in plans)
+        sent = 0
+        for pos in range(longest):
+            if pos and delay > 0:
+                await asyncio.sleep(delay)
+            for index, plan in choices:
+                pieces = plan.pieces
+                if pos >= len(pieces):
+                    continue
+                if die_after is not None and sent >= die_after:
+                    raise MockAbort(_die_message(die_after))
+                content = orjson.dumps(pieces[pos])
+                if pos == len(pieces) - 1 and _finish_on_last_token(plan):
+                    await _chunk(send, prefix + index + _finish_tail(plan, chat, content))
+                else:
+                    await _chunk(send, prefix + index + head + content + tail)
+                sent += 1
+            if delay <= 0:
+                await asyncio.sleep(0)  # let disconnect watchers and other requests run
+        if die_after is not None and sent >= die_after and longest:
+            raise MockAbort(_die_message(die_after))
+        for index, plan in choices:
+            if not _finish_on_last_token(plan):
+                await _chunk(send, prefix + index + _finish_tail(plan, chat, b'""'))
+        await self._stream_end(send, prefix, usage)
+        return 200
+
+    async def _stream_end(self, send: Send, prefix: bytes, usage: dict[str, Any] | None) -> None:
+        """Send the optional usage chunk, then [DONE], and finish the response."""
+        if usage is not None:
+            # prefix ends with '"choices":[{"index":' -> turn it into '"choices":[],"usage":{...}}'
+            head = prefix[: -len(b'[{"index":')]
+            await _chunk(send, head + b'[],"usage":' + orjson.dumps(usage) + b"}\n\n")
+        await send({"type": "http.response.body", "body": _DONE, "more_body": False})
+
+    # -- /v1/embeddings --------------------------------------------------------------------------
+
+    async def _embeddings(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /v1/embeddings (string, list of strings, token list(s); float or base64)."""
+        model = self._check_model(body, embedding=True)
+        inputs = _embedding_inputs(body.get("input"))
+        dim = self.config.embedding_dim
+        b64 = body.get("encoding_format") == "base64"
+        data: list[dict[str, Any]] = []
+        total = 0
+        for i, tokens in enumerate(inputs):
+            self._check_length(len(tokens), generative=False)
+            total += len(tokens)
+            vec = embed_text(tokens, dim)
+            emb: Any = base64.b64encode(array("f", vec).tobytes()).decode() if b64 else vec
+            data.append({"index": i, "object": "embedding", "embedding": emb})
+        self._account(total, 0)
+        await self._generation_delay([])
+        reported = total + self.config.usage_prompt_tokens_offset
+        payload = {
+            "id": "embd-" + _rid(),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": _usage(reported, 0),
+        }
+        await _send_json(send, 200, orjson.dumps(payload))
+        return 200
+
+    # -- /tokenize -------------------------------------------------------------------------------
+
+    async def _tokenize(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /tokenize with either `messages` (chat) or `prompt`."""
+        model = body.get("model")
+        cfg = self.config
+        served = [*cfg.models, *cfg.embed_models]
+        if model is not None and model not in served:
+            raise _HTTPError(
+                404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.", param="model"
+            )
+        messages = body.get("messages")
+        if messages is not None:
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise _HTTPError(400, "`messages` must be a list of message objects.", param="messages")
+            ids = chat_prompt_token_ids(messages)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise _HTTPError(400, "Either `prompt` (string) or `messages` is required.", param="prompt")
+            ids = token_ids(prompt)
+        await self._generation_delay([])
+        payload = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids, "token_strs": None}
+        await _send_json(send, 200, orjson.dumps(payload))
+        return 200
+
+    # -- GET endpoints ---------------------------------------------------------------------------
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve GET /health (empty body, status `health_status`)."""
+        status = self.config.health_status
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
+        await send(_EMPTY_BODY)
+
+    async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve GET /version."""
+        await _send_json(send, 200, _VLLM_VERSION)
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve GET /v1/models."""
+        cfg = self.config
+        ids = cfg.models_listed if cfg.models_listed is not None else [*cfg.models, *cfg.embed_models]
+        data = [
+            {
+                "id": mid,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "vllm",
+                "root": mid,
+                "parent": None,
+                "max_model_len": cfg.max_model_len,
+                "permission": [],
+            }
+            for mid in ids
+        ]
+        await _send_json(send, 200, orjson.dumps({"object": "list", "data": data}))
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve GET /metrics in Prometheus text format (vLLM metric names)."""
+        cfg = self.config
+        stats = self.stats
+        name = (cfg.models or cfg.embed_models or ["mock"])[0]
+        labels = '{engine="0",model_name="' + name.replace("\\", "\\\\").replace('"', '\\"') + '"}'
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{labels} {float(max(stats.open_requests, 0))}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{labels} {float(cfg.num_requests_waiting)}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{labels} {float(cfg.kv_cache_usage_perc)}",
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{labels} {float(stats.prompt_tokens_total)}",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{labels} {float(stats.generation_tokens_total)}",
+        ]
+        body = ("\n".join(lines) + "\n").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [_METRICS_CT, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # -- /mock/* control endpoints ---------------------------------------------------------------
+
+    async def _mock_stats(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve GET /mock/stats."""
+        await _send_json(send, 200, orjson.dumps(self.stats.to_dict()))
+
+    async def _mock_get_config(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve GET /mock/config."""
+        await _send_json(send, 200, orjson.dumps(self.config.to_dict()))
+
+    async def _mock_set_config(self, raw: bytes, send: Send) -> None:
+        """Serve POST /mock/config: apply a JSON object of field changes, answer the new config."""
+        try:
+            changes = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError as exc:
+            await _send_error(send, _HTTPError(400, f"Invalid JSON body: {exc}"))
+            return
+        if not isinstance(changes, dict):
+            await _send_error(send, _HTTPError(400, "The request body must be a JSON object."))
+            return
+        try:
+            self.config.update(changes)
+        except KeyError as exc:
+            await _send_error(send, _HTTPError(400, str(exc.args[0])))
+            return
+        await _send_json(send, 200, orjson.dumps(self.config.to_dict()))
+
+    async def _mock_reset(self, raw: bytes, send: Send) -> None:
+        """Serve POST /mock/reset: restore the construction-time config and zero the counters."""
+        self.reset()
+        await _send_json(send, 200, orjson.dumps(self.config.to_dict()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Module-level helpers (kept out of the class for speed and reuse).
+# ---------------------------------------------------------------------------------------------
+
+_ROLE_TAIL = b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+
+
+def _chunk_prefix(rid: str, obj: str, created: int, model: str) -> bytes:
+    """Build the constant start of every chunk of a stream, up to the choice index."""
+    head = {"id": rid, "object": obj, "created": created, "model": model}
+    # '{"id":...,"model":"m"}' -> 'data: {"id":...,"model":"m","choices":[{"index":'
+    return b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":'
+
+
+def _finish_on_last_token(plan: _Plan) -> bool:
+    """Tell whether the finish_reason rides on the last token chunk (cut generation) or comes alone."""
+    return bool(plan.pieces) and (plan.finish_reason == "length" or plan.stop_reason is not None)
+
+
+def _finish_tail(plan: _Plan, chat: bool, content: bytes) -> bytes:
+    """Build the end (after the choice index) of a chunk carrying the finish_reason."""
+    reason = orjson.dumps(plan.finish_reason) + b',"stop_reason":' + orjson.dumps(plan.stop_reason)
+    if chat:
+        return b',"delta":{"content":' + content + b'},"logprobs":null,"finish_reason":' + reason + b"}]}\n\n"
+    return b',"text":' + content + b',"logprobs":null,"finish_reason":' + reason + b"}]}\n\n"
+
+
+def _die_message(tokens: int) -> str:
+    """Describe a die_after_tokens abort."""
+    return f"mock vLLM: die_after_tokens={tokens} reached, dropping the connection"
+
+
+def _stream_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Build the usage object of a stream's final usage chunk (vLLM omits the details there)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Build an OpenAI usage object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
+
+
+def _phrase(status: int) -> str:
+    """Return the reason phrase of an HTTP status (or '')."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _deepcopy_fields(cfg: MockConfig) -> dict[str, Any]:
+    """Copy a config's fields (lists copied) into a dict."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = list(value) if isinstance(value, list) else value
+    return out
+
+
+def _completion_prompts(prompt: Any) -> list[tuple[str, int]]:
+    """Normalise a /v1/completions prompt into (text, token count) pairs."""
+    if isinstance(prompt, str):
+        return [(prompt, count_tokens(prompt))]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [("", len(prompt))]
+        if all(isinstance(p, str) for p in prompt):
+            return [(p, count_tokens(p)) for p in prompt]
+        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+            return [("", len(p)) for p in prompt]
+    raise _HTTPError(400, "`prompt` must be a string, a list of strings or token id list(s).", param="prompt")
+
+
+def _embedding_inputs(value: Any) -> list[list[str] | list[int]]:
+    """Normalise an embeddings `input` into token lists."""
+    if isinstance(value, str):
+        return [tokenize(value)]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [tokenize(v) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [list(value)]
+        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
+            return [list(v) for v in value]
+    raise _HTTPError(400, "`input` must be a string, a list of strings or token id list(s).", param="input")
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """Read the whole request body (raises _Disconnected if the client leaves first)."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _Disconnected
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    """Return when the client disconnects."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    """Send a complete JSON response."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON_CT, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(send: Send, err: _HTTPError) -> None:
+    """Send a vLLM-shaped JSON error response."""
+    await _send_json(send, err.status, _error_body(err.status, err.message, err.err_type, err.param))
+
+
+async def _chunk(send: Send, data: bytes) -> None:
+    """Send one SSE chunk as its own body message."""
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Answer ASGI lifespan startup/shutdown events."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,246 @@
+"""Registry of GPU pools, vLLM backends and the models they serve, edited by operators in admin."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
+from django.db import models
+
+
+class RoutingStrategy(StrEnum):
+    """Names of the routing strategies a pool can use (implemented in routing.strategies)."""
+
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED = "weighted"
+    LEAST_OUTSTANDING = "least_outstanding"
+    KV_CACHE_AWARE = "kv_cache_aware"
+    SESSION_AFFINITY = "session_affinity"
+
+
+class BackendState(models.TextChoices):
+    """Operator-chosen state of a backend."""
+
+    ENABLED = "enabled", "Enabled"
+    DRAINING = "draining", "Draining"
+    DISABLED = "disabled", "Disabled"
+
+
+class HealthStatus(models.TextChoices):
+    """Last health status measured by a probe."""
+
+    UNKNOWN = "unknown", "Unknown"
+    HEALTHY = "healthy", "Healthy"
+    DEGRADED = "degraded", "Degraded"
+    UNHEALTHY = "unhealthy", "Unhealthy"
+
+
+class ModelKind(models.TextChoices):
+    """Which OpenAI endpoints a model serves."""
+
+    CHAT = "chat", "Chat"
+    COMPLETION = "completion", "Completion"
+    EMBEDDING = "embedding", "Embedding"
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+
+
+def validate_name(value: str) -> None:
+    """Reject names that would be awkward in URLs, logs and YAML (spaces, control characters)."""
+    if not _NAME_RE.match(value or ""):
+        raise ValidationError(
+            "Use letters, digits and . _ : / @ - only, starting with a letter or digit.", code="invalid_name"
+        )
+
+
+def normalize_base_url(url: str) -> str:
+    """Strip trailing slashes and a trailing `/v1`, so paths are always appended the same way."""
+    url = (url or "").strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+def validate_base_url(value: str) -> None:
+    """An http(s) URL with a host (dot-less hosts such as Kubernetes service names are fine), no query."""
+    parts = urlsplit(normalize_base_url(value))
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValidationError("The port is not a number between 0 and 65535.", code="invalid_url") from exc
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValidationError("Use an http:// or https:// URL with a host.", code="invalid_url")
+    if parts.query or parts.fragment or any(c.isspace() for c in value.strip()):
+        raise ValidationError("The base URL cannot have a query, a fragment or spaces.", code="invalid_url")
+
+
+class GpuPool(models.Model):
+    """A group of vLLM servers (usually one GPU type or one location) that serve the same models."""
+
+    name = models.CharField(max_length=100, unique=True, validators=[validate_name])
+    description = models.TextField(blank=True)
+    routing_strategy = models.CharField(
+        max_length=32,
+        choices=[(s.value, s.value.replace("_", " ")) for s in RoutingStrategy],
+        default=RoutingStrategy.ROUND_ROBIN.value,
+    )
+    affinity_key = models.CharField(
+        max_length=100,
+        default="user",
+        help_text='Session key for session affinity: "user" (the request\'s user field) or "header:<name>".',
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "GPU pool"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        """Check that the routing strategy is one the router knows."""
+        if self.routing_strategy not in {s.value for s in RoutingStrategy}:
+            raise ValidationError({"routing_strategy": f"Unknown strategy {self.routing_strategy!r}."})
+        key = self.affinity_key or ""
+        if key != "user" and not (key.startswith("header:") and len(key) > len("header:")):
+            raise ValidationError({"affinity_key": 'Use "user" or "header:<header name>".'})
+
+
+class Backend(models.Model):
+    """One vLLM server (an OpenAI-compatible HTTP endpoint) in a GPU pool."""
+
+    pool = models.ForeignKey(GpuPool, on_delete=models.CASCADE, related_name="backends")
+    name = models.CharField(max_length=100, unique=True, validators=[validate_name])
+    base_url = models.CharField(
+        max_length=500,
+        validators=[validate_base_url],
+        help_text="e.g. http://gpu-node-1:8000 (a trailing /v1 is removed)",
+    )
+    api_key = models.CharField(
+        max_length=500, blank=True, help_text="Bearer key the backend expects, if any. Write-only."
+    )
+    weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    max_concurrent_requests = models.PositiveIntegerField(
+        default=0, help_text="In-flight requests this router sends at most; 0 means no limit."
+    )
+    connect_timeout_s = models.FloatField(default=5.0, validators=[MinValueValidator(0.01)])
+    read_timeout_s = models.FloatField(
+        default=120.0, validators=[MinValueValidator(0.01)], help_text="Longest wait for the next bytes."
+    )
+    state = models.CharField(max_length=16, choices=BackendState.choices, default=BackendState.ENABLED)
+    # Health, written only by probes (read-only in admin).
+    status = models.CharField(max_length=16, choices=HealthStatus.choices, default=HealthStatus.UNKNOWN)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    last_latency_ms = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["pool__name", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        """Normalise the base URL (its format is checked by the field's validator)."""
+        self.base_url = normalize_base_url(self.base_url)
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        """Save with the base URL normalised, whatever path the row came in by."""
+        self.base_url = normalize_base_url(self.base_url)
+        super().save(*args, **kwargs)
+
+    @property
+    def has_api_key(self) -> bool:
+        """Whether a backend key is set (the key itself is never displayed)."""
+        return bool(self.api_key)
+
+
+class Model(models.Model):
+    """A model as clients name it, mapped to the name a pool's vLLM servers serve it under."""
+
+    name = models.CharField(max_length=200, unique=True, validators=[validate_name], help_text="Public name.")
+    served_name = models.CharField(
+        max_length=200, blank=True, help_text="Name on the backend (vLLM --served-model-name); default: public name."
+    )
+    aliases = models.JSONField(default=list, blank=True, help_text="Other public names, a JSON list of strings.")
+    kind = models.CharField(max_length=16, choices=ModelKind.choices, default=ModelKind.CHAT)
+    pool = models.ForeignKey(GpuPool, on_delete=models.PROTECT, related_name="models")
+    fallback_pools = models.ManyToManyField(GpuPool, through="ModelFallback", related_name="fallback_for", blank=True)
+    max_context_length = models.PositiveIntegerField(null=True, blank=True)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def backend_name(self) -> str:
+        """The name the backend serves this model under."""
+        return self.served_name or self.name
+
+    def clean(self) -> None:
+        """Check aliases are a list of valid names that collide with no other model's name or alias."""
+        if not isinstance(self.aliases, list) or not all(isinstance(a, str) for a in self.aliases):
+            raise ValidationError({"aliases": "Aliases must be a list of strings."})
+        for alias in self.aliases:
+            try:
+                validate_name(alias)
+            except ValidationError as exc:
+                raise ValidationError({"aliases": f"{alias!r}: {exc.messages[0]}"}) from exc
+        if self.name in self.aliases or len(set(self.aliases)) != len(self.aliases):
+            raise ValidationError({"aliases": "Aliases must be distinct and differ from the name."})
+        taken: dict[str, str] = {}
+        for other in Model.objects.exclude(pk=self.pk).only("name", "aliases"):
+            taken[other.name] = other.name
+            for alias in other.aliases or []:
+                taken[alias] = other.name
+        for public in [self.name, *self.aliases]:
+            if public in taken:
+                field = "name" if public == self.name else "aliases"
+                raise ValidationError({field: f"{public!r} is already used by model {taken[public]!r}."})
+
+
+class ModelFallback(models.Model):
+    """An ordered fallback pool for a model, tried when none of its own pool's backends is usable."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="fallbacks")
+    pool = models.ForeignKey(GpuPool, on_delete=models.CASCADE, related_name="+")
+    position = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["position", "id"]
+        constraints = [models.UniqueConstraint(fields=["model", "pool"], name="unique_model_fallback_pool")]
+
+    def __str__(self) -> str:
+        return f"{self.model} → {self.pool} (#{self.position})"
+
+    def clean(self) -> None:
+        """A model's own pool cannot also be its fallback."""
+        if self.model_id and self.pool_id and self.model.pool_id == self.pool_id:
+            raise ValidationError({"pool": "The model's own pool cannot be a fallback pool."})
+
+
+class RegistryState(models.Model):
+    """A single row whose version increases on every registry change: the cheap change signal."""
+
+    version = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"registry v{self.version}"
+
+
+from backends.checks.models import CheckCase, CheckResult, CheckRun  # noqa: E402,F401

@@ -1,0 +1,676 @@
+"""Registry import and export as YAML documents (the `import_registry` and `export_registry` commands).
+
+The document has two top-level lists, `pools` (each with its `backends`) and `models`; see docs/registry.md.
+Export is deterministic (sorted by name) and leaves out health fields and, unless asked, backend API keys.
+Import upserts by name inside one transaction, validates every row with `full_clean()` (the admin's rules) plus
+structural checks, and either applies the whole document or changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.db import models, transaction
+from django.db.models import ProtectedError
+
+from backends.models import Backend, GpuPool, Model, ModelFallback
+from backends.services import registry_version_bump_on_commit
+
+# Keys in export order; the import accepts exactly these (plus `api_key_env` on backends).
+POOL_KEYS = ("name", "description", "routing_strategy", "enabled", "backends")
+BACKEND_KEYS = (
+    "name",
+    "base_url",
+    "api_key",
+    "weight",
+    "max_concurrent_requests",
+    "connect_timeout_s",
+    "read_timeout_s",
+    "state",
+)
+MODEL_KEYS = ("name", "served_name", "aliases", "kind", "pool", "fallback_pools", "max_context_length", "enabled")
+TOP_LEVEL_KEYS = ("pools", "models")
+
+
+class RegistryImportError(Exception):
+    """The document is invalid and nothing was changed; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+# --- YAML ------------------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader that rejects a key repeated in one mapping (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """Build a mapping, raising on duplicate keys (merge keys `<<` excepted)."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: let the normal constructor report it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML dumper that indents list items under their key and writes multi-line strings as blocks."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        """Never use indentless sequences, so `backends:` items sit under their key."""
+        super().increase_indent(flow, False)
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    """Write multi-line strings (pool descriptions) as literal blocks; PyYAML falls back to quotes if unsafe."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def registry_yaml_load(*, text: str) -> dict[str, Any]:
+    """Parse a registry YAML document; raise RegistryImportError on syntax errors or a non-mapping document."""
+    try:
+        document = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RegistryImportError([f"YAML syntax error: {where}{exc.problem or exc.context}"]) from exc
+    except yaml.YAMLError as exc:
+        raise RegistryImportError([f"YAML syntax error: {exc}"]) from exc
+    if document is None:
+        raise RegistryImportError(["document: the file is empty (expected a mapping with 'pools' and 'models')"])
+    if not isinstance(document, dict):
+        raise RegistryImportError([f"document: expected a mapping with 'pools' and 'models', got {_type(document)}"])
+    return document
+
+
+def registry_yaml_dump(*, document: dict[str, Any]) -> str:
+    """Serialise a registry document to YAML, keeping key order (the export is already sorted)."""
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
+
+
+# --- Export ----------------------------------------------------------------------------------------------------
+
+
+def registry_export(*, include_secrets: bool = False) -> dict[str, Any]:
+    """Return the whole registry as a document, sorted by name; API keys only when `include_secrets`."""
+    pools = list(GpuPool.objects.order_by("name"))
+    pool_names = {p.pk: p.name for p in pools}
+    backends_by_pool: dict[int, list[dict[str, Any]]] = {}
+    for b in Backend.objects.order_by("name"):
+        entry: dict[str, Any] = {"name": b.name, "base_url": b.base_url}
+        if include_secrets:
+            entry["api_key"] = b.api_key
+        entry.update(
+            weight=b.weight,
+            max_concurrent_requests=b.max_concurrent_requests,
+            connect_timeout_s=float(b.connect_timeout_s),
+            read_timeout_s=float(b.read_timeout_s),
+            state=b.state,
+        )
+        backends_by_pool.setdefault(b.pool_id, []).append(entry)
+    fallbacks: dict[int, list[str]] = {}
+    for fb in ModelFallback.objects.order_by("position", "id"):
+        fallbacks.setdefault(fb.model_id, []).append(pool_names[fb.pool_id])
+    return {
+        "pools": [
+            {
+                "name": p.name,
+                "description": p.description,
+                "routing_strategy": p.routing_strategy,
+                "enabled": p.enabled,
+                "backends": backends_by_pool.get(p.pk, []),
+            }
+            for p in pools
+        ],
+        "models": [
+            {
+                "name": m.name,
+                "served_name": m.served_name,
+                "aliases": list(m.aliases or []),
+                "kind": m.kind,
+                "pool": pool_names[m.pool_id],
+                "fallback_pools": fallbacks.get(m.pk, []),
+                "max_context_length": m.max_context_length,
+                "enabled": m.enabled,
+            }
+            for m in Model.objects.order_by("name")
+        ],
+    }
+
+
+# --- Import report ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KindReport:
+    """What an import did (or would do) to one kind of row; names in document order."""
+
+    created: list[str] = field(default_factory=list)
+    updated: dict[str, list[str]] = field(default_factory=dict)  # name -> changed fields
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether any row of this kind was created, updated or deleted."""
+        return bool(self.created or self.updated or self.deleted)
+
+
+@dataclass
+class ImportReport:
+    """Outcome of `registry_import`, per kind (pools, backends, models)."""
+
+    dry_run: bool = False
+    prune: bool = False
+    pools: KindReport = field(default_factory=KindReport)
+    backends: KindReport = field(default_factory=KindReport)
+    models: KindReport = field(default_factory=KindReport)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the import changed (or would change) anything."""
+        return self.pools.changed or self.backends.changed or self.models.changed
+
+    def format(self) -> str:
+        """Human-readable summary: counts per kind, then the names created, updated (with fields) and deleted."""
+        lines = ["Dry run: nothing was saved. The import would do this:" if self.dry_run else "Imported the registry:"]
+        for kind, rep in (("pools", self.pools), ("backends", self.backends), ("models", self.models)):
+            counts = f"{len(rep.created)} created, {len(rep.updated)} updated, {len(rep.unchanged)} unchanged"
+            if self.prune:
+                counts += f", {len(rep.deleted)} deleted"
+            lines.append(f"  {kind}: {counts}")
+            if rep.created:
+                lines.append(f"    created: {', '.join(rep.created)}")
+            if rep.updated:
+                lines.append(
+                    "    updated: " + ", ".join(f"{name} ({', '.join(fields)})" for name, fields in rep.updated.items())
+                )
+            if rep.deleted:
+                lines.append(f"    deleted: {', '.join(rep.deleted)}")
+        if not self.changed:
+            lines.append("  No changes.")
+        return "\n".join(lines)
+
+
+# --- Structural checks -----------------------------------------------------------------------------------------
+
+
+def _type(value: Any) -> str:
+    """Name a YAML value's type the way a YAML author thinks of it."""
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _expect_str(value: Any) -> str | None:
+    return None if isinstance(value, str) else f"expected a string, got {_type(value)}"
+
+
+def _expect_bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"expected true or false, got {_type(value)}"
+
+
+def _expect_int(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    return None if ok else f"expected an integer, got {_type(value)}"
+
+
+def _expect_int_or_null(value: Any) -> str | None:
+    return None if value is None else _expect_int(value)
+
+
+def _expect_number(value: Any) -> str | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return None if ok else f"expected a number, got {_type(value)}"
+
+
+def _expect_list(value: Any) -> str | None:
+    return None if isinstance(value, list) else f"expected a list, got {_type(value)}"
+
+
+def _expect_str_list(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return f"expected a list of strings, got {_type(value)}"
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            return f"item {i}: expected a string, got {_type(item)}"
+    return None
+
+
+Check = Callable[[Any], str | None]
+POOL_SCHEMA: dict[str, tuple[Check, bool]] = {  # key -> (type check, required)
+    "name": (_expect_str, True),
+    "description": (_expect_str, False),
+    "routing_strategy": (_expect_str, False),
+    "enabled": (_expect_bool, False),
+    "backends": (_expect_list, False),
+}
+BACKEND_SCHEMA: dict[str, tuple[Check, bool]] = {
+    "name": (_expect_str, True),
+    "base_url": (_expect_str, True),
+    "api_key": (_expect_str, False),
+    "api_key_env": (_expect_str, False),
+    "weight": (_expect_int, False),
+    "max_concurrent_requests": (_expect_int, False),
+    "connect_timeout_s": (_expect_number, False),
+    "read_timeout_s": (_expect_number, False),
+    "state": (_expect_str, False),
+}
+MODEL_SCHEMA: dict[str, tuple[Check, bool]] = {
+    "name": (_expect_str, True),
+    "served_name": (_expect_str, False),
+    "aliases": (_expect_str_list, False),
+    "kind": (_expect_str, False),
+    "pool": (_expect_str, True),
+    "fallback_pools": (_expect_str_list, False),
+    "max_context_length": (_expect_int_or_null, False),
+    "enabled": (_expect_bool, False),
+}
+
+
+@dataclass
+class _Entry:
+    """One structurally valid document entry, with where it is (for messages)."""
+
+    label: str
+    data: dict[str, Any]
+    parent: _Entry | None = None  # a backend's pool entry
+    ok: bool = True  # cleared when the row failed validation (its children are then only validated, not saved)
+
+    @property
+    def name(self) -> str:
+        """The entry's name (checked to be a string)."""
+        return self.data["name"]
+
+
+def _label(where: str, entry: Any) -> str:
+    """`models[2] (name: llama-70b)`, or just `models[2]` when the entry has no usable name."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"{where} (name: {name})" if isinstance(name, str) and name else where
+
+
+def _check_entry(entry: Any, where: str, schema: dict[str, tuple[Check, bool]], errors: list[str]) -> bool:
+    """Check one entry's keys and value types against its schema; append problems to `errors`."""
+    label = _label(where, entry)
+    if not isinstance(entry, dict):
+        errors.append(f"{where}: expected a mapping, got {_type(entry)}")
+        return False
+    ok = True
+    for key in entry:
+        if key not in schema:
+            errors.append(f"{label}: field {key!r}: unknown key (allowed: {', '.join(schema)})")
+            ok = False
+    for key, (check, required) in schema.items():
+        if key not in entry:
+            if required:
+                errors.append(f"{label}: field {key!r}: required")
+                ok = False
+            continue
+        problem = check(entry[key])
+        if problem:
+            errors.append(f"{label}: field {key!r}: {problem}")
+            ok = False
+    return ok
+
+
+def _messages(exc: ValidationError) -> list[tuple[str | None, str]]:
+    """Flatten a ValidationError into (field or None, message) pairs."""
+    if hasattr(exc, "error_dict"):
+        return [
+            (None if name == NON_FIELD_ERRORS else name, message)
+            for name, messages in exc.message_dict.items()
+            for message in messages
+        ]
+    return [(None, message) for message in exc.messages]
+
+
+# --- Import ----------------------------------------------------------------------------------------------------
+
+
+_ERROR_PATH = re.compile(r"^(document|pools|models)(?:\[(\d+)\])?(?:\.backends\[(\d+)\])?")
+
+
+def _error_order(error: str) -> tuple[int, int, int]:
+    """Sort key putting errors in document order (structural and model-validation errors interleaved)."""
+    match = _ERROR_PATH.match(error)
+    if not match:
+        return (3, 0, 0)
+    kind, index, backend = match.groups()
+    unindexed = 1 << 30  # prune errors name no index: after the entries of their kind
+    return (
+        ("document", "pools", "models").index(kind),
+        int(index) if index else unindexed,
+        int(backend) if backend else -1,
+    )
+
+
+class _DryRunRollback(Exception):
+    """Raised inside the import transaction to roll a dry run back."""
+
+
+def registry_import(*, document: dict[str, Any], dry_run: bool = False, prune: bool = False) -> ImportReport:
+    """Apply a registry document in one transaction (upsert by name; delete the rest with `prune`).
+
+    Raises RegistryImportError listing every problem found (nothing is changed then). With `dry_run`, the
+    changes are made, reported and rolled back. A successful import bumps the registry version once on commit.
+    """
+    report = ImportReport(dry_run=dry_run, prune=prune)
+    try:
+        with transaction.atomic():
+            _Importer(document=document, prune=prune, report=report).run()
+            if dry_run:
+                raise _DryRunRollback
+            registry_version_bump_on_commit()
+    except _DryRunRollback:
+        pass
+    return report
+
+
+class _Importer:
+    """One import run: structural checks, then upserts and deletes with model validation, inside a transaction."""
+
+    def __init__(self, *, document: dict[str, Any], prune: bool, report: ImportReport) -> None:
+        self.document = document
+        self.prune = prune
+        self.report = report
+        self.errors: list[str] = []
+        self.pools: list[_Entry] = []
+        self.backends: list[_Entry] = []
+        self.models: list[_Entry] = []
+        # Names used anywhere in the document (even in entries with errors), so prune never deletes them.
+        self.named: dict[str, set[str]] = {"pools": set(), "backends": set(), "models": set()}
+        self.pool_rows: dict[str, GpuPool] = {p.name: p for p in GpuPool.objects.all()}
+
+    def run(self) -> None:
+        """Check, apply, prune; raise RegistryImportError if anything was wrong."""
+        self._check_document()
+        if self.prune:
+            self._prune(Model, "models", self.report.models)
+        self._upsert_pools()
+        self._upsert_backends()
+        self._upsert_models()
+        if self.prune and not self.errors:
+            self._prune(Backend, "backends", self.report.backends)
+            self._prune(GpuPool, "pools", self.report.pools)
+        if self.errors:
+            raise RegistryImportError(sorted(self.errors, key=_error_order))
+
+    # Structure -------------------------------------------------------------------------------------------------
+
+    def _check_document(self) -> None:
+        """Check keys, types, required fields, duplicate names and pool references; keep the valid entries."""
+        doc = self.document
+        if not isinstance(doc, dict):
+            self.errors.append(f"document: expected a mapping with 'pools' and 'models', got {_type(doc)}")
+            return
+        for key in doc:
+            if key not in TOP_LEVEL_KEYS:
+                self.errors.append(f"document: field {key!r}: unknown key (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+        for key in TOP_LEVEL_KEYS:
+            if key not in doc and self.prune:
+                self.errors.append(
+                    f"document: field {key!r}: required with --prune (use [] to delete every {key[:-1]})"
+                )
+            elif key in doc and not isinstance(doc[key], list):
+                self.errors.append(f"document: field {key!r}: expected a list, got {_type(doc[key])}")
+        pools_raw = doc.get("pools") if isinstance(doc.get("pools"), list) else []
+        models_raw = doc.get("models") if isinstance(doc.get("models"), list) else []
+
+        first_seen: dict[tuple[str, str], str] = {}
+
+        def unique(kind: str, where: str, entry: dict[str, Any]) -> bool:
+            name = entry.get("name")
+            if not isinstance(name, str):
+                return True
+            self.named[kind].add(name)
+            if (kind, name) in first_seen:
+                self.errors.append(f"{_label(where, entry)}: field 'name': duplicate of {first_seen[kind, name]}")
+                return False
+            first_seen[kind, name] = where
+            return True
+
+        for i, raw in enumerate(pools_raw):
+            where = f"pools[{i}]"
+            ok = _check_entry(raw, where, POOL_SCHEMA, self.errors)
+            ok = unique("pools", where, raw) and ok if isinstance(raw, dict) else ok
+            pool = _Entry(_label(where, raw), raw) if ok else None
+            if pool:
+                self.pools.append(pool)
+            backends_raw = raw.get("backends", []) if isinstance(raw, dict) else []
+            for j, braw in enumerate(backends_raw if isinstance(backends_raw, list) else []):
+                bwhere = f"{where}.backends[{j}]"
+                bok = _check_entry(braw, bwhere, BACKEND_SCHEMA, self.errors)
+                bok = unique("backends", bwhere, braw) and bok if isinstance(braw, dict) else bok
+                if bok and "api_key" in braw and "api_key_env" in braw:
+                    self.errors.append(
+                        f"{_label(bwhere, braw)}: field 'api_key_env': give api_key or api_key_env, not both"
+                    )
+                    bok = False
+                if bok and pool:
+                    self.backends.append(_Entry(_label(bwhere, braw), braw, parent=pool))
+
+        known_pools = self.named["pools"] | (set() if self.prune else set(self.pool_rows))
+        for i, raw in enumerate(models_raw):
+            where = f"models[{i}]"
+            ok = _check_entry(raw, where, MODEL_SCHEMA, self.errors)
+            if not isinstance(raw, dict):
+                continue
+            ok = unique("models", where, raw) and ok
+            label = _label(where, raw)
+            pool = raw.get("pool")
+            if isinstance(pool, str) and pool not in known_pools:
+                self.errors.append(f"{label}: field 'pool': unknown pool {pool!r}")
+                ok = False
+            fallbacks = raw.get("fallback_pools")
+            if isinstance(fallbacks, list) and all(isinstance(f, str) for f in fallbacks):
+                for f in fallbacks:
+                    if f not in known_pools:
+                        self.errors.append(f"{label}: field 'fallback_pools': unknown pool {f!r}")
+                        ok = False
+                if len(set(fallbacks)) != len(fallbacks):
+                    self.errors.append(f"{label}: field 'fallback_pools': a pool is listed more than once")
+                    ok = False
+                if pool in fallbacks:
+                    self.errors.append(
+                        f"{label}: field 'fallback_pools': the model's own pool {pool!r} cannot be a fallback"
+                    )
+                    ok = False
+            if ok:
+                self.models.append(_Entry(label, raw))
+
+    # Upserts ---------------------------------------------------------------------------------------------------
+
+    def _validate(
+        self,
+        obj: models.Model,
+        entry: _Entry,
+        *,
+        exclude: list[str] | None = None,
+        rename: dict[str, str] | None = None,
+    ) -> bool:
+        """Run `full_clean()`; record each message as `<entry>: field '<f>': <message>`."""
+        try:
+            obj.full_clean(exclude=exclude)
+        except ValidationError as exc:
+            for name, message in _messages(exc):
+                name = (rename or {}).get(name, name) if name else None
+                self.errors.append(f"{entry.label}: field {name!r}: {message}" if name else f"{entry.label}: {message}")
+            entry.ok = False
+            return False
+        return True
+
+    def _apply(
+        self,
+        obj: models.Model,
+        values: dict[str, Any],
+        tracked: tuple[str, ...],
+        entry: _Entry,
+        kind: KindReport,
+        *,
+        save: bool = True,
+        exclude: list[str] | None = None,
+        extra_changes: list[str] | None = None,
+    ) -> bool:
+        """Set values, validate, save if anything changed, and record created/updated/unchanged in `kind`."""
+        before = {f: getattr(obj, f) for f in tracked} if obj.pk else None
+        for key, value in values.items():
+            setattr(obj, key, value)
+        if not self._validate(obj, entry, exclude=exclude) or not save:
+            return False
+        if before is None:
+            obj.save()
+            kind.created.append(entry.name)
+            return True
+        changed = [f.removesuffix("_id") for f in tracked if getattr(obj, f) != before[f]] + (extra_changes or [])
+        if changed:
+            obj.save()
+            kind.updated[entry.name] = changed
+        else:
+            kind.unchanged.append(entry.name)
+        return True
+
+    def _upsert_pools(self) -> None:
+        """Create or update each pool from its entry."""
+        for entry in self.pools:
+            row = self.pool_rows.get(entry.name) or GpuPool(name=entry.name)
+            values = {k: entry.data[k] for k in ("description", "routing_strategy", "enabled") if k in entry.data}
+            if self._apply(row, values, ("description", "routing_strategy", "enabled"), entry, self.report.pools):
+                self.pool_rows[entry.name] = row
+
+    def _upsert_backends(self) -> None:
+        """Create or update each backend (moving it to its entry's pool if needed)."""
+        tracked = (
+            "pool_id",
+            "base_url",
+            "api_key",
+            "weight",
+            "max_concurrent_requests",
+            "connect_timeout_s",
+            "read_timeout_s",
+            "state",
+        )
+        existing = {b.name: b for b in Backend.objects.filter(name__in=[e.name for e in self.backends])}
+        for entry in self.backends:
+            data = entry.data
+            row = existing.get(entry.name) or Backend(name=entry.name)
+            values = {k: data[k] for k in BACKEND_KEYS if k in data and k != "name"}
+            if "api_key_env" in data:
+                key = os.environ.get(data["api_key_env"])
+                if not key:
+                    variable = data["api_key_env"]
+                    self.errors.append(
+                        f"{entry.label}: field 'api_key_env': environment variable {variable!r} is not set or empty"
+                    )
+                    entry.ok = False
+                    continue
+                values["api_key"] = key
+            assert entry.parent is not None
+            parent_ok = entry.parent.ok and entry.parent.name in self.pool_rows
+            if parent_ok:
+                values["pool"] = self.pool_rows[entry.parent.name]
+            self._apply(
+                row,
+                values,
+                tracked,
+                entry,
+                self.report.backends,
+                save=parent_ok,
+                exclude=None if parent_ok else ["pool"],
+            )
+
+    def _upsert_models(self) -> None:
+        """Create or update each model and replace its fallback pools when their list changed."""
+        tracked = ("served_name", "aliases", "kind", "pool_id", "max_context_length", "enabled")
+        existing = {m.name: m for m in Model.objects.filter(name__in=[e.name for e in self.models])}
+        current_fallbacks: dict[int, list[str]] = {}
+        for fb in ModelFallback.objects.filter(model__in=existing.values()).select_related("pool"):
+            current_fallbacks.setdefault(fb.model_id, []).append(fb.pool.name)
+        # Free the aliases that change first, so an alias can move from one model to another in any order.
+        moving = [
+            row.pk
+            for e in self.models
+            if (row := existing.get(e.name)) and "aliases" in e.data and e.data["aliases"] != row.aliases
+        ]
+        Model.objects.filter(pk__in=moving).update(aliases=[])
+
+        for entry in self.models:
+            data = entry.data
+            row = existing.get(entry.name) or Model(name=entry.name)
+            values = {
+                k: data[k] for k in ("served_name", "aliases", "kind", "max_context_length", "enabled") if k in data
+            }
+            pool = self.pool_rows.get(data["pool"])
+            pools_ok = all(p in self.pool_rows for p in [data["pool"], *data.get("fallback_pools", [])])
+            if pool is not None:
+                values["pool"] = pool
+            old_fallbacks = current_fallbacks.get(row.pk, []) if row.pk else []
+            new_fallbacks = data.get("fallback_pools", old_fallbacks)
+            fallbacks_changed = new_fallbacks != old_fallbacks
+            saved = self._apply(
+                row,
+                values,
+                tracked,
+                entry,
+                self.report.models,
+                save=pools_ok,
+                exclude=None if pool is not None else ["pool"],
+                extra_changes=["fallback_pools"] if fallbacks_changed and row.pk else None,
+            )
+            if saved and fallbacks_changed:
+                self._fallbacks_replace(row, new_fallbacks, entry)
+
+    def _fallbacks_replace(self, model: Model, pool_names: list[str], entry: _Entry) -> None:
+        """Replace a model's fallback pools with the given ordered list."""
+        ModelFallback.objects.filter(model=model).delete()
+        for position, name in enumerate(pool_names):
+            fallback = ModelFallback(model=model, pool=self.pool_rows[name], position=position)
+            if self._validate(fallback, entry, rename={"pool": "fallback_pools"}):
+                fallback.save()
+
+    # Prune -----------------------------------------------------------------------------------------------------
+
+    def _prune(self, model: type[GpuPool | Backend | Model], kind_name: str, kind: KindReport) -> None:
+        """Delete the rows of one kind whose names are not in the document."""
+        for row in model.objects.exclude(name__in=self.named[kind_name]).order_by("name"):
+            name = row.name
+            try:
+                row.delete()
+            except ProtectedError as exc:
+                users = ", ".join(sorted(str(o) for o in exc.protected_objects))
+                self.errors.append(f"{kind_name} (name: {name}): cannot delete, still used by {users}")
+                continue
+            kind.deleted.append(name)
+            if model is GpuPool:
+                self.pool_rows.pop(name, None)

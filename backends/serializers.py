@@ -1,0 +1,197 @@
+"""Management API schemas for the registry; validation runs the models' own `full_clean()`, as admin does."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models as db_models
+from rest_framework import serializers
+
+from backends.models import Backend, GpuPool, Model, ModelFallback
+
+
+class _FullCleanMixin:
+    """Run the model's `full_clean()` so the API rejects exactly what admin rejects."""
+
+    def _full_clean(self, instance: db_models.Model) -> None:
+        try:
+            instance.full_clean()
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages) from exc
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance = getattr(self, "instance", None)
+        model_class = self.Meta.model  # type: ignore[attr-defined]
+        if instance is None:
+            candidate = model_class(**_plain_attrs(model_class, attrs))
+        else:
+            # A copy of the stored row with the changes applied: partial updates validate the whole row.
+            candidate = copy.copy(instance)
+            for key, value in _plain_attrs(model_class, attrs).items():
+                setattr(candidate, key, value)
+        self._full_clean(candidate)
+        return attrs
+
+
+def _plain_attrs(model_class: type[db_models.Model], attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attrs that are concrete fields (not many-to-many), foreign keys as `<name>_id`."""
+    concrete = {f.name for f in model_class._meta.concrete_fields}
+    plain = {}
+    for key, value in attrs.items():
+        if key not in concrete:
+            continue
+        if isinstance(value, db_models.Model):
+            plain[f"{key}_id"] = value.pk
+        else:
+            plain[key] = value
+    return plain
+
+
+class GpuPoolSerializer(_FullCleanMixin, serializers.ModelSerializer):
+    """A GPU pool, with each backend's state, health and live routing figures (read-only)."""
+
+    backends = serializers.SerializerMethodField()
+
+    class Meta:
+        model = GpuPool
+        fields = [
+            "id",
+            "name",
+            "description",
+            "routing_strategy",
+            "affinity_key",
+            "enabled",
+            "backends",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["created_at", "updated_at"]
+
+    def get_backends(self, pool: GpuPool) -> list[dict[str, Any]]:
+        """Backends of the pool with state, health, circuit, in-flight, vLLM load and latency."""
+        runtime = self.context.get("runtime")
+        if runtime is None:
+            from routing.runtime import runtime_stats_collect
+
+            runtime = self.context["runtime"] = runtime_stats_collect()
+        out = []
+        for b in pool.backends.all():
+            live = runtime.get(b.name, {})
+            out.append(
+                {
+                    "name": b.name,
+                    "base_url": b.base_url,
+                    "state": b.state,
+                    "status": b.status,
+                    "last_checked_at": b.last_checked_at,
+                    "last_error": b.last_error,
+                    "last_latency_ms": b.last_latency_ms,
+                    "circuit": live.get("circuit", "closed"),
+                    "in_flight": live.get("in_flight", 0),
+                    "vllm_waiting": live.get("vllm_waiting"),
+                    "vllm_running": live.get("vllm_running"),
+                    "kv_cache_usage": live.get("kv_cache_usage"),
+                    "latency_ms": live.get("latency_ms"),
+                }
+            )
+        return out
+
+
+class BackendSerializer(_FullCleanMixin, serializers.ModelSerializer):
+    """A vLLM backend; the API key is write-only, health fields are read-only."""
+
+    pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())
+    api_key = serializers.CharField(write_only=True, required=False, allow_blank=True)
+    has_api_key = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = Backend
+        fields = [
+            "id",
+            "pool",
+            "name",
+            "base_url",
+            "api_key",
+            "has_api_key",
+            "weight",
+            "max_concurrent_requests",
+            "connect_timeout_s",
+            "read_timeout_s",
+            "state",
+            "status",
+            "last_checked_at",
+            "last_error",
+            "last_latency_ms",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["status", "last_checked_at", "last_error", "last_latency_ms", "created_at", "updated_at"]
+
+
+class ModelSerializer(_FullCleanMixin, serializers.ModelSerializer):
+    """A public model; fallback pools are an ordered list of pool names."""
+
+    pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())
+    fallback_pools = serializers.ListField(child=serializers.CharField(), required=False, write_only=True)
+
+    class Meta:
+        model = Model
+        fields = [
+            "id",
+            "name",
+            "served_name",
+            "aliases",
+            "kind",
+            "pool",
+            "fallback_pools",
+            "max_context_length",
+            "enabled",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["created_at", "updated_at"]
+
+    def to_representation(self, instance: Model) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        # Ordered by position, which the plain many-to-many field would lose.
+        data["fallback_pools"] = [fb.pool.name for fb in instance.fallbacks.select_related("pool")]
+        return data
+
+    def validate_fallback_pools(self, value: list[str]) -> list[str]:
+        """Every fallback pool must exist, once."""
+        if len(set(value)) != len(value):
+            raise serializers.ValidationError("Fallback pools must be distinct.")
+        known = set(GpuPool.objects.filter(name__in=value).values_list("name", flat=True))
+        missing = [name for name in value if name not in known]
+        if missing:
+            raise serializers.ValidationError(f"Unknown pool(s): {', '.join(missing)}.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        pool = attrs.get("pool") or getattr(self.instance, "pool", None)
+        if pool is not None and pool.name in attrs.get("fallback_pools", []):
+            raise serializers.ValidationError({"fallback_pools": "The model's own pool cannot be a fallback."})
+        return attrs
+
+    def create(self, validated_data: dict[str, Any]) -> Model:
+        fallbacks = validated_data.pop("fallback_pools", [])
+        model = super().create(validated_data)
+        self._set_fallbacks(model, fallbacks)
+        return model
+
+    def update(self, instance: Model, validated_data: dict[str, Any]) -> Model:
+        fallbacks = validated_data.pop("fallback_pools", None)
+        model = super().update(instance, validated_data)
+        if fallbacks is not None:
+            self._set_fallbacks(model, fallbacks)
+        return model
+
+    @staticmethod
+    def _set_fallbacks(model: Model, names: list[str]) -> None:
+        model.fallbacks.all().delete()
+        pools = {p.name: p for p in GpuPool.objects.filter(name__in=names)}
+        for position, name in enumerate(names):
+            ModelFallback.objects.create(model=model, pool=pools[name], position=position)

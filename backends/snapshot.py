@@ -1,0 +1,74 @@
+"""Immutable, database-free views of the registry that the hot path reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSnap:
+    """One backend as the router sees it at a given registry version."""
+
+    id: int
+    name: str
+    pool: str
+    base_url: str
+    api_key: str
+    weight: int
+    max_concurrent_requests: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    state: str
+    status: str
+
+    @property
+    def usable(self) -> bool:
+        """Takes new requests: enabled by the operator and not marked unhealthy by a probe."""
+        return self.state == "enabled" and self.status != "unhealthy"
+
+    def __repr__(self) -> str:
+        # Never let the backend key reach a log line through a repr.
+        return f"BackendSnap(name={self.name!r}, pool={self.pool!r}, base_url={self.base_url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnap:
+    """A pool with its backends, in a stable order."""
+
+    name: str
+    strategy: str
+    enabled: bool
+    backends: tuple[BackendSnap, ...]
+    affinity_key: str = "user"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSnap:
+    """A public model name and where it is served."""
+
+    name: str
+    served_name: str
+    kind: str
+    pool: str
+    fallback_pools: tuple[str, ...]
+    max_context_length: int | None
+    created: int
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """Everything the router needs to route, keyed for O(1) lookups; rebuilt whole on every change."""
+
+    version: int
+    models: dict[str, ModelSnap]  # public name and every alias -> model
+    pools: dict[str, PoolSnap]
+    listed_models: tuple[ModelSnap, ...] = field(default=())
+
+    @classmethod
+    def empty(cls) -> RegistrySnapshot:
+        """A snapshot with nothing in it (before the first load)."""
+        return cls(version=-1, models={}, pools={})
+
+    def describe(self) -> str:
+        """A short text for logs."""
+        return f"{len(self.listed_models)} models, {len(self.pools)} pools"

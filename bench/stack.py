@@ -1,0 +1,70 @@
+"""Starting the platform for the bench scripts the way `make run` does: fresh SQLite, migrate, setup, uvicorn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    """Poll until the URL answers 200, or raise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def platform_env(state: Path, master_key: str, **extra: str) -> dict[str, str]:
+    """The environment of a throw-away platform: its own state folder and SQLite database."""
+    return {
+        **os.environ,
+        "LOCAL_STATE_DIR": str(state),
+        "DATABASE_URL": f"sqlite:///{state}/db.sqlite3",
+        "ROUTER_MASTER_KEY": master_key,
+        "DJANGO_SETTINGS_MODULE": "llm_platform.settings",
+        **extra,
+    }
+
+
+def start_platform(
+    env: dict[str, str], mock_urls: list[str], port: int, *, cpu: int | None = None, log_level: str = "warning"
+) -> subprocess.Popen[bytes]:
+    """Migrate, register the mocks as the demo pool, start one uvicorn process and wait until it is ready."""
+    subprocess.run([PY, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+    setup = [PY, "manage.py", "setup_platform"]
+    for url in mock_urls:
+        setup += ["--mock-url", url]
+    subprocess.run(setup, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    argv = [
+        PY,
+        "-m",
+        "uvicorn",
+        "llm_platform.asgi:application",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        log_level,
+    ]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    web = subprocess.Popen(argv, cwd=ROOT, env=env)
+    wait_http(f"http://127.0.0.1:{port}/readyz")
+    return web

@@ -1,0 +1,191 @@
+"""Admin of governance: API keys (admin_keys) and usage (read-only records, hourly rollups, the usage dashboard)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.safestring import SafeString, mark_safe
+
+from backends.admin import _badge
+from governance import admin_keys  # noqa: F401
+from governance.charts import GREEN, RED, hbars_svg, lines_svg, stacked_bars_svg
+from governance.models import UsageHourly, UsageRecord
+from governance.usage import UsageRow, usage_report, usage_totals
+
+WINDOWS: dict[str, tuple[str, str, int]] = {  # name: (label, period, number of periods)
+    "24h": ("last 24 hours", "hour", 24),
+    "7d": ("last 7 days", "day", 7),
+}
+ORANGE, GREY = "#b35900", "#6e7781"
+
+
+def status_badge(status: int) -> str:
+    """A status code coloured green (2xx), orange (4xx) or red (5xx)."""
+    colour = GREEN if status < 400 else (ORANGE if status < 500 else RED)
+    return _badge(str(status), colour)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows written by the platform: viewable, never added, changed or deleted here."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin):
+    """One row per /v1 request, written in batches by the web processes."""
+
+    change_list_template = "admin/governance/usage_change_list.html"
+    list_display = (
+        "created_at",
+        "principal",
+        "endpoint",
+        "model",
+        "backend",
+        "status_display",
+        "stream",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency",
+        "ttft",
+    )
+    list_filter = ("principal", "model", "status", "stream", "endpoint")
+    search_fields = ("request_id", "principal", "model", "backend")
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    list_per_page = 100
+
+    @admin.display(description="status", ordering="status")
+    def status_display(self, obj: UsageRecord) -> str:
+        return status_badge(obj.status)
+
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, obj: UsageRecord) -> str:
+        return f"{obj.latency_ms:.0f} ms"
+
+    @admin.display(description="TTFT", ordering="ttft_ms")
+    def ttft(self, obj: UsageRecord) -> str:
+        return "—" if obj.ttft_ms is None else f"{obj.ttft_ms:.0f} ms"
+
+
+@admin.register(UsageHourly)
+class UsageHourlyAdmin(ReadOnlyAdmin):
+    """Usage per hour, key and model (rebuilt every 10 minutes), and the usage dashboard."""
+
+    change_list_template = "admin/governance/usage_change_list.html"
+    list_display = ("hour", "principal", "model", "requests", "errors", "prompt_tokens", "completion_tokens", "latency")
+    list_filter = ("principal", "model")
+    date_hierarchy = "hour"
+    show_full_result_count = False
+
+    @admin.display(description="mean latency")
+    def latency(self, obj: UsageHourly) -> str:
+        mean = obj.mean_latency_ms
+        return "—" if mean is None else f"{mean:.0f} ms"
+
+    def get_urls(self) -> list[URLPattern]:
+        own = [
+            path(
+                "dashboard/",
+                self.admin_site.admin_view(self.dashboard_view),
+                name="governance_usage_dashboard",
+            )
+        ]
+        return own + super().get_urls()
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """Per-key and per-model usage tables and charts for the last 24 h or 7 d (`?window=`)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        window = request.GET.get("window", "24h")
+        if window not in WINDOWS:
+            window = "24h"
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Usage, {WINDOWS[window][0]}",
+            "window": window,
+            "windows": [(name, label) for name, (label, _, _) in WINDOWS.items()],
+            **usage_dashboard(window=window, now=timezone.now()),
+        }
+        return TemplateResponse(request, "admin/governance/usage_dashboard.html", context)
+
+
+def _periods(window: str, now: datetime) -> tuple[str, list[datetime]]:
+    """The window's period ("hour" or "day") and the start of each of its periods, the current one last."""
+    _, period, count = WINDOWS[window]
+    now = now.astimezone(UTC)
+    if period == "hour":
+        last = now.replace(minute=0, second=0, microsecond=0)
+        return period, [last - timedelta(hours=i) for i in range(count - 1, -1, -1)]
+    last = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return period, [last - timedelta(days=i) for i in range(count - 1, -1, -1)]
+
+
+def usage_dashboard(*, window: str, now: datetime) -> dict[str, Any]:
+    """Tables and charts of the window: totals, per period, per key, per model."""
+    period, starts = _periods(window, now)
+    start, end = starts[0], now
+    series = {
+        row.period: row for row in usage_report(start=start, end=end, group_by=period, by_key=False, by_model=False)
+    }
+    by_key = usage_report(start=start, end=end, group_by="total", by_model=False)
+    by_model = usage_report(start=start, end=end, group_by="total", by_key=False)
+    by_key.sort(key=lambda r: -r.requests)
+    by_model.sort(key=lambda r: -r.requests)
+    labels = [s.strftime("%H:00") if period == "hour" else s.strftime("%a %d") for s in starts]
+    points = [series.get(s) or UsageRow(s, None, None) for s in starts]
+    charts: list[SafeString] = []
+    if points and any(p.requests for p in points):
+        charts = [
+            mark_safe(  # built from escaped parts
+                stacked_bars_svg(
+                    labels,
+                    [
+                        ("ok", GREEN, [float(p.requests - p.errors) for p in points]),
+                        ("errors", RED, [float(p.errors) for p in points]),
+                    ],
+                    f"Requests per {period}",
+                )
+            ),
+            mark_safe(
+                lines_svg(
+                    labels,
+                    [
+                        ("prompt", "#0969da", [float(p.prompt_tokens) for p in points]),
+                        ("completion", ORANGE, [float(p.completion_tokens) for p in points]),
+                    ],
+                    f"Tokens per {period}",
+                )
+            ),
+            mark_safe(
+                lines_svg(labels, [("mean", GREY, [p.mean_latency_ms or 0.0 for p in points])], "Mean latency (ms)")
+            ),
+            hbars_svg([(r.key or "", float(r.requests), float(r.errors)) for r in by_key[:15]], "Requests per key"),
+            hbars_svg(
+                [(r.model or "(none)", float(r.total_tokens), 0.0) for r in by_model[:15]], "Tokens per model", ""
+            ),
+        ]
+    return {
+        "start": start,
+        "end": end,
+        "totals": usage_totals(by_key),
+        "by_key": by_key,
+        "by_model": by_model,
+        "charts": charts,
+        "records_url": reverse("admin:governance_usagerecord_changelist"),
+    }

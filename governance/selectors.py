@@ -1,0 +1,30 @@
+"""Reads of governance: the key snapshot and its version, usage reports."""
+
+from __future__ import annotations
+
+from governance.models import ApiKey, KeyRegistryState
+from governance.snapshot import KeySnap, KeySnapshot
+
+
+def key_registry_version_get() -> int:
+    """The current key registry version (one single-row query; the change signal)."""
+    row = KeyRegistryState.objects.filter(pk=1).values_list("version", flat=True).first()
+    return row if row is not None else 0
+
+
+def key_snapshot_build() -> KeySnapshot:
+    """Every enabled key, by hash."""
+    version = key_registry_version_get()
+    by_hash = {}
+    for key in ApiKey.objects.filter(enabled=True):
+        by_hash[key.key_hash] = KeySnap(
+            id=key.pk,
+            name=key.name,
+            allowed_models=frozenset(key.allowed_models) if key.allowed_models else None,
+            expires_at=key.expires_at.timestamp() if key.expires_at else None,
+            rpm_limit=key.rpm_limit,
+            tpm_limit=key.tpm_limit,
+            daily_token_budget=key.daily_token_budget,
+            counter_id=f"{key.pk}.{int(key.created_at.timestamp())}",
+        )
+    return KeySnapshot(version=version, by_hash=by_hash)

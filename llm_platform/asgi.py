@@ -1,0 +1,31 @@
+"""ASGI entry point: Channels' ProtocolTypeRouter with the /v1 gateway in front of Django.
+
+HTTP requests to /v1, /healthz and /readyz are served by `routing.gateway.Gateway` (async, no Django view, no
+database query per request); every other HTTP path goes to Django (admin, management API). WebSockets go
+through Channels' URL router.
+"""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
+
+# Django must be set up before importing anything that touches models.
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+
+from routing.gateway import Gateway  # noqa: E402
+from routing.ws import websocket_application  # noqa: E402
+
+gateway = Gateway.from_settings(django_asgi_app)
+
+application = ProtocolTypeRouter(
+    {
+        "http": gateway,
+        "lifespan": gateway,
+        # No AuthMiddlewareStack: it would look up sessions in the database; the socket authenticates by key.
+        "websocket": websocket_application(gateway),
+    }
+)

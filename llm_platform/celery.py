@@ -1,0 +1,11 @@
+"""The Celery application: broker and schedule come from Django settings (`CELERY_*`)."""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
+
+app = Celery("llm_platform")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

@@ -1,0 +1,283 @@
+"""Django settings for the LLM routing platform.
+
+Everything is read from environment variables with safe development defaults; production differs only by
+environment (see `.env.example`, which lists every variable).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+# Untracked folder for local state: the SQLite database, the generated master key, the embedded broker.
+LOCAL_DIR = Path(os.environ.get("LOCAL_STATE_DIR", BASE_DIR / ".local"))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Read a boolean environment variable ("1", "true", "yes", "on" are true)."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_float(name: str, default: float) -> float:
+    """Read a float environment variable."""
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else default
+
+
+def env_int(name: str, default: int) -> int:
+    """Read an integer environment variable."""
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    """Read a comma-separated environment variable into a list of non-empty, stripped items."""
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = env_bool("DJANGO_DEBUG", True)
+# The development default is only safe because DEBUG is on; production sets DJANGO_SECRET_KEY.
+_DEV_SECRET_KEY = "dev-insecure-secret-key-change-me-in-production-0123456789"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "") or _DEV_SECRET_KEY
+if not DEBUG and SECRET_KEY == _DEV_SECRET_KEY:
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured("DJANGO_DEBUG=0 needs DJANGO_SECRET_KEY (a long random value; see docs/deploy.md).")
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+
+# --- HTTPS hardening (docs/deploy.md). Off in development; with DEBUG off it follows DJANGO_HTTPS (default on):
+# the site is reached over HTTPS through a TLS-terminating proxy, whose X-Forwarded-Proto uvicorn turns into the
+# request scheme (--proxy-headers, trusting FORWARDED_ALLOW_IPS). Every value can be overridden on its own.
+HTTPS = env_bool("DJANGO_HTTPS", not DEBUG)
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", HTTPS)
+# Answered over plain HTTP even with the redirect on (probes and scrapes inside the cluster).
+SECURE_REDIRECT_EXEMPT = env_list("DJANGO_SECURE_REDIRECT_EXEMPT", "^healthz$,^readyz$,^metrics$")
+# Only when the proxy always sets (and strips a client's) header, e.g. "HTTP_X_FORWARDED_PROTO,https".
+_proxy_ssl_header = env_list("DJANGO_SECURE_PROXY_SSL_HEADER")
+SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header[0], _proxy_ssl_header[1]) if len(_proxy_ssl_header) == 2 else None
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", HTTPS)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", HTTPS)
+# HSTS starts at one hour (raise to 31536000 once HTTPS is settled); sent on HTTPS responses only.
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 3600 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", HTTPS)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "django_celery_beat",
+    "backends",
+    "routing",
+    "governance",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "llm_platform.urls"
+ASGI_APPLICATION = "llm_platform.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+_default_db_url = f"sqlite:///{LOCAL_DIR / 'db.sqlite3'}"
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", _default_db_url), conn_max_age=env_int("DB_CONN_MAX_AGE", 60)
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web, worker and beat share the file: WAL and a busy timeout keep them from tripping over each other.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+    # A file, not memory, so that server processes started by the tests see the test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(LOCAL_DIR / "test_db.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+# In development WhiteNoise serves straight from the apps' static folders, so no collectstatic is needed.
+WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_AUTOREFRESH = DEBUG
+if DEBUG:
+    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+# Channels: in-process layer by default, Redis when REDIS_URL is set.
+if REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# Celery: Redis when REDIS_URL is set, else the embedded filesystem broker, which needs no server.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL or "filesystem://localhost//")
+_broker_dir = LOCAL_DIR / "celery-broker"
+CELERY_BROKER_TRANSPORT_OPTIONS = (
+    {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),  # else kombu writes it into the working directory
+        "store_processed": False,
+    }
+    if CELERY_BROKER_URL.startswith("filesystem://")
+    else {}
+)
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    for _folder in ("queue", "processed", "control"):
+        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "") or None
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        # First, so that an unauthenticated call gets 401 with WWW-Authenticate: Bearer (not 403).
+        "routing.auth.MasterKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "UNAUTHENTICATED_USER": None,
+}
+
+# --- The router itself -------------------------------------------------------------------------------------
+# Bearer key accepted on /v1 and by the management API; `make run` generates one when unset.
+ROUTER_MASTER_KEY = os.environ.get("ROUTER_MASTER_KEY", "")
+# Largest request body accepted on /v1 (bytes); larger bodies get 413.
+ROUTER_MAX_BODY_BYTES = env_int("ROUTER_MAX_BODY_BYTES", 4 * 1024 * 1024)
+# How often each web process checks whether the registry changed (seconds); the reload guarantee is 2 s.
+ROUTER_REGISTRY_POLL_S = env_float("ROUTER_REGISTRY_POLL_S", 0.5)
+# Pooled upstream connections per process.
+ROUTER_MAX_CONNECTIONS = env_int("ROUTER_MAX_CONNECTIONS", 1000)
+ROUTER_MAX_KEEPALIVE = env_int("ROUTER_MAX_KEEPALIVE", 200)
+# Attempts per request before the first byte reached the client (1 = no retry).
+ROUTER_MAX_ATTEMPTS = env_int("ROUTER_MAX_ATTEMPTS", 2)
+# Seconds between SSE keep-alive comments while waiting for a streamed response's first token.
+ROUTER_STREAM_KEEPALIVE_S = env_float("ROUTER_STREAM_KEEPALIVE_S", 5.0)
+# Timeout between two streamed chunks after the first one (seconds); 0 uses the backend's read timeout.
+ROUTER_STREAM_IDLE_TIMEOUT_S = env_float("ROUTER_STREAM_IDLE_TIMEOUT_S", 0.0)
+# Passive health: consecutive failures (connect errors, timeouts, 5xx) that open a backend's circuit, and the
+# cool-down before one trial request is let through.
+ROUTER_CIRCUIT_FAILURES = env_int("ROUTER_CIRCUIT_FAILURES", 3)
+ROUTER_CIRCUIT_COOLDOWN_S = env_float("ROUTER_CIRCUIT_COOLDOWN_S", 10.0)
+# Retries are capped at this fraction of recent requests (10 s window), with a floor of ROUTER_RETRY_BUDGET_MIN.
+ROUTER_RETRY_BUDGET_RATIO = env_float("ROUTER_RETRY_BUDGET_RATIO", 0.2)
+ROUTER_RETRY_BUDGET_MIN = env_int("ROUTER_RETRY_BUDGET_MIN", 10)
+# Requests waiting for a backend slot (max concurrent requests reached): how many per process, how long.
+ROUTER_QUEUE_MAX = env_int("ROUTER_QUEUE_MAX", 100)
+ROUTER_QUEUE_TIMEOUT_S = env_float("ROUTER_QUEUE_TIMEOUT_S", 10.0)
+# How often vLLM's /metrics are scraped for kv_cache_aware pools (background, never per request).
+ROUTER_METRICS_SCRAPE_S = env_float("ROUTER_METRICS_SCRAPE_S", 2.0)
+# Rate limits when Redis cannot be reached: "local" (fail open to per-process counters), "closed" (503 for
+# limited keys) or "open" (no limits).
+RATE_LIMIT_ON_REDIS_ERROR = os.environ.get("RATE_LIMIT_ON_REDIS_ERROR", "local")
+# Timeout of the health probe ("Check health now" and the periodic task), seconds.
+ROUTER_PROBE_TIMEOUT_S = env_float("ROUTER_PROBE_TIMEOUT_S", 5.0)
+CHECKS_WEBHOOK_URL = os.environ.get("CHECKS_WEBHOOK_URL", "")  # check run reports are posted here (Slack JSON)
+
+# --- Usage accounting, Prometheus metrics, OpenAPI (governance) ------------------------------------------------
+# Usage records are buffered in memory and written in batches off the request path: every USAGE_FLUSH_INTERVAL_S
+# seconds or as soon as USAGE_FLUSH_MAX events wait (a crash loses at most one interval). While the database is
+# unreachable at most USAGE_BUFFER_MAX events are kept per process (the oldest are dropped beyond).
+USAGE_FLUSH_INTERVAL_S = env_float("USAGE_FLUSH_INTERVAL_S", 1.0)
+USAGE_FLUSH_MAX = env_int("USAGE_FLUSH_MAX", 500)
+USAGE_BUFFER_MAX = env_int("USAGE_BUFFER_MAX", 100_000)
+# The periodic rollup (every 10 min) rebuilds the hourly usage of this many past hours.
+USAGE_ROLLUP_LOOKBACK_H = env_int("USAGE_ROLLUP_LOOKBACK_H", 3)
+# /metrics (Prometheus) answers clients whose address is in these networks, or that send this bearer token.
+METRICS_ALLOWED_CIDRS = env_list("METRICS_ALLOWED_CIDRS", "127.0.0.1/32,::1/128")
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+INSTALLED_APPS += ["drf_spectacular", "drf_spectacular_sidecar"]
+REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LLM routing platform",
+    "DESCRIPTION": (
+        "Management API (`/api/`: registry, checks, usage; master key or staff session) and the "
+        "OpenAI-compatible API (`/v1/`: client keys or the master key)."
+    ),
+    "VERSION": "1.0.0",
+    "SCHEMA_PATH_PREFIX": "/api/",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",  # Swagger UI's files come from drf-spectacular-sidecar: no CDN
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "PREPROCESSING_HOOKS": ["governance.openapi.add_gateway_endpoints"],
+    "ENUM_NAME_OVERRIDES": {
+        "BackendHealthStatusEnum": "backends.models.HealthStatus",
+        "CheckRunStatusEnum": "backends.checks.models.RunStatus",
+    },
+}
+
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "WARNING"), "propagate": False},
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}

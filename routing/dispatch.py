@@ -1,0 +1,422 @@
+"""Choosing a backend and sending it the request: strategies, circuit breakers, admission, retries.
+
+One `Dispatcher` per process owns the pooled HTTP client, the per-pool strategy instances, the in-flight
+counters, the circuit breakers, the retry budget and the metrics scraper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
+from routing import errors
+from routing.errors import APIError
+from routing.health import CircuitBreakers, MetricsScraper, RetryBudget
+from routing.strategies import RoutingStats, Strategy, strategy_create
+from routing.upstream import (
+    FastUpstream,
+    HttpxUpstream,
+    Timeouts,
+    UpstreamClient,
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamPoolTimeout,
+    UpstreamReadTimeout,
+    UpstreamResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({502, 503})
+KV_CACHE_AWARE = "kv_cache_aware"
+SESSION_AFFINITY = "session_affinity"
+
+# Every live dispatcher of this process, for admin and the management API (weak: nothing to reset in tests).
+LIVE_DISPATCHERS: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """Per-backend request constants, computed once per registry version."""
+
+    base_url: str
+    headers: dict[str, str]
+    timeouts: Timeouts
+    upstream: UpstreamClient
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What routing may read from the request itself: the `user` field and the headers (for affinity keys)."""
+
+    user: str | None = None
+    headers: Sequence[tuple[bytes, bytes]] = field(default_factory=tuple)
+
+    def affinity_key(self, source: str) -> str | None:
+        """The session key named by a pool's `affinity_key` setting ("user" or "header:<name>")."""
+        if source == "user":
+            return self.user
+        if source.startswith("header:"):
+            wanted = source[len("header:") :].strip().lower().encode()
+            for name, value in self.headers:
+                if name == wanted:
+                    return value.decode("latin-1")
+        return None
+
+
+NO_CONTEXT = RequestContext()
+
+
+class Dispatcher:
+    """Sends requests to backends of a model's pools; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int = 2,
+        max_connections: int = 1000,
+        max_keepalive: int = 200,
+        transport: httpx.AsyncBaseTransport | None = None,
+        circuits: CircuitBreakers | None = None,
+        retry_budget: RetryBudget | None = None,
+        scraper: MetricsScraper | None = None,
+        queue_max: int = 100,
+        queue_timeout_s: float = 10.0,
+    ) -> None:
+        self.max_attempts = max(1, max_attempts)
+        # httpx serves https:// backends, background work (metrics scraping) and tests that inject a transport;
+        # plain http:// backends use FastUpstream (asyncio + httptools, ~20 us of CPU a request instead of ~400).
+        self._httpx = HttpxUpstream(transport=transport, max_connections=max_connections, max_keepalive=max_keepalive)
+        self._fast = (
+            None
+            if transport is not None
+            else FastUpstream(max_connections_per_host=max_connections, max_keepalive_per_host=max_keepalive)
+        )
+        self._strategies: dict[tuple[str, str], Strategy] = {}
+        self._prepared: dict[BackendSnap, _Prepared] = {}
+        self._prepared_version = -2
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.circuits = circuits or CircuitBreakers()
+        self.retry_budget = retry_budget or RetryBudget()
+        self.scraper = scraper or MetricsScraper()
+        self.queue_max = queue_max
+        self.queue_timeout_s = queue_timeout_s
+        self._waiters: list[asyncio.Future[None]] = []
+        self.waiting = 0
+        self.latency_ms: dict[str, float] = {}
+        self.retries = 0
+        self.rejected_capacity = 0
+        self._registry: RegistrySnapshot | None = None
+        LIVE_DISPATCHERS.add(self)
+
+    # --- client -------------------------------------------------------------------------------------------------
+
+    def client(self) -> httpx.AsyncClient:
+        """The pooled httpx client of the running event loop (background work such as metrics scraping)."""
+        return self._httpx.client()
+
+    async def aclose(self) -> None:
+        """Stop background work and close pooled connections."""
+        await self.scraper.aclose()
+        await self._httpx.aclose()
+        if self._fast is not None:
+            await self._fast.aclose()
+
+    # --- choice -------------------------------------------------------------------------------------------------
+
+    def _strategy(self, pool: PoolSnap) -> Strategy:
+        key = (pool.name, pool.strategy)
+        strategy = self._strategies.get(key)
+        if strategy is None:
+            strategy = self._strategies[key] = strategy_create(pool.strategy)
+        return strategy
+
+    def _candidates(self, pool: PoolSnap, exclude: set[str]) -> tuple[list[BackendSnap], bool]:
+        """Usable backends with free capacity (healthy ones first, degraded only when no healthy one is left),
+        and whether any usable backend was skipped only because it was at its concurrency limit."""
+        healthy: list[BackendSnap] = []
+        degraded: list[BackendSnap] = []
+        full = False
+        in_flight = self.in_flight
+        circuits = self.circuits
+        for b in pool.backends:
+            if not b.usable or b.name in exclude or not circuits.allows(b.name):
+                continue
+            if b.max_concurrent_requests and in_flight[b.name] >= b.max_concurrent_requests:
+                full = True
+                continue
+            (degraded if b.status == "degraded" else healthy).append(b)
+        return healthy or degraded, full
+
+    def pick(
+        self,
+        model: ModelSnap,
+        registry: RegistrySnapshot,
+        exclude: set[str],
+        context: RequestContext = NO_CONTEXT,
+    ) -> tuple[BackendSnap | None, bool]:
+        """Choose a backend in the model's pool, else its fallback pools in order (without taking it).
+
+        Returns the backend (or None) and whether some usable backend was only at its concurrency limit.
+        """
+        any_full = False
+        for pool_name in (model.pool, *model.fallback_pools):
+            pool = registry.pools.get(pool_name)
+            if pool is None or not pool.enabled:
+                continue
+            candidates, full = self._candidates(pool, exclude)
+            any_full = any_full or full
+            if not candidates:
+                continue
+            if pool.strategy == KV_CACHE_AWARE:
+                self._registry = registry
+                self.scraper.ensure_running(self._scrape_targets, self.client)
+            stats = RoutingStats(
+                in_flight=self.in_flight,
+                metrics=self.scraper.fresh() if pool.strategy == KV_CACHE_AWARE else {},
+                affinity_key=context.affinity_key(pool.affinity_key) if pool.strategy == SESSION_AFFINITY else None,
+            )
+            return self._strategy(pool).select(candidates, stats), any_full
+        return None, any_full
+
+    def _scrape_targets(self) -> list[BackendSnap]:
+        registry = self._registry
+        if registry is None:
+            return []
+        return [
+            b
+            for pool in registry.pools.values()
+            if pool.enabled and pool.strategy == KV_CACHE_AWARE
+            for b in pool.backends
+            if b.state != "disabled"
+        ]
+
+    async def acquire(
+        self,
+        model: ModelSnap,
+        registry: RegistrySnapshot,
+        exclude: set[str],
+        context: RequestContext = NO_CONTEXT,
+    ) -> BackendSnap | None:
+        """Take a backend for one attempt: wait in the bounded queue while every usable one is at its limit.
+
+        Returns None when no backend is usable at all; raises 429 when the queue is full or the wait times out.
+        """
+        deadline: float | None = None
+        while True:
+            backend, any_full = self.pick(model, registry, exclude, context)
+            if backend is not None:
+                self.in_flight[backend.name] += 1
+                self.circuits.acquire(backend.name)
+                return backend
+            if not any_full:
+                return None
+            # Every usable backend is at its max concurrent requests: wait for a slot, bounded in count and time.
+            now = time.monotonic()
+            if deadline is None:
+                if self.waiting >= self.queue_max:
+                    self.rejected_capacity += 1
+                    raise errors.capacity_exceeded(model.name, queue_full=True)
+                deadline = now + self.queue_timeout_s
+            remaining = deadline - now
+            if remaining <= 0:
+                self.rejected_capacity += 1
+                raise errors.capacity_exceeded(model.name, queue_full=False)
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self.waiting -= 1
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def done(self, backend: BackendSnap, ok: bool | None = True, reason: str = "") -> None:
+        """Release the backend's slot and record the outcome: ok, failed (reason), or None (no verdict)."""
+        self.in_flight[backend.name] -= 1
+        if ok is True:
+            self.circuits.success(backend.name)
+        elif ok is False:
+            self.circuits.failure(backend.name, reason)
+        else:
+            self.circuits.release(backend.name)
+        if self._waiters:
+            # A slot (or a circuit) changed: let every waiter look again; they re-queue if nothing fits.
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def prepared(self, backend: BackendSnap, version: int) -> _Prepared:
+        """Headers, URL and timeouts of a backend, cached per registry version."""
+        if version != self._prepared_version:
+            self._prepared.clear()
+            self._prepared_version = version
+        prep = self._prepared.get(backend)
+        if prep is None:
+            headers = {"content-type": "application/json"}
+            if backend.api_key:
+                headers["authorization"] = f"Bearer {backend.api_key}"
+            timeouts = Timeouts(
+                connect=backend.connect_timeout_s,
+                read=backend.read_timeout_s,
+                write=backend.read_timeout_s,
+                pool=backend.connect_timeout_s,
+            )
+            fast = self._fast is not None and FastUpstream.supports(backend.base_url)
+            upstream: UpstreamClient = self._fast if fast else self._httpx  # type: ignore[assignment]
+            prep = self._prepared[backend] = _Prepared(backend.base_url, headers, timeouts, upstream)
+        return prep
+
+    def _observe_latency(self, backend: str, started: float) -> None:
+        elapsed = (time.perf_counter() - started) * 1000.0
+        previous = self.latency_ms.get(backend)
+        self.latency_ms[backend] = elapsed if previous is None else previous * 0.8 + elapsed * 0.2
+
+    # --- sending ------------------------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        *,
+        path: str,
+        body: bytes,
+        model: ModelSnap,
+        registry: RegistrySnapshot,
+        request_id: str,
+        stream: bool,
+        context: RequestContext = NO_CONTEXT,
+    ) -> tuple[UpstreamResponse, BackendSnap]:
+        """Send the request; on connect errors and 502/503 (nothing sent to the client yet) retry on another
+        backend, within the attempt limit and the retry budget.
+
+        Returns the response (its body unread when `stream`; the caller closes it) and the backend, whose slot
+        stays taken: the caller calls `done(backend, ok)` when the exchange is over.
+        """
+        tried: set[str] = set()
+        failure: APIError | None = None
+        self.retry_budget.request()
+        for attempt in range(self.max_attempts):
+            if attempt and not self.retry_budget.try_retry():
+                logger.warning("retry budget exhausted; not retrying request %s", request_id)
+                break
+            backend = await self.acquire(model, registry, tried, context)
+            if backend is None:
+                break
+            if attempt:
+                self.retries += 1
+            tried.add(backend.name)
+            prep = self.prepared(backend, registry.version)
+            headers = prep.headers | {"x-request-id": request_id}
+            started = time.perf_counter()
+            try:
+                response = await prep.upstream.send(
+                    "POST", prep.base_url + path, headers=headers, content=body, timeouts=prep.timeouts, stream=stream
+                )
+            except UpstreamConnectTimeout:
+                failure = errors.backend_timeout(backend.name, backend.connect_timeout_s, "accept the connection")
+                self.done(backend, False, failure.message)
+                continue
+            except UpstreamConnectError as exc:
+                failure = errors.backend_failed(backend.name, f"cannot connect ({_describe(exc)})")
+                self.done(backend, False, failure.message)
+                logger.warning("backend %s: %s; trying another", backend.name, failure.message)
+                continue
+            except UpstreamClosed as exc:
+                # Closed or reset before answering (a stale keep-alive connection, or the backend died with the
+                # request in flight): nothing reached the client, so another backend may serve it.
+                failure = errors.backend_failed(backend.name, f"connection closed ({_describe(exc)})")
+                self.done(backend, False, failure.message)
+                continue
+            except UpstreamReadTimeout:
+                self.done(backend, False, "read timeout")
+                raise errors.backend_timeout(backend.name, backend.read_timeout_s) from None
+            except UpstreamPoolTimeout:
+                self.done(backend, None)
+                failure = errors.no_backend(model.name)
+                continue
+            except UpstreamError as exc:
+                self.done(backend, False, _describe(exc))
+                raise errors.backend_failed(backend.name, _describe(exc)) from None
+            except BaseException:
+                self.done(backend, None)
+                raise
+            self._observe_latency(backend.name, started)
+            if response.status_code in RETRYABLE_STATUSES:
+                detail = await _error_detail(response)
+                failure = errors.backend_failed(
+                    backend.name, f"HTTP {response.status_code}: {detail}", status=response.status_code
+                )
+                self.done(backend, False, failure.message)
+                logger.warning("backend %s answered %s; trying another", backend.name, response.status_code)
+                continue
+            return response, backend
+        raise failure if failure is not None else errors.no_backend(model.name)
+
+    # --- visibility ---------------------------------------------------------------------------------------------
+
+    def runtime_stats(self) -> dict[str, dict[str, object]]:
+        """This process's view of each backend: in-flight, circuit, latency, scraped metrics."""
+        names = set(self.in_flight) | set(self.latency_ms) | set(self.circuits.snapshot())
+        metrics = self.scraper.fresh()
+        names |= set(metrics)
+        out: dict[str, dict[str, object]] = {}
+        for name in names:
+            m = metrics.get(name)
+            out[name] = {
+                "in_flight": self.in_flight.get(name, 0),
+                "circuit": self.circuits.state(name).value,
+                "latency_ms": round(self.latency_ms[name], 2) if name in self.latency_ms else None,
+                "vllm_waiting": m.waiting if m else None,
+                "vllm_running": m.running if m else None,
+                "kv_cache_usage": m.kv_cache_usage if m else None,
+            }
+        return out
+
+
+async def _error_detail(response: UpstreamResponse) -> str:
+    """Read a failed response and return its error message (bounded), closing it."""
+    try:
+        raw = await response.aread()
+    except UpstreamError as exc:
+        return f"unreadable body ({_describe(exc)})"
+    finally:
+        await response.aclose()
+    return error_message_from(raw, response.status_code)
+
+
+def error_message_from(raw: bytes, status: int) -> str:
+    """The `error.message` of an OpenAI/vLLM error body, or its text, or the status."""
+    try:
+        data = orjson.loads(raw)
+        if isinstance(data, dict):
+            err = data.get("error", data)
+            if isinstance(err, dict) and isinstance(err.get("message"), str):
+                return err["message"]
+            if isinstance(err, str):
+                return err
+            if isinstance(data.get("message"), str):
+                return data["message"]
+            if isinstance(data.get("detail"), str):
+                return data["detail"]
+    except orjson.JSONDecodeError:
+        pass
+    text = raw[:500].decode("utf-8", "replace").strip()
+    return text or f"HTTP {status} with an empty body"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

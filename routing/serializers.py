@@ -1,0 +1,340 @@
+"""Request schemas of the OpenAI-compatible endpoints, as DRF serializers.
+
+They validate only; the router forwards the client's own JSON (with the model name rewritten), so parameters
+vLLM adds (top_k, min_p, repetition_penalty, ...) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from rest_framework import serializers
+
+from routing.errors import APIError, bad_request
+
+# --- Strict scalar fields: OpenAI rejects "0.5" for a number and 1 for a boolean; so do we. ---------------------
+
+
+class StrictFloatField(serializers.FloatField):
+    """A JSON number (not a string, not a boolean)."""
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer (not a float, string or boolean)."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StopField(serializers.Field):
+    """`stop`: a string, or a list of strings."""
+
+    default_error_messages = {"invalid": "Must be a string or a list of strings."}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str) or (isinstance(data, list) and all(isinstance(s, str) for s in data)):
+            return data
+        self.fail("invalid")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class ContentField(serializers.Field):
+    """Message `content`: a string, a list of content parts, or null (assistant turns with tool calls)."""
+
+    default_error_messages = {
+        "invalid": "Must be a string, a list of content parts, or null.",
+        "part": "Each content part must be an object with a string `type`.",
+        "text": "A text content part needs a string `text`.",
+    }
+
+    def to_internal_value(self, data: Any) -> Any:
+        if data is None or isinstance(data, str):
+            return data
+        if not isinstance(data, list):
+            self.fail("invalid")
+        for part in data:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                self.fail("part")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                self.fail("text")
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class JSONObjectField(serializers.Field):
+    """Any JSON object (dict)."""
+
+    default_error_messages = {"invalid": "Must be a JSON object."}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, dict):
+            self.fail("invalid")
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class PromptField(serializers.Field):
+    """Completion `prompt` / embedding `input`: a string, strings, a token list, or token lists (non-empty)."""
+
+    default_error_messages = {
+        "invalid": "Must be a string, a list of strings, a list of integers, or a list of lists of integers.",
+        "empty": "Must not be empty.",
+    }
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str):
+            return data
+        if not isinstance(data, list):
+            self.fail("invalid")
+        if not data:
+            self.fail("empty")
+        if all(isinstance(x, str) for x in data):
+            return data
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in data):
+            return data
+        if all(
+            isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in data
+        ):
+            return data
+        self.fail("invalid")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+# --- Nested objects ---------------------------------------------------------------------------------------------
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class ChatMessageSerializer(serializers.Serializer):
+    """One chat message."""
+
+    role = serializers.ChoiceField(choices=ROLES)
+    content = ContentField(required=False, allow_null=True)
+    name = StrictCharField(required=False)
+    tool_calls = serializers.ListField(child=JSONObjectField(), required=False, allow_null=True)
+    tool_call_id = StrictCharField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """Only assistant turns (with tool calls) may omit their content."""
+        if attrs.get("content") is None and attrs.get("role") != "assistant":
+            raise serializers.ValidationError({"content": "This field is required for this role."})
+        if attrs.get("role") == "tool" and "tool_call_id" not in attrs:
+            raise serializers.ValidationError({"tool_call_id": "Tool messages need a tool_call_id."})
+        return attrs
+
+
+class StreamOptionsSerializer(serializers.Serializer):
+    """`stream_options`."""
+
+    include_usage = StrictBooleanField(required=False)
+    continuous_usage_stats = StrictBooleanField(required=False)
+
+
+class FunctionSerializer(serializers.Serializer):
+    """A tool's function definition."""
+
+    name = StrictCharField(max_length=64)
+    description = StrictCharField(required=False, allow_blank=True)
+    parameters = JSONObjectField(required=False)
+    strict = StrictBooleanField(required=False, allow_null=True)
+
+
+class ToolSerializer(serializers.Serializer):
+    """One tool."""
+
+    type = serializers.ChoiceField(choices=["function"])
+    function = FunctionSerializer()
+
+
+class ResponseFormatSerializer(serializers.Serializer):
+    """`response_format`: text, json_object, or json_schema with its schema."""
+
+    type = serializers.ChoiceField(choices=["text", "json_object", "json_schema"])
+    json_schema = JSONObjectField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """json_schema needs a named schema."""
+        if attrs["type"] == "json_schema":
+            schema = attrs.get("json_schema")
+            if schema is None:
+                raise serializers.ValidationError({"json_schema": "Required when type is json_schema."})
+            if not isinstance(schema.get("name"), str):
+                raise serializers.ValidationError({"json_schema": "Needs a string `name`."})
+        return attrs
+
+
+# --- Endpoint schemas ------------------------------------------------------------------------------------------
+
+
+class _SamplingSerializer(serializers.Serializer):
+    """Parameters shared by chat and text completions."""
+
+    model = StrictCharField()
+    temperature = StrictFloatField(required=False, allow_null=True, min_value=0.0, max_value=2.0)
+    top_p = StrictFloatField(required=False, allow_null=True, min_value=0.0, max_value=1.0)
+    max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    n = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=128)
+    stop = StopField(required=False, allow_null=True)
+    seed = StrictIntegerField(required=False, allow_null=True)
+    stream = StrictBooleanField(required=False, allow_null=True)
+    stream_options = StreamOptionsSerializer(required=False, allow_null=True)
+    presence_penalty = StrictFloatField(required=False, allow_null=True, min_value=-2.0, max_value=2.0)
+    frequency_penalty = StrictFloatField(required=False, allow_null=True, min_value=-2.0, max_value=2.0)
+    logit_bias = JSONObjectField(required=False, allow_null=True)
+    user = StrictCharField(required=False, allow_blank=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """stream_options only make sense on a stream."""
+        if attrs.get("stream_options") is not None and not attrs.get("stream"):
+            raise serializers.ValidationError({"stream_options": "Only allowed when stream is true."})
+        return attrs
+
+
+class ChatCompletionRequestSerializer(_SamplingSerializer):
+    """POST /v1/chat/completions."""
+
+    messages = serializers.ListField(child=ChatMessageSerializer(), allow_empty=False)
+    max_completion_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    response_format = ResponseFormatSerializer(required=False, allow_null=True)
+    tools = serializers.ListField(child=ToolSerializer(), required=False, allow_null=True)
+    tool_choice = serializers.JSONField(required=False, allow_null=True)
+    parallel_tool_calls = StrictBooleanField(required=False, allow_null=True)
+    logprobs = StrictBooleanField(required=False, allow_null=True)
+    top_logprobs = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=20)
+
+    def validate_tool_choice(self, value: Any) -> Any:
+        """`tool_choice`: none, auto, required, or an object naming a function."""
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict):
+            return value
+        raise serializers.ValidationError('Must be "none", "auto", "required" or {"type": "function", ...}.')
+
+
+class CompletionRequestSerializer(_SamplingSerializer):
+    """POST /v1/completions."""
+
+    prompt = PromptField()
+    echo = StrictBooleanField(required=False, allow_null=True)
+    logprobs = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=20)
+    best_of = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    suffix = StrictCharField(required=False, allow_null=True, allow_blank=True)
+
+
+class EmbeddingRequestSerializer(serializers.Serializer):
+    """POST /v1/embeddings."""
+
+    model = StrictCharField()
+    input = PromptField()
+    encoding_format = serializers.ChoiceField(choices=["float", "base64"], required=False)
+    dimensions = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    user = StrictCharField(required=False, allow_blank=True)
+
+
+# --- Error mapping ---------------------------------------------------------------------------------------------
+
+
+def _first_error(errors: Any, path: str) -> tuple[str, str]:
+    """Walk DRF's nested error structure to the first leaf; return (param path, message)."""
+    if isinstance(errors, dict):
+        key, value = next(iter(errors.items()))
+        if key == "non_field_errors":
+            return _first_error(value, path)
+        if isinstance(key, int):
+            return _first_error(value, f"{path}[{key}]")
+        return _first_error(value, f"{path}.{key}" if path else str(key))
+    if isinstance(errors, list):
+        # A list of messages, or a ListField's per-item list (dicts / empty entries for valid items).
+        for index, item in enumerate(errors):
+            if isinstance(item, dict | list) and item:
+                return _first_error(item, f"{path}[{index}]" if isinstance(item, dict) else path)
+            if isinstance(item, str):
+                return path, str(item)
+    return path, str(errors)
+
+
+# The router re-encodes the body with orjson, which refuses containers nested deeper than this (the parser
+# accepts 1024); DRF's JSONField would also hit Python's recursion limit on such values.
+MAX_JSON_DEPTH = 254
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a JSON value has containers nested more than `limit` levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def check_depth(data: dict[str, Any]) -> None:
+    """Raise a 400 naming the top-level parameter nested too deeply for the router to forward."""
+    try:
+        orjson.dumps(data)  # C speed; fails only on nesting for anything orjson.loads produced
+        return
+    except orjson.JSONEncodeError:
+        pass
+    param = next((key for key, value in data.items() if _deeper_than(value, MAX_JSON_DEPTH - 1)), None)
+    raise bad_request(
+        f"Invalid value for '{param}': nested more than {MAX_JSON_DEPTH} levels deep."
+        if param
+        else f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
+        param=param,
+        code="invalid_body",
+    )
+
+
+def validate_request(serializer_class: type[serializers.Serializer], data: dict[str, Any]) -> None:
+    """Validate a request body; raise a 400 APIError naming the first bad parameter."""
+    check_depth(data)
+    serializer = serializer_class(data=data)
+    if serializer.is_valid():
+        return
+    param, message = _first_error(serializer.errors, "")
+    raise bad_request(f"Invalid value for '{param}': {message}" if param else message, param=param or None)
+
+
+__all__ = [
+    "APIError",
+    "ChatCompletionRequestSerializer",
+    "CompletionRequestSerializer",
+    "EmbeddingRequestSerializer",
+    "validate_request",
+]

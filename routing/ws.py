@@ -1,0 +1,498 @@
+"""WebSocket endpoint `/v1/ws`: streamed completions, several per connection, each cancellable by a message.
+
+Protocol (see `docs/websocket.md`): authenticate with `Authorization: Bearer <key>` on the handshake or with a
+first `{"type": "auth", "api_key": ...}` message; send `{"type": "request", "id", "endpoint", "body"}`; receive
+`chunk` messages carrying the same chunk objects as the SSE stream, then one `done`, `error` or `cancelled` per
+request; `{"type": "cancel", "id"}` stops a running request and closes its upstream response.
+
+The consumer reuses the gateway's pieces (registry, dispatcher, usage sink, master key, serializers, SSE framing),
+so a request costs the same as on the HTTP path: no Django view, no middleware and no database query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from channels.consumer import get_handler_name
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.routing import URLRouter
+from django.urls import path, re_path
+
+from routing import errors
+from routing.auth import Principal, bearer_token
+from routing.dispatch import error_message_from
+from routing.errors import APIError
+from routing.gateway import ENDPOINTS, ASGIApp, Endpoint, Gateway, PreparedRequest, Receive, Scope, Send, StreamState
+from routing.upstream import UpstreamError, UpstreamReadTimeout, UpstreamResponse
+from routing.usage import UsageEvent
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHORIZED = 4401
+"""Close code after a missing or invalid key (4000-4999 are free for applications; 4401 mirrors HTTP 401)."""
+WS_ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS.values() if e.can_stream}
+"""Endpoints a `request` message may name: the streaming ones, by their public name."""
+MAX_ID_LENGTH = 200
+NOT_AUTHENTICATED = 'Not authenticated: send {"type": "auth", "api_key": "<key>"} first.'
+
+RequestId = str | int
+
+
+# --- the consumer -------------------------------------------------------------------------------------------------
+
+
+class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
+    """One WebSocket connection: authenticate, then run streamed completion requests concurrently."""
+
+    # Not a configured layer, so `get_channel_layer()` gives None: no per-connection channel (nor Redis polling).
+    channel_layer_alias = "routing.ws:no-layer"
+
+    def __init__(self, *, gateway: Gateway, auth_timeout_s: float = 10.0, max_requests: int = 32) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.auth_timeout_s = auth_timeout_s
+        self.max_requests = max_requests
+        self.principal: Principal | None = None
+        self.running: dict[RequestId, asyncio.Task[None]] = {}
+        self.closing = False
+        self._auth_timer: asyncio.Task[None] | None = None
+
+    # --- Channels hooks -----------------------------------------------------------------------------------------
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Call the message's handler; unlike Channels' default, no `close_old_connections` thread hop (no ORM)."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    async def connect(self) -> None:
+        """Accept; authenticate from the header now, else wait (bounded) for an `auth` message."""
+        await self.accept()
+        authorization = _header(self.scope, b"authorization")
+        if authorization is not None:
+            try:
+                self.principal = await self.gateway.authenticate(bearer_token(authorization))
+            except APIError as exc:
+                await self._reject(exc)
+            return
+        if self.auth_timeout_s > 0:
+            self._auth_timer = asyncio.create_task(self._auth_deadline())
+
+    async def disconnect(self, code: int) -> None:
+        """Cancel every running request (closing their upstream responses) and the auth timer."""
+        self.closing = True
+        await self._cancel_all()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        """Decode one frame as a JSON object; answer malformed frames with an error instead of dropping the socket."""
+        if self.closing:
+            return
+        if text_data is None:
+            await self._send_error(
+                None, errors.bad_request("Binary frames are not supported: send JSON text.", code="unsupported_frame")
+            )
+            return
+        if len(text_data) > self.gateway.max_body_bytes:
+            await self._send_error(
+                None,
+                APIError(
+                    413,
+                    f"The message is larger than the limit of {self.gateway.max_body_bytes} bytes.",
+                    code="request_too_large",
+                ),
+            )
+            return
+        try:
+            content = orjson.loads(text_data)
+        except orjson.JSONDecodeError:
+            await self._send_error(None, errors.bad_request("The message is not valid JSON.", code="invalid_json"))
+            return
+        if not isinstance(content, dict):
+            await self._send_error(
+                None, errors.bad_request("Each message must be a JSON object with a `type`.", code="invalid_message")
+            )
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: dict[str, Any], **kwargs: Any) -> None:
+        """Handle one message by its `type`: auth, request or cancel."""
+        kind = content.get("type")
+        if kind == "auth":
+            await self._auth(content)
+        elif self.principal is None:
+            rid = content.get("id") if kind == "request" else None
+            await self._send_error(rid, errors.unauthorized(NOT_AUTHENTICATED))
+        elif kind == "request":
+            await self._start(content, self.principal)
+        elif kind == "cancel":
+            await self._cancel(content)
+        else:
+            await self._send_error(
+                None,
+                errors.bad_request(
+                    f"Unknown message type {kind!r}: expected 'auth', 'request' or 'cancel'.",
+                    param="type",
+                    code="unknown_message_type",
+                ),
+            )
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        """Serialise an outgoing message with orjson."""
+        return orjson.dumps(content).decode()
+
+    # --- authentication ------------------------------------------------------------------------------------------
+
+    async def _auth(self, content: dict[str, Any]) -> None:
+        key = content.get("api_key")
+        if not isinstance(key, str) or not key:
+            await self._reject(errors.unauthorized("Missing API key: the auth message needs a string `api_key`."))
+            return
+        try:
+            self.principal = await self.gateway.authenticate(key)
+        except APIError as exc:
+            await self._reject(exc)
+            return
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        await self.send_json({"type": "authenticated"})
+
+    async def _auth_deadline(self) -> None:
+        await asyncio.sleep(self.auth_timeout_s)
+        if self.principal is None and not self.closing:
+            await self._reject(errors.unauthorized(f"No API key received within {self.auth_timeout_s:g} s."))
+
+    async def _reject(self, exc: APIError) -> None:
+        """Report the auth error, then close with 4401; later frames are ignored."""
+        self.closing = True
+        self.principal = None
+        await self._cancel_all()  # a failed re-authentication ends what the previous key started
+        await self._send_error(None, exc)
+        await self.close(code=CLOSE_UNAUTHORIZED, reason=exc.message[:120])
+
+    async def _cancel_all(self) -> None:
+        """Cancel the running requests and the auth timer; wait for their cleanup (upstream closed, usage recorded)."""
+        pending = list(self.running.values())
+        self.running.clear()
+        timer, self._auth_timer = self._auth_timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            pending.append(timer)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    async def _start(self, content: dict[str, Any], principal: Principal) -> None:
+        rid = content.get("id")
+        if not _valid_id(rid):
+            await self._send_error(
+                rid,
+                errors.bad_request(
+                    f"`id` must be a non-empty string (at most {MAX_ID_LENGTH} characters) or an integer.",
+                    param="id",
+                    code="invalid_id",
+                ),
+            )
+            return
+        if rid in self.running:
+            # id null: this error must not read as the end of the running request that owns the id.
+            await self._send_error(
+                None,
+                APIError(
+                    409,
+                    f"A request with id {rid!r} is already running on this connection.",
+                    param="id",
+                    code="duplicate_id",
+                ),
+            )
+            return
+        if len(self.running) >= self.max_requests:
+            await self._send_error(
+                rid,
+                APIError(
+                    429,
+                    f"At most {self.max_requests} requests may run at once on one connection.",
+                    code="too_many_requests",
+                ),
+            )
+            return
+        name = content.get("endpoint")
+        endpoint = WS_ENDPOINTS.get(name) if isinstance(name, str) else None
+        if endpoint is None:
+            await self._send_error(
+                rid,
+                errors.bad_request(
+                    f"`endpoint` must be one of {', '.join(repr(n) for n in WS_ENDPOINTS)}.",
+                    param="endpoint",
+                    code="invalid_endpoint",
+                ),
+            )
+            return
+        body = content.get("body")
+        if not isinstance(body, dict):
+            await self._send_error(
+                rid,
+                errors.bad_request(
+                    "`body` must be a JSON object (the OpenAI request).", param="body", code="invalid_body"
+                ),
+            )
+            return
+        self.running[rid] = asyncio.create_task(self._run(rid, endpoint, body, principal))
+
+    async def _cancel(self, content: dict[str, Any]) -> None:
+        rid = content.get("id")
+        if not _valid_id(rid):
+            await self._send_error(
+                None, errors.bad_request("`id` must be a request id.", param="id", code="invalid_id")
+            )
+            return
+        task = self.running.pop(rid, None)
+        if task is None:
+            return  # already finished (its done/error was sent) or never started: nothing to cancel
+        task.cancel()
+        await asyncio.wait((task,))  # its cleanup closes the upstream response and records usage
+        await self.send_json({"type": "cancelled", "id": rid})
+
+    async def _run(self, rid: RequestId, endpoint: Endpoint, body: dict[str, Any], principal: Principal) -> None:
+        """One request, as its own task: prepare, stream, and end with exactly one `done` or `error`."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        try:
+            prepared = await self.gateway.prepare(endpoint, body, force_stream=True)
+            reservation = await self.gateway.admit(principal, prepared, len(prepared.body))
+            usage: dict[str, int] = {}
+            try:
+                usage = await self._stream(rid, prepared, principal, request_id, started)
+            finally:
+                await self.gateway.settle(reservation, usage.get("total_tokens", 0))
+            message = {"type": "done", "id": rid, "usage": usage, "request_id": request_id}
+        except APIError as exc:
+            message = _error_message(rid, exc, request_id)
+        except OSError:
+            return  # sending failed: the client is gone (uvicorn raises ClientDisconnected); disconnect cleans up
+        except Exception:
+            logger.exception("internal error on websocket request %s", request_id)
+            exc = APIError(500, f"Internal error (request {request_id}).", type="server_error", code="internal_error")
+            message = _error_message(rid, exc, request_id)
+        with contextlib.suppress(OSError):
+            await self._finish(rid, message)
+
+    async def _finish(self, rid: RequestId, message: dict[str, Any]) -> None:
+        """Unregister the running request, then send its final message (unless a cancel took it over)."""
+        if self.running.get(rid) is not asyncio.current_task():
+            return
+        del self.running[rid]
+        await self.send_json(message)
+
+    async def _stream(
+        self, rid: RequestId, prepared: PreparedRequest, principal: Principal, request_id: str, started: float
+    ) -> dict[str, int]:
+        """Send the request upstream and relay its chunks; return the usage. Records a UsageEvent in any case."""
+        gateway = self.gateway
+        endpoint = prepared.endpoint
+        response, backend = await gateway.dispatcher.send(
+            path=endpoint.upstream_path,
+            body=prepared.body,
+            model=prepared.model,
+            registry=prepared.registry,
+            request_id=request_id,
+            stream=True,
+            context=prepared.context,
+        )
+        state = StreamState(
+            served=prepared.model.served_name, requested=prepared.requested, strip_usage=prepared.strip_usage
+        )
+        status = 499  # unless it ends otherwise: cancelled, or the client went away
+        try:
+            if response.status_code != 200:
+                await _raise_upstream_error(response, backend.name)
+            await self._pump(rid, response, backend.name, state, started, backend.read_timeout_s)
+            status = 200
+        except APIError as exc:
+            status = exc.status
+            raise
+        except OSError:
+            raise  # the client is gone while we sent to it: recorded as 499
+        except Exception:
+            status = 500
+            raise
+        finally:
+            await response.aclose()  # closing the upstream connection makes vLLM abort the generation
+            # 499 (cancelled, client gone) says nothing about the backend's health.
+            gateway.dispatcher.done(backend, None if status == 499 else status < 500, f"stream ended with {status}")
+            gateway.usage.record(
+                UsageEvent(
+                    request_id=request_id,
+                    principal=principal.name,
+                    key_id=principal.key.id if principal.key is not None else None,
+                    endpoint=endpoint.name,
+                    model=prepared.requested,
+                    backend=backend.name,
+                    status=status,
+                    prompt_tokens=state.prompt_tokens,
+                    completion_tokens=state.completion_tokens,
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                    ttft_ms=state.ttft_ms,
+                    stream=True,
+                )
+            )
+        return {
+            "prompt_tokens": state.prompt_tokens,
+            "completion_tokens": state.completion_tokens,
+            "total_tokens": state.prompt_tokens + state.completion_tokens,
+        }
+
+    async def _pump(
+        self,
+        rid: RequestId,
+        response: UpstreamResponse,
+        backend: str,
+        state: StreamState,
+        started: float,
+        read_timeout_s: float = 0.0,
+    ) -> None:
+        """Relay upstream SSE events as `chunk` messages as they arrive (the gateway's idle timeout applies)."""
+        upstream = response.aiter_raw()
+        idle = self.gateway.stream_idle_timeout_s
+        try:
+            chunk = await anext(upstream)
+            state.ttft_ms = (time.perf_counter() - started) * 1000.0
+            while True:
+                await self._relay(rid, state.feed(chunk), backend)
+                if idle > 0:
+                    async with asyncio.timeout(idle):
+                        chunk = await anext(upstream)
+                else:
+                    chunk = await anext(upstream)
+        except StopAsyncIteration:
+            if state.buffer:
+                await self._relay(rid, state.feed(b"\n\n"), backend)  # an unterminated last event
+        except (TimeoutError, UpstreamReadTimeout) as exc:
+            # TimeoutError: the router's idle timeout; ReadTimeout: the backend row's read timeout.
+            limit = (
+                idle if isinstance(exc, TimeoutError) and not isinstance(exc, UpstreamReadTimeout) else read_timeout_s
+            )
+            raise errors.backend_timeout(backend, limit, "send the next token") from None
+        except UpstreamError as exc:
+            raise errors.backend_failed(backend, f"stream broken ({type(exc).__name__})") from None
+
+    async def _relay(self, rid: RequestId, events: bytes, backend: str) -> None:
+        """Send each complete SSE event's JSON as a chunk; an upstream error event ends the request."""
+        if not events:
+            return
+        for event in events.split(b"\n\n"):
+            data = _sse_data(event)
+            if data is None or data == b"[DONE]":
+                continue
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise errors.backend_failed(backend, "sent a stream event that is not JSON") from None
+            if isinstance(payload, dict) and isinstance(payload.get("error"), dict) and "choices" not in payload:
+                raise _api_error(payload["error"], 502)
+            await self.send_json({"type": "chunk", "id": rid, "data": payload})
+
+    async def _send_error(self, rid: Any, exc: APIError) -> None:
+        await self.send_json(_error_message(rid, exc))
+
+
+# --- routing ------------------------------------------------------------------------------------------------------
+
+
+def websocket_application(gateway: Gateway, **options: Any) -> ASGIApp:
+    """The Channels app for ProtocolTypeRouter's "websocket" key: `/v1/ws`; other paths are refused."""
+    return URLRouter(
+        [
+            path("v1/ws", ChatSocketConsumer.as_asgi(gateway=gateway, **options)),
+            re_path(r"", _refuse_unknown_path),
+        ]
+    )
+
+
+async def _refuse_unknown_path(scope: Scope, receive: Receive, send: Send) -> None:
+    """Refuse the handshake of a WebSocket to an unknown path (the client sees HTTP 403)."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 4404})
+        elif message["type"] == "websocket.disconnect":
+            return
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, str):
+        return 0 < len(value) <= MAX_ID_LENGTH
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _error_message(rid: Any, exc: APIError, request_id: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "error", "id": rid, "error": exc.payload()["error"], "status": exc.status}
+    if request_id is not None:
+        message["request_id"] = request_id
+    return message
+
+
+def _api_error(error: dict[str, Any], default_status: int) -> APIError:
+    """An APIError from an upstream OpenAI/vLLM error object (vLLM puts the HTTP status in `code`)."""
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else default_status
+    message = error.get("message")
+    err_type = error.get("type")
+    param = error.get("param")
+    return APIError(
+        status,
+        message if isinstance(message, str) else f"HTTP {status}",
+        type=err_type if isinstance(err_type, str) else "invalid_request_error",
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str | int) else None,
+    )
+
+
+async def _raise_upstream_error(response: UpstreamResponse, backend: str) -> None:
+    """Turn a non-200 upstream answer into an APIError: 4xx passed through, anything else a 502."""
+    status = response.status_code
+    try:
+        raw = await response.aread()
+    except UpstreamError as exc:
+        raise errors.backend_failed(backend, f"unreadable error body ({exc})") from None
+    if 400 <= status < 500:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            error = _api_error(data["error"], status)
+            error.status = status
+            raise error
+        raise APIError(status, error_message_from(raw, status), code=status)
+    raise errors.backend_failed(backend, f"HTTP {status}: {error_message_from(raw, status)}")
+
+
+def _sse_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (its `data:` lines joined), or None for a comment/keep-alive."""
+    lines = [
+        line[6:] if line.startswith(b"data: ") else line[5:] for line in event.split(b"\n") if line.startswith(b"data:")
+    ]
+    if not lines:
+        return None
+    return b"\n".join(line.rstrip(b"\r") for line in lines)

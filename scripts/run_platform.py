@@ -1,0 +1,239 @@
+"""Start the whole platform for a developer: web (ASGI), Celery worker + beat, and the demo backend.
+
+Called by `make run` after the virtualenv is ready. Migrates, loads the demo registry (or registers
+VLLM_BACKEND_URL), ensures an admin user, starts every process, prints how to use it, and on Ctrl-C or
+SIGTERM stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+LOCAL = Path(os.environ.get("LOCAL_STATE_DIR", ROOT / ".local"))
+
+
+def log(message: str) -> None:
+    """Print a supervisor line."""
+    print(f"[run] {message}", flush=True)
+
+
+def master_key() -> str:
+    """ROUTER_MASTER_KEY from the environment, else the one generated on first start (kept in .local/)."""
+    key = os.environ.get("ROUTER_MASTER_KEY", "")
+    if key:
+        return key
+    path = LOCAL / "master_key"
+    if path.exists():
+        return path.read_text().strip()
+    LOCAL.mkdir(parents=True, exist_ok=True)
+    key = "sk-router-" + secrets.token_urlsafe(24)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    log(f"generated a master key in {path} (untracked)")
+    return key
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """Poll a URL until it answers 200, the process dies, or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+class Supervisor:
+    """Starts child processes in their own sessions and stops them all together."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = False
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start one child process (new session, so a terminal Ctrl-C reaches only us)."""
+        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, start_new_session=True)
+        self.children.append((name, proc))
+        log(f"started {name} (pid {proc.pid})")
+        return proc
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every child's process group, wait for the grace period, then SIGKILL what is left."""
+        self.stopping = True
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for name, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"{name} did not stop in time; killing it")
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        log("all processes stopped")
+
+
+def main() -> int:
+    """Prepare, start, print, supervise."""
+    port = int(os.environ.get("PORT", "8000"))
+    mock_port = int(os.environ.get("MOCK_PORT", "8101"))
+    host = os.environ.get("HOST", "127.0.0.1")
+    env = dict(os.environ)
+    env.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
+    env["ROUTER_MASTER_KEY"] = key = master_key()
+    env["PYTHONUNBUFFERED"] = "1"
+    real_backend = bool(env.get("VLLM_BACKEND_URL", "").strip())
+
+    supervisor = Supervisor(env)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        mock_urls: list[str] = []
+        if not real_backend:
+            # MOCK_BACKENDS=N starts N mocks on consecutive ports: a pool to try strategies, failover and drain.
+            for index in range(int(env.get("MOCK_BACKENDS", "1"))):
+                port_i = mock_port + index
+                argv = [PY, "-m", "backends.mock_vllm", "--host", "127.0.0.1", "--port", str(port_i)]
+                mock = supervisor.start(
+                    f"mock vLLM #{index + 1}", [*argv, "--model", "mock-chat", "--embed-model", "mock-embed"]
+                )
+                if not wait_http(f"http://127.0.0.1:{port_i}/health", 30, mock):
+                    log("the mock backend did not start")
+                    return 1
+                mock_urls.append(f"http://127.0.0.1:{port_i}")
+        subprocess.run([PY, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+        setup = [PY, "manage.py", "setup_platform"]
+        for url in mock_urls:
+            setup += ["--mock-url", url]
+        subprocess.run(setup, cwd=ROOT, env=env, check=True)
+        web_argv = [
+            PY,
+            "-m",
+            "uvicorn",
+            "llm_platform.asgi:application",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--lifespan",
+            "on",
+        ]
+        if env.get("ACCESS_LOG", "") not in {"1", "true", "yes"}:
+            web_argv.append("--no-access-log")
+        web = supervisor.start("web (uvicorn)", web_argv)
+        supervisor.start(
+            "celery worker + beat",
+            [
+                PY,
+                "-m",
+                "celery",
+                "-A",
+                "llm_platform",
+                "worker",
+                "--beat",
+                "--loglevel",
+                env.get("CELERY_LOG_LEVEL", "warning"),
+                "--concurrency",
+                "2",
+                "--schedule",
+                str(LOCAL / "celerybeat-schedule"),
+            ],
+        )
+        if not wait_http(f"http://127.0.0.1:{port}/readyz", 60, web):
+            log("the web process did not become ready")
+            return 1
+        banner(host, port, key, real_backend)
+        parent = os.getppid()
+        while True:
+            for name, proc in supervisor.children:
+                if proc.poll() is not None:
+                    log(f"{name} exited with {proc.returncode}; stopping everything")
+                    return 1
+            if os.getppid() != parent:
+                # `make` was killed (it does not forward SIGTERM): do not leave the platform running orphaned.
+                log("parent process gone; stopping")
+                return 0
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        log("stopping")
+        return 0
+    except subprocess.CalledProcessError as exc:
+        log(f"setup step failed: {exc}")
+        return 1
+    finally:
+        supervisor.stop()
+
+
+def banner(host: str, port: int, key: str, real_backend: bool) -> None:
+    """Print where everything is and how to call it."""
+    base = f"http://{host}:{port}"
+    password_file = LOCAL / "admin_password"
+    if os.environ.get("DJANGO_SUPERUSER_PASSWORD"):
+        password = "(from DJANGO_SUPERUSER_PASSWORD)"
+    elif password_file.exists():
+        password = password_file.read_text().strip()
+    else:
+        password = "(unchanged; set DJANGO_SUPERUSER_PASSWORD to reset it)"
+    model = os.environ.get("VLLM_MODEL_NAME", "<your model>") if real_backend else "mock-chat"
+    print(
+        f"""
+==============================================================================================
+ LLM routing platform is up.
+   Admin:        {base}/admin/   user: {os.environ.get("DJANGO_SUPERUSER_USERNAME", "admin")}   password: {password}
+   API base URL: {base}/v1
+   API key:      {key}
+   Backend:      {"VLLM_BACKEND_URL=" + os.environ["VLLM_BACKEND_URL"] if real_backend else "bundled mock vLLM"}
+
+ curl:
+   curl {base}/v1/chat/completions -H "Authorization: Bearer {key}" \\
+     -H "Content-Type: application/json" \\
+     -d '{{"model": "{model}", "messages": [{{"role": "user",
+           "content": "In one word, can you provide me the capital of France?"}}]}}'
+
+ openai SDK:
+   from openai import OpenAI
+   client = OpenAI(base_url="{base}/v1", api_key="{key}")
+   print(client.chat.completions.create(model="{model}",
+         messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
+
+ Ctrl-C stops everything.
+==============================================================================================
+""",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

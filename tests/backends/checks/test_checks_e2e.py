@@ -1,0 +1,51 @@
+"""Against the real vLLM of the E2E suite: the seeded cases pass on every backend of VLLM_BACKEND_URL.
+
+Run: `VLLM_BACKEND_URL=http://127.0.0.1:18001,http://127.0.0.1:18002 pytest -m e2e tests/backends/checks`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from backends.checks.models import RunStatus, RunTrigger
+from backends.checks.report import run_markdown
+from backends.checks.services import check_run_now
+from backends.models import CheckCase
+from backends.services import registry_vllm_register
+
+URLS = [u.strip() for u in os.environ.get("VLLM_BACKEND_URL", "").split(",") if u.strip()]
+SEEDED = {"capital-of-france", "capital-of-france-stream", "prompt-token-count", "finish-reason-length"}
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not URLS, reason="needs VLLM_BACKEND_URL (a real vLLM; see docs/testing.md)"),
+    pytest.mark.django_db,
+]
+
+
+def test_seeded_cases_pass_on_the_real_vllm() -> None:
+    model, names = registry_vllm_register(
+        urls=URLS, model_name=os.environ.get("VLLM_MODEL_NAME", "").strip() or None, pool_name="checks-e2e"
+    )
+    if key := os.environ.get("VLLM_API_KEY", ""):
+        from backends.models import Backend
+
+        Backend.objects.filter(name__in=names).update(api_key=key)
+    assert set(CheckCase.objects.filter(enabled=True).values_list("name", flat=True)) >= SEEDED
+    run = check_run_now(trigger=RunTrigger.COMMAND, triggered_by="e2e", model_names=[model])
+    report = run_markdown(run=run)
+    assert run.status == RunStatus.PASSED, report
+    results = list(run.results.all())
+    assert {(r.backend_name, r.case_name) for r in results} >= {(n, c) for n in names for c in SEEDED}, report
+    by_case = {(r.backend_name, r.case_name): r for r in results}
+    for name in names:
+        capital = by_case[(name, "capital-of-france")]
+        assert "paris" in capital.answer.lower() and capital.latency_ms < 30_000
+        streamed = by_case[(name, "capital-of-france-stream")]
+        assert "paris" in streamed.answer.lower() and streamed.ttft_ms is not None
+        assert streamed.ttft_ms <= streamed.latency_ms
+        assert by_case[(name, "finish-reason-length")].finish_reason == "length"
+        assert by_case[(name, "finish-reason-length")].completion_tokens == 5
+        assert by_case[(name, "prompt-token-count")].prompt_tokens  # equal to /tokenize, or it would have failed

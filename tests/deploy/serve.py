@@ -1,0 +1,106 @@
+"""Run the production server command (scripts/serve.sh) on the test database, as a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from backends.mock_vllm import free_port
+from tests.conftest import MASTER_KEY
+from tests.live import ROOT, test_database_url
+
+SECRET_KEY = "test-production-secret-key-" + "k7Qp2xZ9" * 6
+PRODUCTION_ENV = {
+    "DJANGO_DEBUG": "0",
+    "DJANGO_SECRET_KEY": SECRET_KEY,
+    "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+    "DJANGO_SETTINGS_MODULE": "llm_platform.settings",
+}
+
+
+class ServeProcess:
+    """`scripts/serve.sh` (uvicorn, production settings) on a free port; output goes to a log file."""
+
+    def __init__(self, *, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            **PRODUCTION_ENV,
+            "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DATABASE_URL": test_database_url(),
+            "ROUTER_MASTER_KEY": MASTER_KEY,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": "1",
+            "COLLECTSTATIC": "0",
+            "ROUTER_REGISTRY_POLL_S": "0.2",
+            "LOG_LEVEL": "WARNING",
+            "UVICORN_LOG_LEVEL": "warning",
+            "PROMETHEUS_MULTIPROC_DIR": str(log_path.parent / f"metrics-{self.port}"),
+            "STATIC_ROOT": str(log_path.parent / "static"),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> ServeProcess:
+        """Start the command and wait until /readyz answers 200."""
+        Path(self.env["STATIC_ROOT"]).mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["bash", "scripts/serve.sh"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve.sh exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"serve.sh did not become ready in {timeout_s} s:\n{self.log()}")
+
+    def terminate(self) -> None:
+        """Send SIGTERM, as a container engine or Kubernetes does."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait for the process to exit; return its exit status."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,101 @@
+"""Production settings come from the environment only: `check --deploy` is clean, static files are served by the
+production server after collectstatic, and secrets never reach the logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MASTER_KEY
+from tests.deploy.serve import PRODUCTION_ENV, SECRET_KEY, ServeProcess
+from tests.live import ROOT
+
+# What an operator sets in production (docs/deploy.md); the URLs need not be reachable for the checks.
+DEPLOY_ENV = {
+    **PRODUCTION_ENV,
+    "DJANGO_ALLOWED_HOSTS": "router.example.com",
+    "DJANGO_CSRF_TRUSTED_ORIGINS": "https://router.example.com",
+    "DATABASE_URL": "postgres://llm:db-password-0123@db.invalid:5432/llm",
+    "REDIS_URL": "redis://:redis-password-0123@redis.invalid:6379/0",
+    "ROUTER_MASTER_KEY": "sk-router-production-test-key",
+}
+
+
+def _manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "SECURE_"))}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_deploy_is_clean_with_production_variables() -> None:
+    result = _manage("check", "--deploy", "--fail-level", "WARNING", env=DEPLOY_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+    assert "db-password-0123" not in result.stdout + result.stderr
+
+
+def test_check_deploy_flags_development_defaults() -> None:
+    # the same command with the development defaults reports the problems it exists to catch
+    env = {k: v for k, v in DEPLOY_ENV.items() if k != "DJANGO_DEBUG"}
+    result = _manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode != 0 and "security.W018" in result.stdout + result.stderr
+
+
+def test_debug_off_refuses_the_development_secret_key() -> None:
+    env = {k: v for k, v in DEPLOY_ENV.items() if k != "DJANGO_SECRET_KEY"}
+    result = _manage("check", env=env)
+    assert result.returncode != 0 and "DJANGO_SECRET_KEY" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_production_server_serves_static_files_and_logs_no_secret(tmp_path: Path) -> None:
+    # given the production command with DEBUG off, running collectstatic into a fresh STATIC_ROOT first, and
+    # logging as much as it can
+    env = {
+        "COLLECTSTATIC": "1",
+        "STATIC_ROOT": str(tmp_path / "static"),
+        "ROUTER_MASTER_KEY": MASTER_KEY + "-production-secret",
+        "LOG_LEVEL": "DEBUG",
+        "UVICORN_LOG_LEVEL": "debug",
+        "ACCESS_LOG": "1",
+    }
+    with ServeProcess(log_path=tmp_path / "serve.log", env=env) as server:
+        https = {"X-Forwarded-Proto": "https"}  # as the TLS proxy in front sets it (uvicorn --proxy-headers)
+        css = httpx.get(f"{server.url}/static/admin/css/base.css", headers=https, timeout=5)
+        # then WhiteNoise serves admin's CSS, with a long cache lifetime under its hashed name
+        assert css.status_code == 200 and "text/css" in css.headers["content-type"]
+        assert len(css.content) > 1000
+        manifest = json.loads((tmp_path / "static" / "staticfiles.json").read_text())
+        hashed = manifest["paths"]["admin/css/base.css"]
+        cached = httpx.get(f"{server.url}/static/{hashed}", headers=https, timeout=5)
+        assert cached.status_code == 200 and "immutable" in cached.headers.get("cache-control", "")
+        # and the admin login page renders with secure cookies and HSTS
+        login = httpx.get(f"{server.url}/admin/login/", headers=https, timeout=5)
+        assert login.status_code == 200 and hashed.split("/")[-1] in login.text
+        assert "strict-transport-security" in login.headers
+        assert "secure" in login.headers["set-cookie"].lower()
+        # plain HTTP is redirected to HTTPS (except the probes)
+        plain = httpx.get(f"{server.url}/admin/login/", timeout=5)
+        assert plain.status_code == 301 and plain.headers["location"].startswith("https://")
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        # authenticated and rejected API calls are logged without their keys
+        auth = {"Authorization": f"Bearer {env['ROUTER_MASTER_KEY']}"}
+        assert httpx.get(f"{server.url}/v1/models", headers=auth, timeout=5).status_code == 200
+        bad = {"Authorization": "Bearer sk-wrong-key-that-must-not-be-logged"}
+        assert httpx.get(f"{server.url}/v1/models", headers=bad, timeout=5).status_code == 401
+    log = server.log()
+    assert "GET /v1/models" in log  # the access log was on
+    for secret in (SECRET_KEY, env["ROUTER_MASTER_KEY"], "sk-wrong-key-that-must-not-be-logged"):
+        assert secret not in log

@@ -1,0 +1,88 @@
+"""Runtime visibility: admin's pool page and /api/pools/ show live routing state; views merge across processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from routing.dispatch import Dispatcher
+from routing.runtime import KEY_PREFIX, RuntimePublisher, merge_views, runtime_stats_collect
+from tests.conftest import MASTER_KEY
+from tests.factories import backend_create, pool_create
+
+
+def test_merge_views_sums_in_flight_and_keeps_worst_circuit() -> None:
+    merged = merge_views(
+        [
+            {"b1": {"in_flight": 2, "circuit": "closed", "latency_ms": 10.0}},
+            {"b1": {"in_flight": 3, "circuit": "open", "latency_ms": 30.0, "kv_cache_usage": 0.5}},
+        ]
+    )
+    assert merged["b1"]["in_flight"] == 5 and merged["b1"]["circuit"] == "open"
+    assert merged["b1"]["latency_ms"] == 20.0 and merged["b1"]["kv_cache_usage"] == 0.5
+    assert merged["b1"]["processes"] == 2 and merged["b1"]["circuits_open"] == 1
+
+
+@pytest.mark.django_db
+def test_pool_page_and_api_show_live_state(admin_client: Client) -> None:
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    pool = pool_create(name="gpu-live")
+    backend_create(pool=pool, name=name, state="draining")
+    dispatcher = Dispatcher()  # alive in this process, as the gateway's is in `make run`
+    dispatcher.in_flight[name] += 2
+    for _ in range(3):
+        dispatcher.circuits.failure(name, "boom")
+    page = admin_client.get(reverse("admin:backends_gpupool_change", args=[pool.pk])).content.decode()
+    assert name in page and "open" in page and "Draining" in page and "<td>2</td>" in page
+    # a backend with requests in flight cannot be deleted yet
+    backend_page = admin_client.get(reverse("admin:backends_backend_changelist")).content.decode()
+    assert 'class="field-in_flight">2</td>' in backend_page
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {MASTER_KEY}")
+    pools = api.get("/api/pools/").json()
+    live = next(b for p in pools if p["name"] == "gpu-live" for b in p["backends"])
+    assert live["in_flight"] == 2 and live["circuit"] == "open" and live["state"] == "draining"
+    del dispatcher
+
+
+@pytest.mark.django_db
+def test_backend_with_requests_in_flight_cannot_be_deleted(admin_client: Client) -> None:
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    backend = backend_create(name=name, state="draining")
+    dispatcher = Dispatcher()
+    dispatcher.in_flight[name] += 1
+    url = reverse("admin:backends_backend_delete", args=[backend.pk])
+    assert admin_client.get(url).status_code == 403
+    dispatcher.in_flight[name] -= 1
+    assert admin_client.get(url).status_code == 200
+
+
+@pytest.mark.services
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs REDIS_URL (a real Redis)")
+async def test_runtime_views_published_through_redis_merge() -> None:
+    import redis.asyncio as aioredis
+
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    other = Dispatcher()
+    other.in_flight[name] += 4
+    publisher = RuntimePublisher(other, redis_url=os.environ["REDIS_URL"], interval_s=0.05)
+    client = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+    # simulate another process: publish under a foreign key
+    import orjson
+
+    await client.set(KEY_PREFIX + "other-host:1", orjson.dumps(other.runtime_stats()), ex=5)
+    publisher.ensure_running()
+    import asyncio
+
+    await asyncio.sleep(0.1)
+    await publisher.aclose()
+    merged = await asyncio.to_thread(runtime_stats_collect, os.environ["REDIS_URL"])
+    # the foreign key's 4 plus this process's own dispatcher (4, counted once locally)
+    assert merged[name]["in_flight"] == 8
+    await client.delete(KEY_PREFIX + "other-host:1")
+    await client.aclose()
