@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The production web server (`make serve`, and the `web` role of deploy/entrypoint.sh in the image).
 #
-# uvicorn with WEB_CONCURRENCY worker processes, uvloop + httptools, the ASGI lifespan on (it starts and stops the
-# registry poller, the runtime publisher and the upstream connection pool), proxy headers from trusted proxies, and
-# a graceful shutdown: on SIGTERM the listening socket closes at once (new connections are refused), idle keep-alive
-# connections close, and requests in flight — streams included — get GRACEFUL_TIMEOUT_S seconds to finish before
-# they are cancelled. Migrations are not run here: they run once per release, before the rollout (docs/deploy.md).
+# uvicorn (through llm_platform/serve.py) with WEB_CONCURRENCY worker processes, uvloop + httptools, the ASGI
+# lifespan on (it starts and stops the registry poller, the runtime publisher and the upstream connection pool),
+# proxy headers from trusted proxies, and a graceful shutdown: on SIGTERM the listening sockets close at once (new
+# connections are refused), idle keep-alive connections close, and requests in flight — streams included — get
+# GRACEFUL_TIMEOUT_S seconds to finish before they are cancelled. Migrations are not run here: they run once per
+# release, before the rollout (docs/deploy.md).
 #
 # Environment (default):
 #   HOST / PORT              where to listen (127.0.0.1 / 8000; the image sets HOST=0.0.0.0)
@@ -14,6 +15,8 @@
 #   FORWARDED_ALLOW_IPS      proxies whose X-Forwarded-For/-Proto are trusted (127.0.0.1; "*" behind an ingress)
 #   KEEPALIVE_TIMEOUT_S      idle keep-alive timeout; keep it above the proxy's upstream idle timeout (75)
 #   ACCESS_LOG               1: log every request (0)
+#   SHARED_SOCKET            1: uvicorn's own supervisor, one socket shared by the workers (unset: one
+#                            SO_REUSEPORT socket per worker, balanced by the kernel; see llm_platform/serve.py)
 #   UVICORN_LOG_LEVEL        uvicorn's own log level (info)
 #   COLLECTSTATIC            1: run collectstatic first (1; the image collects at build time and sets 0)
 #   PROMETHEUS_MULTIPROC_DIR where the workers' metric files go; emptied at each start
@@ -44,17 +47,19 @@ export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-${TMPDIR:-/tmp}/llm-
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 find "$PROMETHEUS_MULTIPROC_DIR" -mindepth 1 -maxdepth 1 -name '*.db' -delete
 
-access_log=--no-access-log
+access_log=
 [[ ${ACCESS_LOG:-0} =~ ^(1|true|yes)$ ]] && access_log=--access-log
+shared_socket=
+[[ ${SHARED_SOCKET:-0} =~ ^(1|true|yes)$ ]] && shared_socket=--shared-socket
 
 log "uvicorn on $HOST:$PORT: $WEB_CONCURRENCY worker(s), graceful shutdown ${GRACEFUL_TIMEOUT_S}s"
-exec python -m uvicorn llm_platform.asgi:application \
+# llm_platform/serve.py: with several workers each one listens on its own SO_REUSEPORT socket so that the kernel
+# spreads connections evenly (uvicorn's own --workers shares one accept queue, which a few workers dominate).
+exec python -m llm_platform.serve \
   --host "$HOST" --port "$PORT" \
   --workers "$WEB_CONCURRENCY" \
-  --loop uvloop --http httptools \
-  --lifespan on \
-  --timeout-graceful-shutdown "$GRACEFUL_TIMEOUT_S" \
-  --timeout-keep-alive "$KEEPALIVE_TIMEOUT_S" \
-  --proxy-headers --forwarded-allow-ips "$FORWARDED_ALLOW_IPS" \
+  --graceful-timeout "$GRACEFUL_TIMEOUT_S" \
+  --keepalive-timeout "$KEEPALIVE_TIMEOUT_S" \
+  --forwarded-allow-ips "$FORWARDED_ALLOW_IPS" \
   --log-level "${UVICORN_LOG_LEVEL:-info}" \
-  "$access_log"
+  ${access_log:+"$access_log"} ${shared_socket:+"$shared_socket"}

@@ -28,8 +28,8 @@ PRODUCTION_ENV = {
 class ServeProcess:
     """`scripts/serve.sh` (uvicorn, production settings) on a free port; output goes to a log file."""
 
-    def __init__(self, *, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *, log_path: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         venv_bin = str(Path(sys.executable).parent)
@@ -52,13 +52,18 @@ class ServeProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 60.0) -> ServeProcess:
-        """Start the command and wait until /readyz answers 200."""
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the command without waiting for it."""
         Path(self.env["STATIC_ROOT"]).mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 ["bash", "scripts/serve.sh"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
+        return self.proc
+
+    def start(self, timeout_s: float = 60.0) -> ServeProcess:
+        """Start the command and wait until /readyz answers 200."""
+        self.proc = self.launch()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -104,3 +109,30 @@ class ServeProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _socket_inodes(port: int, state: str) -> set[str]:
+    """Inodes of the IPv4 TCP sockets whose local port is `port`, in a /proc/net/tcp state (0A listen, 01 open)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+            inodes.add(fields[9])
+    return inodes
+
+
+def sockets_by_pid(port: int, *, state: str) -> dict[int, int]:
+    """How many sockets of local port `port` in `state` each process holds ("0A" listening, "01" established)."""
+    wanted = _socket_inodes(port, state)
+    counts: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:
+            continue  # gone, or not ours to read
+        held = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in wanted)
+        if held:
+            counts[int(entry.name)] = held
+    return counts

@@ -52,11 +52,13 @@ def _refused(url: str) -> bool:
     return False
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_lets_the_open_stream_finish_and_refuses_new_connections(
-    slow_backend: MockServer, tmp_path: Path
+    slow_backend: MockServer, tmp_path: Path, workers: str
 ) -> None:
-    # given the production server (one worker, 10 s grace) streaming 40 tokens (about 2 s)
-    with ServeProcess(log_path=tmp_path / "serve.log", env={"GRACEFUL_TIMEOUT_S": "10"}) as server:
+    # given the production server (one worker, or two behind the supervisor; 10 s grace) streaming 40 tokens
+    env = {"GRACEFUL_TIMEOUT_S": "10", "WEB_CONCURRENCY": workers}
+    with ServeProcess(log_path=tmp_path / "serve.log", env=env) as server:
         lines: list[str] = []
         refused_after_s = None
         for line in _stream(server.url, max_tokens=40):
@@ -74,7 +76,7 @@ def test_sigterm_lets_the_open_stream_finish_and_refuses_new_connections(
         data = [line for line in lines if line.startswith("data: ")]
         assert data[-1] == "data: [DONE]"
         assert len(data) >= 40
-        # and the server exits once the stream is done (uvicorn ends by re-raising the SIGTERM it handled)
+        # and the server exits once the stream is done (a lone uvicorn ends by re-raising the SIGTERM it handled)
         assert server.wait(timeout_s=10) in (0, -signal.SIGTERM), server.log()
         assert "Traceback" not in server.log()
 

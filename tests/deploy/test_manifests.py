@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from backends.registry_io import registry_import, registry_yaml_load
+from llm_platform.serve import ServeOptions
 from tests.live import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -248,14 +249,16 @@ def test_dockerfile_runs_the_same_steps_as_make_run() -> None:
         '"--lifespan", "on"',
     ):
         assert option in run, option
-    for option in (
-        "llm_platform.asgi:application",
-        "--loop uvloop --http httptools",
-        "--lifespan on",
-        "--timeout-graceful-shutdown",
-        "--workers",
-    ):
+    # serve.sh runs llm_platform/serve.py, whose workers are uvicorn servers with those same settings
+    for option in ("python -m llm_platform.serve", "--workers", "--graceful-timeout", "--keepalive-timeout"):
         assert option in serve, option
+    config = ServeOptions().uvicorn_config()
+    assert (config.app, config.loop, config.http, config.lifespan) == (
+        "llm_platform.asgi:application",
+        "uvloop",
+        "httptools",
+        "on",
+    )
     # the roles: migrate and Celery as `make run` runs them
     assert '"manage.py", "migrate", "--noinput"' in run and "python manage.py migrate --noinput" in entrypoint
     assert '"celery", "-A", "llm_platform", "worker"' in run

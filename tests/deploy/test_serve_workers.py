@@ -1,0 +1,134 @@
+"""The production server's workers (llm_platform/serve.py): one SO_REUSEPORT socket each, balanced, supervised.
+
+uvicorn's own `--workers` shares one accept queue that a few workers dominate; these tests show that every worker
+of ours listens for itself and gets a share of the connections, that a second server cannot join the port
+unnoticed, and that the supervisor replaces a dead worker, stops them all gracefully and takes them with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llm_platform.serve import ServeOptions, parse_args
+from tests.deploy.serve import ServeProcess, sockets_by_pid
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing and /proc are Linux"),
+]
+
+LISTENING, ESTABLISHED = "0A", "01"
+
+
+def _eventually(predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    """Poll `predicate` until it holds or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def _listeners(server: ServeProcess) -> dict[int, int]:
+    return sockets_by_pid(server.port, state=LISTENING)
+
+
+def _open_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` keep-alive connections, each with one answered request (so a worker has accepted it)."""
+    conns = []
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        conns.append(conn)
+    for conn in conns:
+        assert b"200 OK" in conn.recv(4096)
+    return conns
+
+
+def test_every_worker_listens_on_its_own_socket_and_gets_a_share_of_the_connections(tmp_path: Path) -> None:
+    # given the production server with 3 workers
+    with ServeProcess(log_path=tmp_path / "serve.log", env={"WEB_CONCURRENCY": "3"}) as server:
+        assert _eventually(lambda: len(_listeners(server)) == 3), server.log()
+        workers = set(_listeners(server))
+        assert server.proc is not None and server.proc.pid not in workers  # the supervisor holds no socket
+        # when 45 clients connect and keep their connections open
+        conns = _open_connections(server.port, 45)
+        try:
+            held = sockets_by_pid(server.port, state=ESTABLISHED)
+            # then every worker holds some of them (one shared accept queue leaves workers with none)
+            assert set(held) == workers, (held, workers)
+            assert sum(held.values()) == 45
+        finally:
+            for conn in conns:
+                conn.close()
+
+
+def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    with ServeProcess(log_path=tmp_path / "first.log", env={"WEB_CONCURRENCY": "2"}) as first:
+        second = ServeProcess(log_path=tmp_path / "second.log", env={"WEB_CONCURRENCY": "2"}, port=first.port)
+        second.launch()
+        try:
+            assert second.wait(timeout_s=30) == 3, second.log()
+        finally:
+            second.stop()
+        assert "cannot listen on 127.0.0.1" in second.log()
+        assert len(_listeners(first)) == 2  # the first server is untouched
+
+
+def test_a_dead_worker_is_replaced_and_serving_goes_on(tmp_path: Path) -> None:
+    with ServeProcess(
+        log_path=tmp_path / "serve.log", env={"WEB_CONCURRENCY": "2", "UVICORN_LOG_LEVEL": "info"}
+    ) as server:
+        assert _eventually(lambda: len(_listeners(server)) == 2), server.log()
+        victim = min(_listeners(server))
+        os.kill(victim, signal.SIGKILL)
+        assert _eventually(lambda: len(_listeners(server)) == 2 and victim not in _listeners(server)), server.log()
+        assert f"worker {victim} died" in server.log()
+        for _ in range(10):
+            assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+
+
+def test_sigterm_stops_every_worker_and_a_killed_supervisor_takes_them_along(tmp_path: Path) -> None:
+    with ServeProcess(
+        log_path=tmp_path / "term.log", env={"WEB_CONCURRENCY": "2", "UVICORN_LOG_LEVEL": "info"}
+    ) as server:
+        assert _eventually(lambda: len(_listeners(server)) == 2), server.log()
+        workers = set(_listeners(server))
+        server.terminate()
+        assert server.wait(timeout_s=20) == 0, server.log()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        assert "all workers stopped" in server.log() and "Traceback" not in server.log()
+
+    with ServeProcess(
+        log_path=tmp_path / "kill.log", env={"WEB_CONCURRENCY": "2", "UVICORN_LOG_LEVEL": "info"}
+    ) as server:
+        assert _eventually(lambda: len(_listeners(server)) == 2), server.log()
+        workers = set(_listeners(server))
+        assert server.proc is not None
+        server.proc.kill()
+        server.wait(timeout_s=10)
+        # then no orphan keeps the port (the kernel sends each worker SIGTERM when its parent dies)
+        assert _eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout_s=30)
+
+
+def test_command_line_options() -> None:
+    options, shared = parse_args(["--workers", "0", "--port", "9000", "--access-log", "--graceful-timeout", "5"])
+    assert options == ServeOptions(port=9000, workers=1, access_log=True, graceful_timeout_s=5) and not shared
+    config = options.uvicorn_config()
+    assert (config.loop, config.http, config.lifespan, config.timeout_graceful_shutdown) == (
+        "uvloop",
+        "httptools",
+        "on",
+        5,
+    )
+    assert parse_args(["--shared-socket"])[1] is True
