@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat requirements.txt requirements-dev.txt 2>/dev/null | sha1
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-postgres lint format check e2e real-backend-start real-backend-stop bench bench-quick clean
+.PHONY: help venv run test test-postgres lint format check e2e real-backend-start real-backend-stop bench bench-quick bench-scaling clean
 
 help:
 	@echo "make run        start web + worker + beat + demo backend (http://127.0.0.1:$${PORT:-8000})"
@@ -59,6 +59,10 @@ bench: venv
 
 bench-quick: venv
 	$(PY) bench/run.py --quick
+
+# Worker scaling (root: each worker on its own CPU cgroup); see docs/performance.md "Several workers".
+bench-scaling: venv
+	$(PY) bench/scaling.py
 
 # Production web server (scripts/serve.sh: collectstatic, then uvicorn with WEB_CONCURRENCY workers and a graceful
 # shutdown of GRACEFUL_TIMEOUT_S); settings from the environment, e.g. DJANGO_DEBUG=0 (docs/deploy.md).

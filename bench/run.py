@@ -269,8 +269,22 @@ class Stack:
             "--no-access-log",
         ]
         workers = getattr(args, "workers", 1)
-        if workers > 1:
-            self.web_argv += ["--workers", str(workers)]
+        if workers > 1 or getattr(args, "production_server", False):
+            # Several workers: the production server (llm_platform/serve.py, as `make serve` runs it).
+            self.web_argv = [
+                PY,
+                "-m",
+                "llm_platform.serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
+                *(["--shared-socket"] if getattr(args, "shared_socket", False) else []),
+            ]
         server = getattr(args, "server", "uvicorn")
         if server == "granian":
             self.web_argv = [
@@ -1054,7 +1068,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=1,
-        help="uvicorn worker processes of the platform (several: nothing is pinned; CPU counts the whole tree)",
+        help="worker processes of the platform (several: the production server llm_platform/serve.py, nothing "
+        "is pinned, CPU counts the whole tree)",
+    )
+    parser.add_argument(
+        "--shared-socket",
+        action="store_true",
+        help="with --workers: uvicorn's own supervisor (one shared socket) instead of one SO_REUSEPORT socket each",
     )
     parser.add_argument(
         "--server",
