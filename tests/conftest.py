@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +18,33 @@ from tests.factories import backend_snap, registry_snap
 
 MASTER_KEY = "test-master-key"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+def _reseed_after_flush(sender: Any, apps: Any = None, **kwargs: Any) -> None:
+    """Recreate the rows the data migrations seed (check cases, beat schedules) after a test's flush.
+
+    A transactional test ends with a flush, which empties those rows too; Django then sends post_migrate (that is
+    how content types come back). Seeding again here keeps every later test, in any order, on a migrated-looking
+    database, without serialized_rollback (whose reload collides with the content types post_migrate recreated).
+    The seeds are get_or_create: a no-op when the rows exist. Tests only: in production, post_migrate after a
+    `migrate` must not bring back cases an operator deleted.
+    """
+    schedule = importlib.import_module("backends.migrations.0002_health_check_schedule")
+    checks = importlib.import_module("backends.migrations.0004_checks")
+    if apps is None:  # flush sends post_migrate without the migration state's apps
+        from django.apps import apps
+    schedule.create_schedule(apps, None)
+    checks.seed(apps, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reseed_data_migrations_after_flush() -> None:
+    from django.apps import apps as global_apps
+    from django.db.models.signals import post_migrate
+
+    post_migrate.connect(
+        _reseed_after_flush, sender=global_apps.get_app_config("backends"), dispatch_uid="tests-reseed-after-flush"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -163,19 +163,30 @@ def test_a_third_process_joining_and_leaving_changes_nothing_for_clients(
         live = [a.url, b.url]  # what a load balancer would route to
         statuses: list[int] = []
         by_url: dict[str, int] = {}
+        in_flight: dict[str, int] = {}
+        lock = threading.Lock()  # the balancer's view: picking a process and counting it in flight are one step
         stop = threading.Event()
 
         def loop() -> None:
             turn = itertools.count()
             deadline = time.monotonic() + 20  # bounded in time and count
             while not stop.is_set() and time.monotonic() < deadline and len(statuses) < 2000:
-                url = live[next(turn) % len(live)]
+                with lock:
+                    url = live[next(turn) % len(live)]
+                    in_flight[url] = in_flight.get(url, 0) + 1
                 try:
                     status = post(url, key).status_code
                 except httpx.HTTPError:
                     status = -1
+                finally:
+                    with lock:
+                        in_flight[url] -= 1
                 statuses.append(status)
                 by_url[url] = by_url.get(url, 0) + 1
+
+        def drained(url: str) -> bool:
+            with lock:
+                return in_flight.get(url, 0) == 0
 
         client = threading.Thread(target=loop)
         client.start()
@@ -183,7 +194,8 @@ def test_a_third_process_joining_and_leaving_changes_nothing_for_clients(
             time.sleep(0.3)
             # a third process joins: added to the balancer once it answers /readyz
             c = platform().start()
-            live.append(c.url)
+            with lock:
+                live.append(c.url)
             time.sleep(0.8)
             # a stream starts on it, then it leaves: removed from the balancer, then SIGTERM
             body = {**CHAT, "stream": True, "max_tokens": 20}
@@ -194,7 +206,12 @@ def test_a_third_process_joining_and_leaving_changes_nothing_for_clients(
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=10,
             ) as stream:
-                live.remove(c.url)
+                with lock:
+                    live.remove(c.url)
+                # like a balancer's deregistration delay: the requests it already sent there finish first
+                deadline = time.monotonic() + 10
+                while not drained(c.url) and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 c.proc.terminate()  # type: ignore[union-attr]
                 lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
             c.stop()

@@ -76,7 +76,7 @@ async def test_local_daily_budget() -> None:
 async def test_gateway_answers_429_with_headers_and_limit_headers_on_success(make_gateway, mock_vllm) -> None:
     gateway = make_gateway(registry=registry_snap(), transport=httpx.ASGITransport(app=mock_vllm))
     gateway.keys = RegistryCache.static(KeySnapshot(1, {key_hash("sk-r"): _key(rpm=2, tpm=10_000)}))
-    gateway.limiter = LocalRateLimiter()
+    gateway.limiter = LocalRateLimiter(FixedClock())  # a minute window cannot roll over between the requests
     body = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=gateway), base_url="http://r", headers={"Authorization": "Bearer sk-r"}

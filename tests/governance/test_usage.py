@@ -17,7 +17,7 @@ from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from rest_framework.test import APIClient
 
-from backends.mock_vllm import MockVLLM
+from backends.mock_vllm import MockVLLM, await_until
 from governance.models import ApiKey, UsageHourly, UsageRecord, key_hash
 from governance.services import api_key_create
 from governance.snapshot import KeySnap, KeySnapshot
@@ -191,8 +191,8 @@ async def test_flushes_when_the_batch_is_full_and_on_close() -> None:
     writer = BatchUsageWriter(flush_interval_s=60, flush_max=5, write=write, metrics=False)
     for i in range(5):
         writer.record(event(request_id=str(i)))
-    await asyncio.sleep(0.05)
-    assert [len(b) for b in write.batches] == [5]  # flushed at once, not after 60 s
+    # flushed at once, not after the 60 s interval (2 s of patience for a loaded machine)
+    assert await await_until(lambda: [len(b) for b in write.batches] == [5], timeout=2.0), write.batches
     writer.record(event(request_id="late"))
     await writer.aclose()
     assert [len(b) for b in write.batches] == [5, 1] and writer.pending == 0

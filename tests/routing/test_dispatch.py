@@ -127,8 +127,8 @@ async def test_degraded_backends_used_only_when_no_healthy_one(make_gateway: Cal
 
 
 async def test_concurrency_limit_queues_then_429(make_gateway: Callable[..., Gateway]) -> None:
-    # given one backend that takes 1 request at a time, 0.3 s each, a queue of 1 waiting 0.1 s at most
-    mock = MockVLLM(latency_s=0.3, **MODELS)
+    # given one backend that takes 1 request at a time, 0.8 s each, a queue of 1 waiting 0.1 s at most
+    mock = MockVLLM(latency_s=0.8, **MODELS)
     registry = registry_snap(backends=[backend_snap("b1", base_url="http://b1", max_concurrent_requests=1)])
     gateway = make_gateway(registry=registry, transport=HostRouter({"b1": mock}))
     gateway.dispatcher.queue_max = 1

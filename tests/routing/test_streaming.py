@@ -57,9 +57,9 @@ async def _events(response: httpx.Response) -> list[bytes]:
 
 
 async def test_sdk_receives_chunks_as_they_are_produced(live_gateway, mocks) -> None:
-    # given backends that produce a token every 30 ms
+    # given backends that produce a token every 60 ms
     for mock in mocks:
-        mock.config.token_delay_s = 0.03
+        mock.config.token_delay_s = 0.06
     url, _ = live_gateway
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=MASTER_KEY, max_retries=0)
     # when the SDK streams 10 tokens
@@ -72,7 +72,7 @@ async def test_sdk_receives_chunks_as_they_are_produced(live_gateway, mocks) -> 
     # then chunks arrive spread over the generation (not buffered until the end)
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content_chunks) == 10
-    assert arrivals[-1] - arrivals[0] > 0.15  # 10 tokens x 30 ms; a buffered stream arrives all at once
+    assert arrivals[-1] - arrivals[0] > 0.3  # 9 gaps x 60 ms; a buffered stream arrives all at once
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.model == "chat-model" for c in chunks)
 
@@ -139,7 +139,7 @@ async def test_client_disconnect_closes_backend_request(http: httpx.AsyncClient,
 
 async def test_keepalive_comments_while_waiting_for_first_token(http: httpx.AsyncClient, mocks) -> None:
     for mock in mocks:
-        mock.config.latency_s = 0.45  # prefill; the gateway's keep-alive interval is 0.1 s here
+        mock.config.latency_s = 0.8  # prefill; the gateway's keep-alive interval is 0.1 s here
     async with http.stream("POST", "/v1/chat/completions", json=_chat(max_tokens=2, stream=True)) as response:
         events = await _events(response)
     keepalives = [e for e in events if e.startswith(b": keep-alive")]

@@ -195,7 +195,7 @@ async def test_error_statuses_with_bodies(upstream: UpstreamClient, mock: MockSe
 
 
 async def test_streaming_token_by_token(upstream: UpstreamClient, mock: MockServer) -> None:
-    mock.config.token_delay_s = 0.03
+    mock.config.token_delay_s = 0.08
     response = await _send(upstream, mock.url + CHAT, chat(stream=True, max_tokens=8), stream=True)
     assert response.status_code == 200
     assert dict(response.headers)[b"content-type"].startswith(b"text/event-stream")
@@ -205,8 +205,9 @@ async def test_streaming_token_by_token(upstream: UpstreamClient, mock: MockServ
         arrivals.append(time.monotonic())
         chunks.append(chunk)
     await response.aclose()
-    assert len(chunks) >= 7, chunks  # tokens come one by one, not buffered until the end
-    assert arrivals[-1] - arrivals[0] >= 7 * 0.03 * 0.8
+    # tokens come one by one, not buffered until the end (margins allow a stalled read on a loaded machine)
+    assert len(chunks) >= 4, chunks
+    assert arrivals[-1] - arrivals[0] >= 0.3  # 7 gaps of 80 ms between the 8 tokens
     events = b"".join(chunks).split(b"\n\n")
     assert events[-2] == b"data: [DONE]"
     assert sum(1 for e in events if b'"content"' in e) >= 8
@@ -461,18 +462,18 @@ async def test_read_timeout_is_per_read_not_total(upstream: UpstreamClient) -> N
     async def trickle(_: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
         for byte in b"abcde":
-            await asyncio.sleep(0.08)
+            await asyncio.sleep(0.1)
             writer.write(bytes([byte]))
         return True
 
-    timeouts = Timeouts(connect=5, read=0.25, write=5, pool=5)
+    timeouts = Timeouts(connect=5, read=0.4, write=5, pool=5)  # each gap is 0.1 s: 300 ms of margin
     async with RawServer(trickle) as server:
         for stream in (False, True):
             started = time.monotonic()
             response = await _send(upstream, server.url + "/x", timeouts=timeouts, stream=stream)
             assert await response.aread() == b"abcde"
             await response.aclose()
-            assert time.monotonic() - started > 0.35  # longer than the read timeout in all
+            assert time.monotonic() - started > 0.45  # longer than the read timeout in all
 
 
 async def test_die_after_tokens_mid_stream(upstream: UpstreamClient, mock: MockServer) -> None:
@@ -654,11 +655,11 @@ def test_streams_timeouts_and_aborts_under_uvloop(kind: str) -> None:
 
     async def scenario(server: MockServer) -> None:
         url = server.url + CHAT
-        server.config.token_delay_s = 0.02
+        server.config.token_delay_s = 0.05
         response = await _send(client, url, chat(stream=True, max_tokens=6), stream=True)
         chunks = [chunk async for chunk in response.aiter_raw()]
         await response.aclose()
-        assert len(chunks) >= 5 and chunks[-1].endswith(b"[DONE]\n\n")
+        assert len(chunks) >= 3 and chunks[-1].endswith(b"[DONE]\n\n")
         response = await _send(client, url, chat(stream=True, max_tokens=100), stream=True)
         await anext(response.aiter_raw())
         await response.aclose()

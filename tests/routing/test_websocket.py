@@ -149,6 +149,7 @@ async def test_auth_times_out(gateway: Gateway) -> None:
 
 
 async def test_two_concurrent_requests_interleave(gateway: Gateway, server: MockServer) -> None:
+    server.config.token_delay_s = 0.05  # `a` lasts ~0.6 s: `b` starts well before it ends, even on a slow machine
     async with socket(gateway) as ws:
         await ws.send_json_to(chat("a", "first", max_tokens=12))
         await ws.send_json_to(chat("b", "second", max_tokens=12))

@@ -103,7 +103,7 @@ def test_command_fails_on_any_failed_check_and_on_bad_names(fleet: Fleet, only_c
     assert nothing.value.returncode == 2 and "Nothing to check" in str(nothing.value)
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_command_exit_status_in_a_shell(fleet: Fleet, only_cases: Callable[..., CheckCase]) -> None:
     only_cases()
     fleet.add("b1", answer_override="Lyon")

@@ -34,7 +34,7 @@ pytestmark = [
         not (_POSTGRES and _REDIS),
         reason="needs DATABASE_URL=postgres://... and REDIS_URL=redis://... (real PostgreSQL and Redis, as in .ci/run)",
     ),
-    pytest.mark.django_db(transaction=True, serialized_rollback=True),
+    pytest.mark.django_db(transaction=True),
 ]
 
 
