@@ -11,13 +11,14 @@ import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from backends.mock_vllm import wait_until
 from llm_platform.serve import ServeOptions, parse_args
 from tests.deploy.serve import ServeProcess, sockets_by_pid
 
@@ -30,17 +31,21 @@ LISTENING, ESTABLISHED = "0A", "01"
 
 
 def _eventually(predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
-    """Poll `predicate` until it holds or the timeout passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+    """Poll `predicate` every 0.1 s until it holds or the timeout passes."""
+    return wait_until(predicate, timeout=timeout_s, interval=0.1)
 
 
 def _listeners(server: ServeProcess) -> dict[int, int]:
     return sockets_by_pid(server.port, state=LISTENING)
+
+
+@contextmanager
+def _serving(log_path: Path, workers: int) -> Iterator[ServeProcess]:
+    """The production server with `workers` workers (info log), once every worker listens."""
+    env = {"WEB_CONCURRENCY": str(workers), "UVICORN_LOG_LEVEL": "info"}
+    with ServeProcess(log_path=log_path, env=env) as server:
+        assert _eventually(lambda: len(_listeners(server)) == workers), server.log()
+        yield server
 
 
 def _open_connections(port: int, count: int) -> list[socket.socket]:
@@ -57,8 +62,7 @@ def _open_connections(port: int, count: int) -> list[socket.socket]:
 
 def test_every_worker_listens_on_its_own_socket_and_gets_a_share_of_the_connections(tmp_path: Path) -> None:
     # given the production server with 3 workers
-    with ServeProcess(log_path=tmp_path / "serve.log", env={"WEB_CONCURRENCY": "3"}) as server:
-        assert _eventually(lambda: len(_listeners(server)) == 3), server.log()
+    with _serving(tmp_path / "serve.log", workers=3) as server:
         workers = set(_listeners(server))
         assert server.proc is not None and server.proc.pid not in workers  # the supervisor holds no socket
         # when 45 clients connect and keep their connections open
@@ -74,7 +78,7 @@ def test_every_worker_listens_on_its_own_socket_and_gets_a_share_of_the_connecti
 
 
 def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
-    with ServeProcess(log_path=tmp_path / "first.log", env={"WEB_CONCURRENCY": "2"}) as first:
+    with _serving(tmp_path / "first.log", workers=2) as first:
         second = ServeProcess(log_path=tmp_path / "second.log", env={"WEB_CONCURRENCY": "2"}, port=first.port)
         second.launch()
         try:
@@ -86,10 +90,7 @@ def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_dead_worker_is_replaced_and_serving_goes_on(tmp_path: Path) -> None:
-    with ServeProcess(
-        log_path=tmp_path / "serve.log", env={"WEB_CONCURRENCY": "2", "UVICORN_LOG_LEVEL": "info"}
-    ) as server:
-        assert _eventually(lambda: len(_listeners(server)) == 2), server.log()
+    with _serving(tmp_path / "serve.log", workers=2) as server:
         victim = min(_listeners(server))
         os.kill(victim, signal.SIGKILL)
         assert _eventually(lambda: len(_listeners(server)) == 2 and victim not in _listeners(server)), server.log()
@@ -99,20 +100,14 @@ def test_a_dead_worker_is_replaced_and_serving_goes_on(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_every_worker_and_a_killed_supervisor_takes_them_along(tmp_path: Path) -> None:
-    with ServeProcess(
-        log_path=tmp_path / "term.log", env={"WEB_CONCURRENCY": "2", "UVICORN_LOG_LEVEL": "info"}
-    ) as server:
-        assert _eventually(lambda: len(_listeners(server)) == 2), server.log()
+    with _serving(tmp_path / "term.log", workers=2) as server:
         workers = set(_listeners(server))
         server.terminate()
         assert server.wait(timeout_s=20) == 0, server.log()
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
         assert "all workers stopped" in server.log() and "Traceback" not in server.log()
 
-    with ServeProcess(
-        log_path=tmp_path / "kill.log", env={"WEB_CONCURRENCY": "2", "UVICORN_LOG_LEVEL": "info"}
-    ) as server:
-        assert _eventually(lambda: len(_listeners(server)) == 2), server.log()
+    with _serving(tmp_path / "kill.log", workers=2) as server:
         workers = set(_listeners(server))
         assert server.proc is not None
         server.proc.kill()
