@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -129,9 +130,14 @@ def sockets_by_pid(port: int, *, state: str) -> dict[int, int]:
         if not entry.name.isdigit():
             continue
         try:
-            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            fds = list((entry / "fd").iterdir())
         except OSError:
             continue  # gone, or not ours to read
+        links = []
+        for fd in fds:
+            # one at a time: a process closes descriptors while we read, which must not hide its others
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(fd))
         held = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in wanted)
         if held:
             counts[int(entry.name)] = held

@@ -45,9 +45,14 @@ def _stream(url: str, max_tokens: int) -> Iterator[str]:
 
 
 def _refused(url: str) -> bool:
+    """Whether a new connection is turned away: refused, or reset/closed unanswered.
+
+    A connection that reached the listen backlog just before the socket closed is reset by the kernel
+    (ReadError) or closed by the server unanswered (RemoteProtocolError): not served either.
+    """
     try:
         httpx.get(f"{url}/healthz", timeout=1)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
         return True
     return False
 
