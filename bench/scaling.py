@@ -107,13 +107,14 @@ class CpuGroups:
         return out
 
     def release(self) -> None:
-        """Move what is left back to the root group and remove the groups."""
+        """Move what is left back to the root group and remove every group under the parent, then the parent."""
         root_procs = self.parent.parent / "cgroup.procs"
-        for group in [*self.groups, self.parent]:
+        children = [path for path in self.parent.iterdir() if path.is_dir()]  # not only those we recorded
+        for group in [*children, self.parent]:
             for pid in _read(group / "cgroup.procs").split():
                 with contextlib.suppress(OSError):
                     root_procs.write_text(pid)
-        for group in [*reversed(self.groups), self.parent]:
+        for group in [*children, self.parent]:
             with contextlib.suppress(OSError):
                 group.rmdir()
         self.groups = []
