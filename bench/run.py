@@ -868,15 +868,15 @@ def _counts(d: dict[str, Any], p: dict[str, Any]) -> str:
     return f"**differ** (sent {d['sent'] + p['sent']}, backend {d['backend_requests'] + p['backend_requests']})"
 
 
-def update_docs(table: str) -> bool:
-    """Replace the results section of docs/performance.md (between the markers); False when there are none."""
+def update_docs(table: str, start_marker: str = DOC_START, end_marker: str = DOC_END) -> bool:
+    """Replace a section of docs/performance.md between two markers (the results by default); False without them."""
     if not DOCS.exists():
         return False
     text = DOCS.read_text()
-    start, end = text.find(DOC_START), text.find(DOC_END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return False
-    DOCS.write_text(text[: start + len(DOC_START)] + "\n\n" + table + "\n\n" + text[end:])
+    DOCS.write_text(text[: start + len(start_marker)] + "\n\n" + table + "\n\n" + text[end:])
     return True
 
 

@@ -51,6 +51,7 @@ from bench.run import (
     process_tree,
     run_wrk,
     system_busy_s,
+    update_docs,
 )
 
 DOC_START = "<!-- bench:scaling:start -->"
@@ -291,17 +292,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_docs(table: str) -> bool:
-    """Replace the scaling table in docs/performance.md between its markers."""
-    text = DOCS.read_text()
-    if DOC_START not in text or DOC_END not in text:
-        return False
-    head, rest = text.split(DOC_START, 1)
-    _, tail = rest.split(DOC_END, 1)
-    DOCS.write_text(f"{head}{DOC_START}\n{table}\n{DOC_END}{tail}")
-    return True
-
-
 def redis_answers(url: str) -> bool:
     """Whether a Redis server answers PING at redis://host:port."""
     hostport = url.split("://", 1)[1].split("/", 1)[0]
@@ -370,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"results written to {args.out}")
-    if not args.no_docs and update_docs(table):
+    if not args.no_docs and update_docs(table, DOC_START, DOC_END):
         log(f"table updated in {DOCS}")
     bad = [row["label"] for row in rows if row["errors"] or not row["counts_equal"]]
     if bad:

@@ -66,23 +66,26 @@ class ServeOptions:
     access_log: bool = False
     backlog: int = 2048
 
+    def uvicorn_kwargs(self) -> dict[str, Any]:
+        """Settings of every worker: the flags `make run` and the benchmark use, plus the production ones."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "loop": "uvloop",
+            "http": "httptools",
+            "lifespan": "on",
+            "timeout_graceful_shutdown": self.graceful_timeout_s,
+            "timeout_keep_alive": self.keepalive_timeout_s,
+            "proxy_headers": True,
+            "forwarded_allow_ips": self.forwarded_allow_ips,
+            "log_level": self.log_level,
+            "access_log": self.access_log,
+            "backlog": self.backlog,
+        }
+
     def uvicorn_config(self) -> uvicorn.Config:
-        """One worker's uvicorn configuration: the flags `make run` and the benchmark use, plus production ones."""
-        return uvicorn.Config(
-            APP,
-            host=self.host,
-            port=self.port,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            timeout_graceful_shutdown=self.graceful_timeout_s,
-            timeout_keep_alive=self.keepalive_timeout_s,
-            proxy_headers=True,
-            forwarded_allow_ips=self.forwarded_allow_ips,
-            log_level=self.log_level,
-            access_log=self.access_log,
-            backlog=self.backlog,
-        )
+        """One worker's uvicorn configuration."""
+        return uvicorn.Config(APP, **self.uvicorn_kwargs())
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -229,32 +232,13 @@ def serve(options: ServeOptions, *, shared_socket: bool = False) -> int:
         server.run()
         return 0 if server.started else STARTUP_FAILURE
     if shared_socket or not REUSE_PORT_BALANCES:
-        uvicorn.run(APP, **_uvicorn_kwargs(options))
+        uvicorn.run(APP, workers=options.workers, **options.uvicorn_kwargs())
         return 0
     busy = address_is_free(options.host, options.port)
     if busy is not None:
         logger.error("cannot listen on %s:%d: %s", options.host, options.port, busy)
         return STARTUP_FAILURE
     return Supervisor(options).run()
-
-
-def _uvicorn_kwargs(options: ServeOptions) -> dict[str, Any]:
-    """uvicorn.run() arguments for its own multi-worker supervisor (the shared-socket fallback)."""
-    return {
-        "host": options.host,
-        "port": options.port,
-        "workers": options.workers,
-        "loop": "uvloop",
-        "http": "httptools",
-        "lifespan": "on",
-        "timeout_graceful_shutdown": options.graceful_timeout_s,
-        "timeout_keep_alive": options.keepalive_timeout_s,
-        "proxy_headers": True,
-        "forwarded_allow_ips": options.forwarded_allow_ips,
-        "log_level": options.log_level,
-        "access_log": options.access_log,
-        "backlog": options.backlog,
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServeOptions, bool]:
