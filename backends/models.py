@@ -19,6 +19,7 @@ class RoutingStrategy(StrEnum):
     LEAST_OUTSTANDING = "least_outstanding"
     KV_CACHE_AWARE = "kv_cache_aware"
     SESSION_AFFINITY = "session_affinity"
+    PREFIX_AWARE = "prefix_aware"
 
 
 class BackendState(models.TextChoices):
