@@ -1,12 +1,14 @@
-"""CPU cost per proxied request of the upstream clients (`routing/upstream.py`): httpx vs FastUpstream.
+"""CPU cost per proxied request of the upstream clients (`routing/upstream.py`): FastUpstream vs aiohttp vs httpx.
 
-    .venv/bin/python bench/upstream_micro.py                       # 5,000 requests, c=1 and c=32, uvloop
-    .venv/bin/python bench/upstream_micro.py -n 20000 -c 1 8 32 --loop asyncio --json out.json
+    .venv/bin/python bench/upstream_micro.py                       # 5,000 requests, c=1 and c=64, uvloop, 3 rounds
+    .venv/bin/python bench/upstream_micro.py -n 20000 -c 1 8 64 --rounds 5 --loop asyncio --json out.json
 
 Starts the bundled mock vLLM (`python -m backends.mock_vllm`) pinned to CPU 0 with `taskset`, pins itself to
 CPU 1, and sends the same non-streaming chat request the dispatcher sends (content-type, x-request-id) with
 each client. The figure is this process's CPU time (`getrusage(RUSAGE_SELF)`: user + system, every thread) per
 request, after a warm-up; the mock's CPU is not counted. Requests/s are shown too but are bounded by the mock.
+The clients take turns within each round (so a burst of load from elsewhere hits one round of each, not one
+client), and the table shows each client's median over the rounds and its range.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 
 from routing.upstream import FastUpstream, HttpxUpstream, Timeouts  # noqa: E402
@@ -80,6 +84,22 @@ async def run_httpx(url: str, n: int, concurrency: int) -> tuple[float, float]:
         return await measure(send, n, concurrency)
 
 
+async def run_aiohttp(url: str, n: int, concurrency: int) -> tuple[float, float]:
+    """An aiohttp.ClientSession configured as a proxy would use it (pool limits, per-read timeouts, no decoding)."""
+    connector = aiohttp.TCPConnector(limit=1000, limit_per_host=1000, ttl_dns_cache=None, use_dns_cache=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=30.0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept")
+    ) as session:
+
+        async def send() -> int:
+            async with session.post(url, data=BODY, headers=HEADERS, allow_redirects=False) as response:
+                await response.read()
+                return response.status
+
+        return await measure(send, n, concurrency)
+
+
 async def run_upstream(upstream: Any, url: str, n: int, concurrency: int) -> tuple[float, float]:
     """An `UpstreamClient` (HttpxUpstream or FastUpstream)."""
 
@@ -95,6 +115,7 @@ async def run_upstream(upstream: Any, url: str, n: int, concurrency: int) -> tup
 
 
 CLIENTS: dict[str, Callable[[str, int, int], Awaitable[tuple[float, float]]]] = {
+    "aiohttp": run_aiohttp,
     "httpx": run_httpx,
     "HttpxUpstream": lambda url, n, c: run_upstream(HttpxUpstream(), url, n, c),
     "FastUpstream": lambda url, n, c: run_upstream(FastUpstream(), url, n, c),
@@ -124,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print a table (and write JSON when asked)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", "--requests", type=int, default=5000)
-    parser.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the clients take turns within each")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    parser.add_argument("--clients", nargs="+", choices=list(CLIENTS), default=list(CLIENTS))
+    parser.add_argument(
+        "--clients", nargs="+", choices=list(CLIENTS), default=["FastUpstream", "aiohttp", "httpx", "HttpxUpstream"]
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -144,24 +168,38 @@ def main(argv: list[str] | None = None) -> int:
             run = asyncio.run  # type: ignore[assignment]
         target = url + "/v1/chat/completions"
         pinned = f"mock on CPU {cpus[0]}, client on CPU {cpus[1]}" if len(cpus) > 1 else "one CPU: not pinned"
-        print(f"{args.requests} non-streaming chat requests per run, {args.loop}, {pinned}")
-        print(f"  {'client':<16}" + "".join(f"{f'c={c} CPU/req':>16}{'req/s':>9}" for c in args.concurrency))
+        print(f"{args.requests} non-streaming chat requests per run, {args.loop}, {pinned}, {args.rounds} round(s)")
+        samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for round_no in range(args.rounds):
+            for name in args.clients:
+                for concurrency in args.concurrency:
+                    cpu_us, rps = run(CLIENTS[name](target, args.requests, concurrency))
+                    samples.setdefault((name, concurrency), []).append((cpu_us, rps))
+                    print(f"  round {round_no + 1} {name:<14} c={concurrency:<3} {cpu_us:8.1f} us CPU {rps:8.0f} req/s")
+        print(f"  {'client':<16}" + "".join(f"{f'c={c} CPU/req (range)':>30}{'req/s':>9}" for c in args.concurrency))
         for name in args.clients:
             results[name] = {}
             row = f"  {name:<16}"
             for concurrency in args.concurrency:
-                cpu_us, rps = run(CLIENTS[name](target, args.requests, concurrency))
+                runs = samples[(name, concurrency)]
+                cpus_us = sorted(cpu for cpu, _ in runs)
+                cpu_us = statistics.median(cpus_us)
+                rps = statistics.median(r for _, r in runs)
                 results[name][f"c{concurrency}"] = {
                     "cpu_us_per_request": round(cpu_us, 1),
+                    "cpu_us_per_request_rounds": [round(cpu, 1) for cpu, _ in runs],
                     "requests_per_s": round(rps),
                 }
-                row += f"{cpu_us:14.1f}us{rps:9.0f}"
+                spread = f"({cpus_us[0]:.1f}-{cpus_us[-1]:.1f})"
+                row += f"{cpu_us:12.1f}us {spread:>15}{rps:9.0f}"
             print(row, flush=True)
     finally:
         mock.terminate()
         mock.wait(timeout=10)
     if args.json:
-        Path(args.json).write_text(json.dumps({"loop": args.loop, "requests": args.requests, "results": results}))
+        Path(args.json).write_text(
+            json.dumps({"loop": args.loop, "requests": args.requests, "rounds": args.rounds, "results": results})
+        )
     return 0
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,17 +32,20 @@ import httpx
 __all__ = [
     "FastUpstream",
     "HttpxUpstream",
+    "Limits",
     "PoolStats",
     "Timeouts",
     "UpstreamClient",
     "UpstreamClosed",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
+    "UpstreamDisconnected",
     "UpstreamError",
     "UpstreamPoolTimeout",
     "UpstreamProtocolError",
     "UpstreamReadTimeout",
     "UpstreamResponse",
+    "UpstreamTooLarge",
 ]
 
 
@@ -74,7 +79,9 @@ class UpstreamPoolTimeout(UpstreamError):
 
 
 class UpstreamClosed(UpstreamError):
-    """The server closed the connection before a complete response head (safe to retry: nothing was seen)."""
+    """The server closed the connection before any response byte, when it cannot have started the request
+    (safe to send elsewhere). FastUpstream raises it only for a connection closed before the request was written
+    (a reused connection it retried once already); HttpxUpstream for any close before a complete head."""
 
 
 class UpstreamReadTimeout(UpstreamError):
@@ -83,6 +90,15 @@ class UpstreamReadTimeout(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     """A malformed response, a body cut short (mid-stream), or another transport failure."""
+
+
+class UpstreamDisconnected(UpstreamProtocolError):
+    """The server closed a connection it had the request on before a complete response head (half a head, or
+    nothing on a new connection): it may have started the request, so it must not be sent again."""
+
+
+class UpstreamTooLarge(UpstreamProtocolError):
+    """The response broke a limit (header line, header count, head size, non-streamed body size)."""
 
 
 class UpstreamResponse(Protocol):
@@ -270,6 +286,31 @@ _SPLIT_WRITE = 64 * 1024  # bodies larger than this are written after the head r
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection"})  # framing is ours
 _NO_BODY_STATUSES = frozenset({204, 304})
 
+# Limits on what a backend may send (aiohttp's client defaults for lines and count; ROUTER_UPSTREAM_MAX_*).
+DEFAULT_MAX_HEADER_LINE_BYTES = 8190  # one header line (name + value)
+DEFAULT_MAX_HEADERS = 128  # header lines of one head
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024  # the head, 1xx heads before it included; also chunk framing/trailers in a row
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a body read whole (non-streamed answers, error bodies)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one response may hold before it fails with `UpstreamTooLarge` (its connection is closed)."""
+
+    max_header_line_bytes: int = DEFAULT_MAX_HEADER_LINE_BYTES
+    max_headers: int = DEFAULT_MAX_HEADERS
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        """Every limit must be positive."""
+        if min(self.max_header_line_bytes, self.max_headers, self.max_head_bytes, self.max_body_bytes) < 1:
+            raise ValueError("upstream limits must be >= 1")
+
+
+class _LimitHit(Exception):
+    """Raised in a parser callback to stop parsing; the connection's `limit_error` says which limit."""
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
@@ -287,22 +328,24 @@ class PoolStats:
 class _Target:
     """A URL parsed once: pool key and the request's first bytes (`POST /path HTTP/1.1`, `Host`)."""
 
-    __slots__ = ("head", "host", "key", "port")
+    __slots__ = ("head", "host", "key", "port", "tls")
 
     def __init__(self, method: str, url: str) -> None:
-        """Parse url; raise ValueError for anything but http://."""
+        """Parse url; raise ValueError for anything but http:// and https://."""
         parts = urlsplit(url)
-        if parts.scheme != "http":
-            raise ValueError(f"FastUpstream supports http:// URLs only, not {url!r}")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"FastUpstream supports http:// and https:// URLs only, not {url!r}")
         if method in ("HEAD", "CONNECT"):
             raise ValueError(f"FastUpstream does not send {method} requests")
         if not parts.hostname or parts.username is not None:
             raise ValueError(f"unsupported URL {url!r}")
+        self.tls: bool = parts.scheme == "https"
+        default_port = 443 if self.tls else 80
         self.host: str = parts.hostname
-        self.port: int = parts.port or 80
-        self.key: tuple[str, int] = (self.host, self.port)
+        self.port: int = parts.port or default_port
+        self.key: tuple[str, int, bool] = (self.host, self.port, self.tls)
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if parts.port is not None and parts.port != 80:
+        if parts.port is not None and parts.port != default_port:
             host = f"{host}:{parts.port}"
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.head: bytes = f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n".encode("ascii")
@@ -328,6 +371,7 @@ class _FastResponse:
         "_framed",
         "_headed",
         "_informational",
+        "_limit",
         "_read",
         "_size",
         "_stream",
@@ -337,11 +381,12 @@ class _FastResponse:
         "status_code",
     )
 
-    def __init__(self, conn: _Connection | None, stream: bool, read: float) -> None:
-        """A response about to be received on conn (None for a throwaway sink)."""
+    def __init__(self, conn: _Connection | None, stream: bool, read: float, limit: float = math.inf) -> None:
+        """A response about to be received on conn (None for a throwaway sink); limit: body bytes kept whole."""
         self._conn = conn
         self._stream = stream
         self._read = read
+        self._limit = limit  # body bytes a non-streamed response (or aread of a streamed one) may hold
         self._chunks: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -409,7 +454,14 @@ class _FastResponse:
     async def aread(self) -> bytes:
         """Read the rest of the body; return all of it (also kept in `content`)."""
         if self._stream:
-            parts = [chunk async for chunk in self]
+            parts = []
+            size = 0
+            async for chunk in self:
+                size += len(chunk)
+                if size > self._limit:
+                    await self.aclose()
+                    raise UpstreamTooLarge(f"the response body is over {self._limit} bytes")
+                parts.append(chunk)
             self.content = parts[0] if len(parts) == 1 else b"".join(parts)
             self._stream = False
         return self.content
@@ -420,6 +472,14 @@ class _FastResponse:
         if conn is not None and not self._complete:
             conn.fail(UpstreamProtocolError("the response was closed before the end of its body"))
             self._chunks.clear()
+
+
+def _announced(value: bytes) -> int:
+    """A Content-Length value as a number (0 when it is not one: the parser rejects it)."""
+    try:
+        return int(value)
+    except ValueError:
+        return 0
 
 
 async def _once(content: bytes) -> AsyncIterator[bytes]:
@@ -439,10 +499,15 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "closed",
+        "deadline",
         "discarded",
         "drain",
         "extra",
+        "head_bytes",
+        "idle_bytes",
         "keep_alive",
+        "limit_error",
+        "limits",
         "loop",
         "mark",
         "parser",
@@ -478,6 +543,11 @@ class _Connection(asyncio.Protocol):
         self.timer_when = 0.0  # loop time at which `timer` fires
         self.mark = 0.0  # loop time from which the read timeout counts (a wait started or bytes arrived)
         self.read_timeout = 0.0
+        self.deadline = math.inf  # loop time by which the head (non-streamed: the whole response) must be in
+        self.limits = pool.limits
+        self.head_bytes = 0  # bytes received before the (final) head was complete
+        self.idle_bytes = 0  # bytes in a row after the head that carried no body byte (framing, trailers)
+        self.limit_error: UpstreamTooLarge | None = None  # set by a parser callback before it raises _LimitHit
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
 
@@ -486,24 +556,46 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        """Feed the parser; hand over a complete response, or wake a streaming consumer."""
+        """Feed the parser; hand over a complete response, or wake a streaming consumer; enforce the limits."""
         resp = self.resp
         if resp is None:  # nothing asked: a server talking out of turn
             self.close()
             return
         self.received = True
         self.mark = self.loop.time()
+        headed = resp._headed
+        size = resp._size
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.fail(UpstreamProtocolError(f"malformed response: {exc}"))
-            return
-        except httptools.HttpParserUpgrade:
-            self.fail(UpstreamProtocolError("unexpected protocol upgrade"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if resp._complete:
+                # Bytes after a complete response that are no response: deliver it, never reuse the connection.
+                self.extra = True
+                self.finish(resp)
+            elif self.limit_error is not None:
+                self.fail(self.limit_error)
+            elif isinstance(exc, httptools.HttpParserUpgrade):
+                self.fail(UpstreamProtocolError("unexpected protocol upgrade"))
+            else:
+                self.fail(UpstreamProtocolError(f"malformed response: {exc}"))
             return
         if resp._complete:
             self.finish(resp)
-        elif resp._stream and resp._chunks:
+            return
+        if not resp._headed:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.limits.max_head_bytes:
+                self.fail(UpstreamTooLarge(f"the response head is over {self.limits.max_head_bytes} bytes"))
+                return
+        elif headed and resp._size == size:
+            # After the head, bytes that bring no body byte (chunk framing, extensions, trailers) are bounded too.
+            self.idle_bytes += len(data)
+            if self.idle_bytes > self.limits.max_head_bytes:
+                self.fail(UpstreamTooLarge(f"over {self.limits.max_head_bytes} bytes of body framing without data"))
+                return
+        else:
+            self.idle_bytes = 0
+        if resp._stream and resp._chunks:
             resp._wake()
             if resp._size > _STREAM_HIGH_WATER and not self.reading_paused and self.transport is not None:
                 # A slow consumer: stop reading; TCP flow control then slows the backend down.
@@ -532,8 +624,10 @@ class _Connection(asyncio.Protocol):
                     error: UpstreamError = UpstreamProtocolError("the server closed the connection mid-body")
                 elif not self.received and self.reused:
                     error = _StaleConnection("a kept-alive connection was closed by the server")
+                elif self.received:
+                    error = UpstreamDisconnected("the server closed the connection in the middle of the response head")
                 else:
-                    error = UpstreamClosed("the server closed the connection without sending a response")
+                    error = UpstreamDisconnected("the server closed the connection without sending a response")
                 resp._set_error(error)
         self.wake_drain()
         self.pool.forget(self)
@@ -558,13 +652,23 @@ class _Connection(asyncio.Protocol):
             self.resp._complete = True  # stays "complete": data_received finishes the real one
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """A header line (trailers of a chunked body are ignored)."""
+        """A header line (trailers of a chunked body are ignored); _LimitHit past a limit."""
         resp = self.resp
         if resp is None or resp._headed:
             return
+        limits = self.limits
+        if len(name) + len(value) > limits.max_header_line_bytes:
+            self.limit_error = UpstreamTooLarge(f"a response header line is over {limits.max_header_line_bytes} bytes")
+            raise _LimitHit
+        if len(resp.headers) >= limits.max_headers:
+            self.limit_error = UpstreamTooLarge(f"the response has more than {limits.max_headers} headers")
+            raise _LimitHit
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
             resp._framed = True
+            if name == b"content-length" and not resp._stream and _announced(value) > resp._limit:
+                self.limit_error = UpstreamTooLarge(f"the response body is over {resp._limit} bytes")
+                raise _LimitHit
         resp.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -582,14 +686,18 @@ class _Connection(asyncio.Protocol):
         if status in _NO_BODY_STATUSES:
             resp._framed = True
         if resp._stream:
+            self.deadline = math.inf  # a streamed body only has the per-read timeout
             resp._wake()
 
     def on_body(self, body: bytes) -> None:
-        """A piece of de-chunked body."""
+        """A piece of de-chunked body (_LimitHit when a body read whole grows past its limit)."""
         resp = self.resp
         if resp is not None:
             resp._chunks.append(body)
             resp._size += len(body)
+            if resp._size > resp._limit and not resp._stream:
+                self.limit_error = UpstreamTooLarge(f"the response body is over {resp._limit} bytes")
+                raise _LimitHit
 
     def on_message_complete(self) -> None:
         """The response is complete (keep-alive is decided now: the parser forgets it for the next message)."""
@@ -611,10 +719,13 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         if self.closed or transport.is_closing():  # closed while handed over from another request
             raise _StaleConnection("a kept-alive connection was closed before its reuse")
-        resp = _FastResponse(self, stream, timeouts.read)
+        resp = _FastResponse(self, stream, timeouts.read, self.limits.max_body_bytes)
         self.resp = resp
         self.received = False
         self.extra = False
+        self.head_bytes = self.idle_bytes = 0
+        self.limit_error = None
+        self.deadline = self.loop.time() + timeouts.read
         transport.write(head)
         if body:
             transport.write(body)
@@ -695,7 +806,7 @@ class _Connection(asyncio.Protocol):
         now = self.loop.time()
         self.mark = now
         self.read_timeout = timeout
-        deadline = now + timeout
+        deadline = min(now + timeout, self.deadline)
         timer = self.timer
         if timer is None or self.timer_when > deadline:
             if timer is not None:
@@ -709,9 +820,13 @@ class _Connection(asyncio.Protocol):
         resp = self.resp
         if resp is None or resp._waiter is None or resp._waiter.done():
             return  # nobody waits: the next wait re-arms
-        deadline = self.mark + self.read_timeout
+        deadline = min(self.mark + self.read_timeout, self.deadline)
         if self.loop.time() >= deadline:
-            self.fail(UpstreamReadTimeout(f"no bytes from the backend within {self.read_timeout} s"))
+            if deadline == self.deadline:
+                what = "response head" if resp._stream else "response"
+                self.fail(UpstreamReadTimeout(f"the {what} did not arrive whole within {self.read_timeout} s"))
+            else:
+                self.fail(UpstreamReadTimeout(f"no bytes from the backend within {self.read_timeout} s"))
         else:
             self.timer = self.loop.call_at(deadline, self.on_timer)
             self.timer_when = deadline
@@ -730,11 +845,22 @@ class _Pool:
     A waiter's future resolves to an idle connection, or to None (a free slot: open a connection).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, limit: int, keepalive: int) -> None:
-        """An empty pool."""
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        limit: int,
+        keepalive: int,
+        limits: Limits,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """An empty pool (of TLS connections when tls is given)."""
         self.loop = loop
         self.host = host
         self.port = port
+        self.limits = limits
+        self.tls = tls
         self.limit = limit
         self.keepalive = keepalive
         self.idle: list[_Connection] = []
@@ -779,7 +905,12 @@ class _Pool:
         conn = _Connection(self)
         try:
             async with asyncio.timeout(timeout):
-                await self.loop.create_connection(lambda: conn, self.host, self.port)
+                if self.tls is None:
+                    await self.loop.create_connection(lambda: conn, self.host, self.port)
+                else:
+                    await self.loop.create_connection(
+                        lambda: conn, self.host, self.port, ssl=self.tls, server_hostname=self.host
+                    )
         except BaseException as exc:
             conn.closed = True
             self.forget(conn)
@@ -868,26 +999,55 @@ def _expire_waiter(waiter: asyncio.Future[_Connection | None], timeout: float) -
 
 
 class FastUpstream:
-    """`UpstreamClient` over asyncio + httptools for http:// backends (ValueError for other URLs)."""
+    """`UpstreamClient` over asyncio + httptools for http:// and https:// backends (ValueError for other URLs)."""
 
-    def __init__(self, *, max_connections_per_host: int = 1000, max_keepalive_per_host: int = 200) -> None:
-        """Pools of at most max_connections_per_host connections, keeping max_keepalive_per_host idle ones."""
+    def __init__(
+        self,
+        *,
+        max_connections_per_host: int = 1000,
+        max_keepalive_per_host: int = 200,
+        max_header_line_bytes: int = DEFAULT_MAX_HEADER_LINE_BYTES,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Pools of at most max_connections_per_host connections, keeping max_keepalive_per_host idle ones.
+
+        The max_* limits bound each response (`UpstreamTooLarge` past one); ssl_context is used for https://
+        backends (default: `ssl.create_default_context()`, which verifies certificates and host names).
+        """
         if max_connections_per_host < 1 or max_keepalive_per_host < 0:
             raise ValueError("max_connections_per_host must be >= 1 and max_keepalive_per_host >= 0")
         self.max_connections_per_host = max_connections_per_host
         self.max_keepalive_per_host = max_keepalive_per_host
+        self.limits = Limits(
+            max_header_line_bytes=max_header_line_bytes,
+            max_headers=max_headers,
+            max_head_bytes=max_head_bytes,
+            max_body_bytes=max_body_bytes,
+        )
+        self._ssl_context = ssl_context
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pools: dict[tuple[str, int], _Pool] = {}
+        self._pools: dict[tuple[str, int, bool], _Pool] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
 
     @staticmethod
     def supports(url: str) -> bool:
-        """Whether url can be fetched by this client (http:// only)."""
-        return url[:7].lower() == "http://"
+        """Whether url can be fetched by this client (http:// and https://)."""
+        return url[:8].lower() == "https://" or url[:7].lower() == "http://"
 
     def pool_stats(self) -> dict[str, PoolStats]:
-        """Counters of the current loop's pools, by "host:port"."""
-        return {f"{host}:{port}": pool.stats() for (host, port), pool in self._pools.items()}
+        """Counters of the current loop's pools, by "host:port" (prefixed "https://" for TLS pools)."""
+        return {
+            f"{'https://' if tls else ''}{host}:{port}": pool.stats() for (host, port, tls), pool in self._pools.items()
+        }
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of https:// connections (made on first use)."""
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     def _pool(self, target: _Target) -> _Pool:
         """The pool of target on the running loop (pools of another, dead, loop are dropped)."""
@@ -900,7 +1060,13 @@ class FastUpstream:
         pool = self._pools.get(target.key)
         if pool is None:
             pool = self._pools[target.key] = _Pool(
-                loop, target.host, target.port, self.max_connections_per_host, self.max_keepalive_per_host
+                loop,
+                target.host,
+                target.port,
+                self.max_connections_per_host,
+                self.max_keepalive_per_host,
+                self.limits,
+                self.ssl_context() if target.tls else None,
             )
         return pool
 
