@@ -13,11 +13,13 @@ from backends.mock_vllm.app import (
     MockVLLM,
     chat_prompt_token_count,
     chat_prompt_token_ids,
+    chat_prompt_tokens,
     count_tokens,
     embed_text,
     token_ids,
     tokenize,
 )
+from backends.mock_vllm.prefix_cache import PrefixCache
 from backends.mock_vllm.server import MockServer, await_until, free_port, wait_until
 
 __all__ = [
@@ -27,9 +29,11 @@ __all__ = [
     "MockServer",
     "MockStats",
     "MockVLLM",
+    "PrefixCache",
     "await_until",
     "chat_prompt_token_count",
     "chat_prompt_token_ids",
+    "chat_prompt_tokens",
     "count_tokens",
     "embed_text",
     "free_port",

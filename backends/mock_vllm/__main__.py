@@ -6,6 +6,8 @@ Every `MockConfig` field is a flag (``--latency-s 0.05``, ``--fail-status 503``,
 and an environment variable (``MOCK_VLLM_LATENCY_S=0.05``); flags win over the environment.
 ``--model`` / ``--embed-model`` may be repeated (env: comma-separated ``MOCK_VLLM_MODELS`` /
 ``MOCK_VLLM_EMBED_MODELS``); ``--embed-model ''`` serves no embedding model.
+Prefix cache: ``--prefix-cache-blocks 4096`` (0: off), ``--prefix-cache-block-size 16`` and
+``--prefill-ms-per-token 0.5`` (first-token delay per uncached prompt token).
 """
 
 from __future__ import annotations

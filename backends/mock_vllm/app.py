@@ -8,6 +8,11 @@ Shapes follow vLLM's OpenAI server (chat/completions, completions, embeddings, t
 models, health, metrics); behaviour is deterministic and can be bent at runtime through the
 knobs of `MockConfig` (latency, failures, hangs, broken streams, wrong answers, ...), either
 by mutating `app.config` in-process or with `POST /mock/config`.
+
+Like vLLM, each app has an automatic prefix cache (`prefix_cache.PrefixCache`, counted in
+``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total``) and can make a cache hit
+visibly faster: ``prefill_ms_per_token`` delays the first token by that much per UNCACHED prompt
+token. ``stream_options.continuous_usage_stats`` puts a usage object in every streamed chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 import orjson
 
+from backends.mock_vllm.prefix_cache import PrefixCache
+
 __all__ = [
     "CHAT_PER_MESSAGE_OVERHEAD",
     "CHAT_REPLY_OVERHEAD",
@@ -39,6 +46,7 @@ __all__ = [
     "chat_prompt_text",
     "chat_prompt_token_count",
     "chat_prompt_token_ids",
+    "chat_prompt_tokens",
     "count_tokens",
     "embed_text",
     "token_ids",
@@ -136,6 +144,27 @@ def chat_prompt_token_ids(messages: list[dict[str, Any]]) -> list[int]:
     return ids
 
 
+_TEMPLATE_BOS, _TEMPLATE_SEP, _TEMPLATE_EOM = "\x00bos", "\x00sep", "\x00eom"  # never produced by TOKEN_RE
+_GENERATION_PROMPT = (_TEMPLATE_BOS, "assistant", _TEMPLATE_SEP)
+
+
+def chat_prompt_tokens(messages: list[dict[str, Any]]) -> list[str]:
+    """Return the mock tokens of a chat prompt as the engine sees it (the template, message by message).
+
+    Token for token the same sequence as `chat_prompt_token_ids` (strings instead of ids, special
+    tokens as sentinels): per message a header (bos, role, sep), the content's tokens and an
+    end-of-message token, then the generation prompt. Earlier turns are therefore a prefix of a
+    later turn's prompt, which is what the prefix cache keys on.
+    """
+    tokens: list[str] = []
+    for m in messages:
+        tokens += (_TEMPLATE_BOS, str(m.get("role", "")), _TEMPLATE_SEP)
+        tokens += TOKEN_RE.findall(_content_text(m.get("content")))
+        tokens.append(_TEMPLATE_EOM)
+    tokens += _GENERATION_PROMPT
+    return tokens
+
+
 def _pieces(text: str) -> list[str]:
     """Split generated text into streamable token pieces (tokens with leading whitespace)."""
     return _PIECE_RE.findall(text)
@@ -175,6 +204,13 @@ class MockConfig:
     vLLM) and the first chunk after this delay; errors (injected or validation) are not delayed."""
     token_delay_s: float = 0.0
     """Delay between streamed tokens (non-streaming responses wait this per generated token)."""
+    prefill_ms_per_token: float = 0.0
+    """Prefill cost: milliseconds added before the first token per prompt token NOT found in the
+    prefix cache (on top of latency_s), so a cache hit has a visibly shorter time to first token."""
+    prefix_cache_blocks: int = 4096
+    """Capacity of the LRU prefix cache in blocks (0 disables it, like --no-enable-prefix-caching)."""
+    prefix_cache_block_size: int = 16
+    """Tokens per prefix-cache block (vLLM: 16 on GPUs, 128 on the CPU build)."""
     fail_status: int | None = None
     """When set, every work request answers this status with a JSON error."""
     fail_next: int = 0
@@ -227,6 +263,10 @@ class MockStats:
     """Work requests ended by the client disconnecting before the answer was complete."""
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    prefix_cache_queries_total: int = 0
+    """Prompt tokens looked up in the prefix cache (vLLM's vllm:prefix_cache_queries)."""
+    prefix_cache_hits_total: int = 0
+    """Of those, tokens found cached (vLLM's vllm:prefix_cache_hits)."""
     by_path: dict[str, int] = field(default_factory=dict)
     """Count of requests per path (every path except /mock/*)."""
     last_request: Any = None
@@ -248,6 +288,8 @@ class MockStats:
             "cancelled_requests": self.cancelled_requests,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "prefix_cache_queries_total": self.prefix_cache_queries_total,
+            "prefix_cache_hits_total": self.prefix_cache_hits_total,
             "by_path": dict(self.by_path),
             "last_request": self.last_request,
             "last_headers": self.last_headers,
@@ -364,6 +406,10 @@ class MockVLLM:
         self._defaults: MockConfig = MockConfig(**_deepcopy_fields(cfg))
         self.stats: MockStats = MockStats()
         self.created: int = int(time.time())
+        self.prefix_cache = PrefixCache(cfg.prefix_cache_blocks, cfg.prefix_cache_block_size)
+        self._prefix_cache_size = (cfg.prefix_cache_blocks, cfg.prefix_cache_block_size)
+        self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+        """Waits before the first token (latency_s + prefill); tests may swap in a recording fake."""
         self._get_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             "/health": self._health,
             "/ping": self._health,
@@ -387,10 +433,11 @@ class MockVLLM:
     # -- public helpers ------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Restore the construction-time configuration (in place) and zero the counters."""
+        """Restore the construction-time configuration (in place), zero the counters, empty the prefix cache."""
         for key, value in _deepcopy_fields(self._defaults).items():
             setattr(self.config, key, value)
         self.stats.reset()
+        self.prefix_cache.clear()
 
     # -- ASGI entry point ----------------------------------------------------------------------
 
@@ -462,7 +509,7 @@ class MockVLLM:
             stats.last_request = body
 
             stream = bool(body.get("stream")) if isinstance(body, dict) else False
-            if not (stream or cfg.hang or cfg.latency_s > 0 or cfg.token_delay_s > 0):
+            if not (stream or cfg.hang or cfg.latency_s > 0 or cfg.token_delay_s > 0 or cfg.prefill_ms_per_token > 0):
                 status = await self._respond(handler, body, parse_error, send)
             else:
                 job = asyncio.ensure_future(self._respond_slowly(handler, body, parse_error, send))
@@ -649,19 +696,45 @@ class MockVLLM:
                 pieces, finish = _pieces(text[:cut]), "stop"
         return _Plan(pieces, finish, stop_reason)
 
-    async def _generation_delay(self, plans: list[_Plan]) -> None:
-        """Wait latency_s plus token_delay_s per generated token (non-streaming responses)."""
+    def _first_token_delay(self, uncached_tokens: int) -> float:
+        """Return the wait before the first token: latency_s plus the prefill of the uncached tokens."""
         cfg = self.config
-        delay = cfg.latency_s
+        return cfg.latency_s + uncached_tokens * cfg.prefill_ms_per_token / 1000.0
+
+    async def _generation_delay(self, plans: list[_Plan], uncached_tokens: int = 0) -> None:
+        """Wait the first-token delay, then token_delay_s per generated token (non-streaming responses)."""
+        cfg = self.config
+        first = self._first_token_delay(uncached_tokens)
+        if first > 0:
+            await self.sleep(first)
         if cfg.token_delay_s > 0 and plans:
-            delay += cfg.token_delay_s * max(len(p.pieces) for p in plans)
-        if delay > 0:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(cfg.token_delay_s * max(len(p.pieces) for p in plans))
 
     def _account(self, prompt_tokens: int, completion_tokens: int) -> None:
         """Add token counts to the metrics counters."""
         self.stats.prompt_tokens_total += prompt_tokens
         self.stats.generation_tokens_total += completion_tokens
+
+    def _prefix_cache_enabled(self) -> bool:
+        """Tell whether the prefix cache is on, applying a changed size (POST /mock/config) first."""
+        cfg = self.config
+        size = (cfg.prefix_cache_blocks, cfg.prefix_cache_block_size)
+        if size != self._prefix_cache_size:
+            self.prefix_cache.configure(*size)
+            self._prefix_cache_size = size
+        return self.prefix_cache.capacity > 0
+
+    def _prefix_lookup(self, tokens: list[Any]) -> int:
+        """Look a prompt up in the prefix cache and cache its blocks; count and return the hit tokens.
+
+        Like vLLM, nothing is counted when prefix caching is disabled.
+        """
+        if not self._prefix_cache_enabled():
+            return 0
+        hit = self.prefix_cache.match_and_insert(tokens)
+        self.stats.prefix_cache_queries_total += len(tokens)
+        self.stats.prefix_cache_hits_total += hit
+        return hit
 
     # -- /v1/chat/completions ------------------------------------------------------------------
 
@@ -673,21 +746,26 @@ class MockVLLM:
             raise _HTTPError(400, "`messages` must be a non-empty list of message objects.", param="messages")
         max_tokens = self._max_tokens(body)
         n = self._n(body)
-        prompt_tokens = chat_prompt_token_count(messages)
+        cached = self._prefix_cache_enabled()
+        tokens = chat_prompt_tokens(messages) if cached else None
+        prompt_tokens = len(tokens) if tokens is not None else chat_prompt_token_count(messages)
         room = self._check_length(prompt_tokens)
         plan = self._plan(chat_prompt_text(messages), body, max_tokens, room)
+        uncached = prompt_tokens - self._prefix_lookup(tokens) if tokens is not None else prompt_tokens
         completion_tokens = len(plan.pieces) * n
         reported_prompt = prompt_tokens + self.config.usage_prompt_tokens_offset
         self._account(prompt_tokens, completion_tokens)
         rid = "chatcmpl-" + _rid()
         created = int(time.time())
         if body.get("stream"):
-            opts = body.get("stream_options")
-            include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            include_usage, continuous = _usage_options(body)
             usage = _stream_usage(reported_prompt, completion_tokens) if include_usage else None
             prefix = _chunk_prefix(rid, "chat.completion.chunk", created, model)
-            return await self._stream(send, prefix, [plan], n, chat=True, usage=usage)
-        await self._generation_delay([plan])
+            per_prompt = [reported_prompt] if continuous else None
+            return await self._stream(
+                send, prefix, [plan], n, chat=True, usage=usage, uncached=uncached, continuous=per_prompt
+            )
+        await self._generation_delay([plan], uncached)
         message = {
             "role": "assistant",
             "content": plan.text,
@@ -731,22 +809,29 @@ class MockVLLM:
         n = self._n(body)
         prompt_tokens = 0
         plans: list[_Plan] = []
-        for text, count in prompts:
-            room = self._check_length(count)
-            prompt_tokens += count
+        for text, tokens in prompts:
+            room = self._check_length(len(tokens))
+            prompt_tokens += len(tokens)
             plans.append(self._plan(text, body, max_tokens, room))
+        uncached = prompt_tokens
+        if self._prefix_cache_enabled():
+            for _, tokens in prompts:
+                uncached -= self._prefix_lookup(tokens)
         completion_tokens = sum(len(p.pieces) for p in plans) * n
-        reported_prompt = prompt_tokens + self.config.usage_prompt_tokens_offset
+        offset = self.config.usage_prompt_tokens_offset
+        reported_prompt = prompt_tokens + offset
         self._account(prompt_tokens, completion_tokens)
         rid = "cmpl-" + _rid()
         created = int(time.time())
         if body.get("stream"):
-            opts = body.get("stream_options")
-            include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            include_usage, continuous = _usage_options(body)
             usage = _stream_usage(reported_prompt, completion_tokens) if include_usage else None
             prefix = _chunk_prefix(rid, "text_completion", created, model)
-            return await self._stream(send, prefix, plans, n, chat=False, usage=usage)
-        await self._generation_delay(plans)
+            per_prompt = [len(tokens) + offset for _, tokens in prompts] if continuous else None
+            return await self._stream(
+                send, prefix, plans, n, chat=False, usage=usage, uncached=uncached, continuous=per_prompt
+            )
+        await self._generation_delay(plans, uncached)
         choices = [
             {
                 "index": p_idx * n + i,
@@ -783,21 +868,32 @@ class MockVLLM:
         *,
         chat: bool,
         usage: dict[str, Any] | None,
+        uncached: int = 0,
+        continuous: list[int] | None = None,
     ) -> int:
         """Stream plans as SSE like vLLM: role chunk (chat), one chunk per token, finish, usage, [DONE].
 
         The finish_reason rides on the last token's chunk when generation was cut (length or a stop
         string), and comes in an extra empty chunk on a natural stop (the EOS token has no text).
         Choices (n, and the prompts of a batched completion) are interleaved token by token.
+        The first chunk waits latency_s plus the prefill of the uncached prompt tokens (headers go
+        out at once). continuous: the prompt tokens of each plan when every chunk carries a usage
+        object (stream_options.continuous_usage_stats), else None.
         """
         cfg = self.config
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        if cfg.latency_s > 0:
-            await asyncio.sleep(cfg.latency_s)  # prefill: headers are out, the first chunk is not
-        choices = [(str(p_idx * n + i).encode(), plan) for p_idx, plan in enumerate(plans) for i in range(n)]
+        first = self._first_token_delay(uncached)
+        if first > 0:
+            await self.sleep(first)  # prefill: headers are out, the first chunk is not
+        choices = [
+            (str(p_idx * n + i).encode(), plan, continuous[p_idx] if continuous else 0)
+            for p_idx, plan in enumerate(plans)
+            for i in range(n)
+        ]
         if chat:
-            for index, _ in choices:
-                await _chunk(send, prefix + index + _ROLE_TAIL)
+            for index, _, prompt in choices:
+                data = prefix + index + _ROLE_TAIL
+                await _chunk(send, _with_usage(data, prompt, 0, chat) if continuous else data)
             head, tail = b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
         else:
             head, tail = b',"text":', b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
@@ -808,7 +904,7 @@ class MockVLLM:
         for pos in range(longest):
             if pos and delay > 0:
                 await asyncio.sleep(delay)
-            for index, plan in choices:
+            for index, plan, prompt in choices:
                 pieces = plan.pieces
                 if pos >= len(pieces):
                     continue
@@ -816,17 +912,19 @@ class MockVLLM:
                     raise MockAbort(_die_message(die_after))
                 content = orjson.dumps(pieces[pos])
                 if pos == len(pieces) - 1 and _finish_on_last_token(plan):
-                    await _chunk(send, prefix + index + _finish_tail(plan, chat, content))
+                    data = prefix + index + _finish_tail(plan, chat, content)
                 else:
-                    await _chunk(send, prefix + index + head + content + tail)
+                    data = prefix + index + head + content + tail
+                await _chunk(send, _with_usage(data, prompt, pos + 1, chat) if continuous else data)
                 sent += 1
             if delay <= 0:
                 await asyncio.sleep(0)  # let disconnect watchers and other requests run
         if die_after is not None and sent >= die_after and longest:
             raise MockAbort(_die_message(die_after))
-        for index, plan in choices:
+        for index, plan, prompt in choices:
             if not _finish_on_last_token(plan):
-                await _chunk(send, prefix + index + _finish_tail(plan, chat, b'""'))
+                data = prefix + index + _finish_tail(plan, chat, b'""')
+                await _chunk(send, _with_usage(data, prompt, len(plan.pieces), chat) if continuous else data)
         await self._stream_end(send, prefix, usage)
         return 200
 
@@ -926,11 +1024,23 @@ class MockVLLM:
         await _send_json(send, 200, orjson.dumps({"object": "list", "data": data}))
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve GET /metrics in Prometheus text format (vLLM metric names)."""
+        """Serve GET /metrics in Prometheus text format (vLLM 0.32 metric names, HELP texts and types).
+
+        The prefix-cache families are those the real vLLM 0.32 CPU build exposes with prefix caching
+        on (checked on a live server): the two counters of tokens plus the by-source breakdowns,
+        every sample labelled engine="0" and model_name; `vllm:cache_config_info` carries a subset of
+        the real labels (block_size, enable_prefix_caching, engine, num_gpu_blocks). prometheus_client's
+        *_created samples are left out, as for the other counters.
+        """
         cfg = self.config
         stats = self.stats
         name = (cfg.models or cfg.embed_models or ["mock"])[0]
-        labels = '{engine="0",model_name="' + name.replace("\\", "\\\\").replace('"', '\\"') + '"}'
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        labels = '{engine="0",model_name="' + escaped + '"}'
+        by = '{engine="0",model_name="' + escaped + '",source="'
+        hits = float(stats.prefix_cache_hits_total)
+        prompt = float(stats.prompt_tokens_total)
+        enabled = self._prefix_cache_enabled()
         lines = [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
@@ -941,12 +1051,42 @@ class MockVLLM:
             "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
             "# TYPE vllm:kv_cache_usage_perc gauge",
             f"vllm:kv_cache_usage_perc{labels} {float(cfg.kv_cache_usage_perc)}",
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f"vllm:prefix_cache_queries_total{labels} {float(stats.prefix_cache_queries_total)}",
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f"vllm:prefix_cache_hits_total{labels} {hits}",
+            "# HELP vllm:external_prefix_cache_queries_total External prefix cache queries from KV connector "
+            "cross-instance cache sharing, in terms of number of queried tokens.",
+            "# TYPE vllm:external_prefix_cache_queries_total counter",
+            f"vllm:external_prefix_cache_queries_total{labels} 0.0",
+            "# HELP vllm:external_prefix_cache_hits_total External prefix cache hits from KV connector "
+            "cross-instance cache sharing, in terms of number of cached tokens.",
+            "# TYPE vllm:external_prefix_cache_hits_total counter",
+            f"vllm:external_prefix_cache_hits_total{labels} 0.0",
             "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
             "# TYPE vllm:prompt_tokens_total counter",
-            f"vllm:prompt_tokens_total{labels} {float(stats.prompt_tokens_total)}",
+            f"vllm:prompt_tokens_total{labels} {prompt}",
+            "# HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source.",
+            "# TYPE vllm:prompt_tokens_by_source_total counter",
+            f'vllm:prompt_tokens_by_source_total{by}local_compute"}} {prompt - hits}',
+            f'vllm:prompt_tokens_by_source_total{by}local_cache_hit"}} {hits}',
+            f'vllm:prompt_tokens_by_source_total{by}external_kv_transfer"}} 0.0',
+            "# HELP vllm:prompt_tokens_cached_total Number of cached prompt tokens (local + external).",
+            "# TYPE vllm:prompt_tokens_cached_total counter",
+            f"vllm:prompt_tokens_cached_total{labels} {hits}",
+            _CACHED_BY_SOURCE_HELP,
+            "# TYPE vllm:prompt_tokens_cached_by_source_total counter",
+            f'vllm:prompt_tokens_cached_by_source_total{by}device"}} {hits}',
+            *(f'vllm:prompt_tokens_cached_by_source_total{by}{source}"}} 0.0' for source in _OTHER_CACHE_SOURCES),
             "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
             "# TYPE vllm:generation_tokens_total counter",
             f"vllm:generation_tokens_total{labels} {float(stats.generation_tokens_total)}",
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+            "# TYPE vllm:cache_config_info gauge",
+            f'vllm:cache_config_info{{block_size="{self.prefix_cache.block_size}",enable_prefix_caching="{enabled}",'
+            f'engine="0",num_gpu_blocks="{self.prefix_cache.capacity}"}} 1.0',
         ]
         body = ("\n".join(lines) + "\n").encode()
         await send(
@@ -995,6 +1135,12 @@ class MockVLLM:
 # Module-level helpers (kept out of the class for speed and reuse).
 # ---------------------------------------------------------------------------------------------
 
+_CACHED_BY_SOURCE_HELP = (
+    "# HELP vllm:prompt_tokens_cached_by_source_total Prefix-cache hit tokens by the cache tier that supplied "
+    "them: device (local HBM), host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or "
+    "external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits."
+)
+_OTHER_CACHE_SOURCES = ("host", "p2p", "disk", "external_unspecified")
 _ROLE_TAIL = b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
 
 
@@ -1021,6 +1167,39 @@ def _finish_tail(plan: _Plan, chat: bool, content: bytes) -> bytes:
 def _die_message(tokens: int) -> str:
     """Describe a die_after_tokens abort."""
     return f"mock vLLM: die_after_tokens={tokens} reached, dropping the connection"
+
+
+def _usage_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Read stream_options: (include_usage, continuous_usage_stats); the latter needs the former, as in vLLM."""
+    opts = body.get("stream_options")
+    if not isinstance(opts, dict) or not opts.get("include_usage"):
+        return False, False
+    return True, bool(opts.get("continuous_usage_stats"))
+
+
+# stream_options.continuous_usage_stats as the real vLLM 0.32 (CPU build) streams it (raw SSE captured):
+#   data: {"id":"chatcmpl-..","object":"chat.completion.chunk","created":..,"model":"smollm2",
+#     "choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],
+#     "usage":{"prompt_tokens":37,"total_tokens":37,"completion_tokens":0,"completion_tokens_details":null},
+#     "prompt_token_ids":null,"prompt_text":null}
+#   data: {..,"choices":[{"index":0,"delta":{"content":"The"},"logprobs":null,"finish_reason":null,
+#     "token_ids":null}],"usage":{"prompt_tokens":37,"total_tokens":38,"completion_tokens":1,
+#     "completion_tokens_details":null}}
+#   ... the finish chunk has usage too; then the usual final "choices":[],"usage":{...} chunk (no details
+#   key there) and [DONE]. /v1/completions: same place, "usage":{"prompt_tokens":5,"total_tokens":6,
+#   "completion_tokens":1} (no details key), prompt_tokens being the choice's own prompt in a batch.
+# usage follows choices (the role chunk's prompt_token_ids/prompt_text nulls, which this mock does not send
+# anyway, come after it); completion_tokens counts the tokens of THAT choice so far (n=2: 1,1,2,2,...);
+# continuous_usage_stats without include_usage adds nothing.
+def _with_usage(chunk: bytes, prompt_tokens: int, completion_tokens: int, chat: bool) -> bytes:
+    """Append vLLM's continuous usage object to an SSE chunk (replaces its closing '}\\n\\n')."""
+    usage = b'"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d' % (
+        prompt_tokens,
+        prompt_tokens + completion_tokens,
+        completion_tokens,
+    )
+    details = b',"completion_tokens_details":null}' if chat else b"}"
+    return chunk[:-3] + b"," + usage + details + b"}\n\n"
 
 
 def _stream_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -1060,17 +1239,17 @@ def _deepcopy_fields(cfg: MockConfig) -> dict[str, Any]:
     return out
 
 
-def _completion_prompts(prompt: Any) -> list[tuple[str, int]]:
-    """Normalise a /v1/completions prompt into (text, token count) pairs."""
+def _completion_prompts(prompt: Any) -> list[tuple[str, list[Any]]]:
+    """Normalise a /v1/completions prompt into (text, tokens) pairs (token-id prompts have no text)."""
     if isinstance(prompt, str):
-        return [(prompt, count_tokens(prompt))]
+        return [(prompt, TOKEN_RE.findall(prompt))]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [("", len(prompt))]
+            return [("", prompt)]
         if all(isinstance(p, str) for p in prompt):
-            return [(p, count_tokens(p)) for p in prompt]
+            return [(p, TOKEN_RE.findall(p)) for p in prompt]
         if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-            return [("", len(p)) for p in prompt]
+            return [("", p) for p in prompt]
     raise _HTTPError(400, "`prompt` must be a string, a list of strings or token id list(s).", param="prompt")
 
 
