@@ -122,6 +122,9 @@ def main() -> int:
             for index in range(int(env.get("MOCK_BACKENDS", "1"))):
                 port_i = mock_port + index
                 argv = [PY, "-m", "backends.mock_vllm", "--host", "127.0.0.1", "--port", str(port_i)]
+                # Each mock has its own prefix cache; a prefill cost per uncached token makes hits visibly faster.
+                argv += ["--prefix-cache-blocks", env.get("MOCK_PREFIX_CACHE_BLOCKS", "4096").strip() or "4096"]
+                argv += ["--prefill-ms-per-token", env.get("MOCK_PREFILL_MS_PER_TOKEN", "0").strip() or "0"]
                 mock = supervisor.start(
                     f"mock vLLM #{index + 1}", [*argv, "--model", "mock-chat", "--embed-model", "mock-embed"]
                 )
