@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat requirements.txt requirements-dev.txt 2>/dev/null | sha1
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-postgres lint format check e2e real-backend-start real-backend-stop bench bench-quick bench-scaling clean
+.PHONY: help venv run test test-postgres lint format check e2e real-backend-start real-backend-stop bench bench-quick bench-scaling bench-prefix clean
 
 help:
 	@echo "make run        start web + worker + beat + demo backend (http://127.0.0.1:$${PORT:-8000})"
@@ -59,6 +59,11 @@ bench: venv
 
 bench-quick: venv
 	$(PY) bench/run.py --quick
+
+# Prefix-cache routing (issue 13): the CPU vLLM pool of scripts/real_backend.sh (started if not up) and vllm-router
+# (installed on first use in its own venv); about 40 minutes. BENCH_PREFIX_ARGS=--quick (1 short round) or --mock.
+bench-prefix: venv
+	$(PY) bench/prefix.py $(BENCH_PREFIX_ARGS)
 
 # Worker scaling (root: each worker on its own CPU cgroup); see docs/performance.md "Several workers".
 bench-scaling: venv
