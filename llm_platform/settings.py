@@ -128,8 +128,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
     }
     LOCAL_DIR.mkdir(parents=True, exist_ok=True)
-    # A file, not memory, so that server processes started by the tests see the test database.
-    DATABASES["default"]["TEST"] = {"NAME": str(LOCAL_DIR / "test_db.sqlite3")}
+    # A file, not memory, so that server processes started by the tests see the test database (they get its
+    # path in DATABASE_URL); one per test run, so that two runs on one checkout do not share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(LOCAL_DIR / f"test_db_{os.getpid()}.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -195,7 +196,9 @@ REST_FRAMEWORK = {
         "routing.auth.MasterKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    # The master key, or a staff session holding the model permission of the action, as in admin (llm_platform/api.py).
+    "DEFAULT_PERMISSION_CLASSES": ["llm_platform.api.ManagementPermission"],
+    "EXCEPTION_HANDLER": "llm_platform.api.api_exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": None,
 }
@@ -216,6 +219,11 @@ ROUTER_MAX_ATTEMPTS = env_int("ROUTER_MAX_ATTEMPTS", 2)
 ROUTER_STREAM_KEEPALIVE_S = env_float("ROUTER_STREAM_KEEPALIVE_S", 5.0)
 # Timeout between two streamed chunks after the first one (seconds); 0 uses the backend's read timeout.
 ROUTER_STREAM_IDLE_TIMEOUT_S = env_float("ROUTER_STREAM_IDLE_TIMEOUT_S", 0.0)
+# Ask vLLM for usage on every streamed chunk (stripped for clients that did not ask), so a client that leaves
+# mid-stream is charged for what was generated up to then.
+ROUTER_STREAM_CONTINUOUS_USAGE = env_bool("ROUTER_STREAM_CONTINUOUS_USAGE", True)
+# Send `x-router-backend` (the backend's name) to every client key, not only to the master key.
+ROUTER_EXPOSE_BACKEND = env_bool("ROUTER_EXPOSE_BACKEND", False)
 # Passive health: consecutive failures (connect errors, timeouts, 5xx) that open a backend's circuit, and the
 # cool-down before one trial request is let through.
 ROUTER_CIRCUIT_FAILURES = env_int("ROUTER_CIRCUIT_FAILURES", 3)

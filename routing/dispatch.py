@@ -331,14 +331,16 @@ class Dispatcher:
                 self.done(backend, False, failure.message)
                 continue
             except UpstreamConnectError as exc:
-                failure = errors.backend_failed(backend.name, f"cannot connect ({_describe(exc)})")
+                failure = errors.backend_failed(backend.name, "cannot connect", detail=errors.describe(exc))
                 self.done(backend, False, failure.message)
                 logger.warning("backend %s: %s; trying another", backend.name, failure.message)
                 continue
             except UpstreamClosed as exc:
                 # Closed or reset before answering (a stale keep-alive connection, or the backend died with the
                 # request in flight): nothing reached the client, so another backend may serve it.
-                failure = errors.backend_failed(backend.name, f"connection closed ({_describe(exc)})")
+                failure = errors.backend_failed(
+                    backend.name, "connection closed before an answer", detail=errors.describe(exc)
+                )
                 self.done(backend, False, failure.message)
                 continue
             except UpstreamReadTimeout:
@@ -349,8 +351,8 @@ class Dispatcher:
                 failure = errors.no_backend(model.name)
                 continue
             except UpstreamError as exc:
-                self.done(backend, False, _describe(exc))
-                raise errors.backend_failed(backend.name, _describe(exc)) from None
+                self.done(backend, False, errors.describe(exc))
+                raise errors.backend_failed(backend.name, "broken answer", detail=errors.describe(exc)) from None
             except BaseException:
                 self.done(backend, None)
                 raise
@@ -392,7 +394,7 @@ async def _error_detail(response: UpstreamResponse) -> str:
     try:
         raw = await response.aread()
     except UpstreamError as exc:
-        return f"unreadable body ({_describe(exc)})"
+        return f"unreadable body ({errors.describe(exc)})"
     finally:
         await response.aclose()
     return error_message_from(raw, response.status_code)
@@ -416,7 +418,3 @@ def error_message_from(raw: bytes, status: int) -> str:
         pass
     text = raw[:500].decode("utf-8", "replace").strip()
     return text or f"HTTP {status} with an empty body"
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

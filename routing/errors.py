@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
+
+_ADDRESS = re.compile(r"\('[^']*', \d+(?:, \d+, \d+)?\)|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\bhttps?://\S+")
 
 
 class APIError(Exception):
@@ -25,18 +29,35 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
-        # Context for the usage record of a failed request (set by the gateway as it learns them).
-        self.model: str | None = None
+        # The message with internal names (the backend's), shown to the master key only.
+        self.internal_message: str | None = None
         self.backend: str | None = None
-        self.recorded = False
 
-    def payload(self) -> dict[str, object]:
-        """The error object as a dict."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def payload(self, internal: bool = False) -> dict[str, object]:
+        """The error object as a dict (with internal names when `internal`)."""
+        message = self.internal_message if internal and self.internal_message else self.message
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def body(self) -> bytes:
+    def body(self, internal: bool = False) -> bytes:
         """The error as JSON bytes."""
-        return orjson.dumps(self.payload())
+        return orjson.dumps(self.payload(internal))
+
+
+class PassthroughError(APIError):
+    """A backend's own 4xx answer, passed to the client: its body as it was when it is OpenAI-shaped."""
+
+    def __init__(self, raw: bytes, status: int, message: str, error: dict[str, object] | None) -> None:
+        super().__init__(status, message, code=status)
+        self.raw = raw if error is not None else None
+        if error is not None:
+            err_type, param, code = error.get("type"), error.get("param"), error.get("code")
+            self.type = err_type if isinstance(err_type, str) else self.type
+            self.param = param if isinstance(param, str) else None
+            self.code = code if isinstance(code, str | int) else None
+
+    def body(self, internal: bool = False) -> bytes:
+        """The backend's bytes when they were already an OpenAI error object."""
+        return self.raw if self.raw is not None else super().body(internal)
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
@@ -72,9 +93,15 @@ def no_backend(model: str, *, retry_after_s: int = 5) -> APIError:
     )
 
 
-def backend_failed(backend: str, reason: str, *, status: int = 502) -> APIError:
-    """502 (or a passed-through 503): the backend failed to answer properly."""
-    error = APIError(status, f"Backend `{backend}` failed: {reason}", type="server_error", code="backend_error")
+def backend_failed(backend: str, reason: str, *, status: int = 502, detail: str | None = None) -> APIError:
+    """502 (or a passed-through 503): the backend failed to answer properly.
+
+    Clients read the reason; the master key also reads the backend's name and the detail (never an address).
+    """
+    reason = strip_addresses(reason)
+    error = APIError(status, f"The backend failed: {reason}", type="server_error", code="backend_error")
+    suffix = f" ({strip_addresses(detail)})" if detail else ""
+    error.internal_message = f"Backend `{backend}` failed: {reason}{suffix}"
     error.backend = backend
     return error
 
@@ -82,13 +109,48 @@ def backend_failed(backend: str, reason: str, *, status: int = 502) -> APIError:
 def backend_timeout(backend: str, timeout_s: float, what: str = "respond") -> APIError:
     """504: the backend did not answer in time."""
     error = APIError(
-        504,
-        f"Backend `{backend}` did not {what} within {timeout_s:g} s.",
-        type="server_error",
-        code="backend_timeout",
+        504, f"The backend did not {what} within {timeout_s:g} s.", type="server_error", code="backend_timeout"
     )
+    error.internal_message = f"Backend `{backend}` did not {what} within {timeout_s:g} s."
     error.backend = backend
     return error
+
+
+def passthrough(raw: bytes, status: int) -> APIError:
+    """A backend's own 4xx answer for the client: OpenAI-shaped bodies pass as they are, others are wrapped."""
+    error: dict[str, object] | None = None
+    message = ""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        error = data["error"]
+        message = error.get("message") if isinstance(error.get("message"), str) else ""  # type: ignore[assignment]
+    if not message:
+        message = _message_of(data, raw, status)
+    return PassthroughError(raw, status, message, error)
+
+
+def _message_of(data: object, raw: bytes, status: int) -> str:
+    if isinstance(data, dict):
+        for field in ("message", "detail", "error"):
+            if isinstance(data.get(field), str):
+                return data[field]
+    text = raw[:500].decode("utf-8", "replace").strip()
+    return strip_addresses(text) if text else f"HTTP {status} with an empty body"
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a short text for errors and logs: its class and message, with addresses removed."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = strip_addresses(text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def strip_addresses(text: str) -> str:
+    """The text with IP addresses, (host, port) tuples and URLs replaced by `<address>`."""
+    return _ADDRESS.sub("<address>", text)
 
 
 def capacity_exceeded(model: str, *, queue_full: bool, retry_after_s: int = 1) -> APIError:

@@ -15,26 +15,20 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from rest_framework import serializers
 
 from backends.snapshot import ModelSnap, RegistrySnapshot
 from governance.metrics import metrics_endpoint
-from governance.ratelimit import (
-    LocalRateLimiter,
-    RateLimiter,
-    RedisFailureMode,
-    RedisRateLimiter,
-    Reservation,
-    estimate_tokens_size,
-)
+from governance.ratelimit import LocalRateLimiter, RateLimiter, RedisFailureMode, RedisRateLimiter
 from governance.snapshot import KeySnapshot
 from routing import errors
 from routing.auth import MASTER, Principal, bearer_token, master_key_matches
-from routing.dispatch import Dispatcher, RequestContext, error_message_from
+from routing.dispatch import Dispatcher, RequestContext
 from routing.errors import APIError
+from routing.exchange import ClientGone, Lifecycle, stream_state
 from routing.fastcheck import fast_valid_chat, fast_valid_completion, fast_valid_embedding
 from routing.health import CircuitBreakers, MetricsScraper, RetryBudget
 from routing.registry import RegistryCache
@@ -46,8 +40,8 @@ from routing.serializers import (
     check_depth,
     validate_request,
 )
-from routing.upstream import UpstreamError, UpstreamReadTimeout, UpstreamResponse
-from routing.usage import MemoryUsageSink, UsageEvent, UsageSink
+from routing.sse import StreamState
+from routing.usage import MemoryUsageSink, UsageSink
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +57,9 @@ SSE_HEADERS = (
     (b"x-accel-buffering", b"no"),
 )
 KEEPALIVE_EVENT = b": keep-alive\n\n"
-DONE_EVENT = b"data: [DONE]\n\n"
+DISCONNECT_WATCH_AFTER_S = 0.5
+"""A request still waiting for its backend after this long starts watching for its client's disconnect."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +115,7 @@ class PreparedRequest:
     strip_usage: bool
     context: RequestContext
     body: bytes
-
-
-class _ClientGone(Exception):
-    """The client disconnected."""
+    strip_continuous_usage: bool = False
 
 
 class Gateway:
@@ -143,6 +136,8 @@ class Gateway:
         publisher: RuntimePublisher | None = None,
         keys: RegistryCache | None = None,
         limiter: RateLimiter | None = None,
+        continuous_usage: bool = True,
+        expose_backend: bool = False,
     ) -> None:
         self.fallback = fallback
         self.registry = registry
@@ -156,6 +151,8 @@ class Gateway:
         self.publisher = publisher
         self.keys = keys
         self.limiter = limiter
+        self.continuous_usage = continuous_usage
+        self.expose_backend = expose_backend
         self._models_body: tuple[int, bytes] = (-2, b"")
 
     @classmethod
@@ -208,6 +205,8 @@ class Gateway:
                 if settings.REDIS_URL
                 else LocalRateLimiter()
             ),
+            continuous_usage=settings.ROUTER_STREAM_CONTINUOUS_USAGE,
+            expose_backend=settings.ROUTER_EXPOSE_BACKEND,
         )
 
     # --- ASGI entry -----------------------------------------------------------------------------------------
@@ -286,14 +285,12 @@ class Gateway:
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]
         method: str = scope["method"]
-        principal: Principal | None = None
         endpoint = ENDPOINTS.get(path)
         try:
             if endpoint is not None:
                 if method != "POST":
                     raise _method_not_allowed(method, path, "POST")
-                principal = await self._authenticate(scope)
-                await self._completion(scope, receive, send, endpoint, principal, request_id, started)
+                await self._completion(scope, receive, send, endpoint, request_id, started)
                 return
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 if method != "GET":
@@ -304,26 +301,7 @@ class Gateway:
             raise APIError(404, f"Unknown request URL: {method} {scope['path']}.", code="unknown_url")
         except APIError as exc:
             await _send_error(send, exc, request_id)
-            if endpoint is not None and not exc.recorded:
-                # Every request to a completion endpoint yields a usage record, errors included.
-                self.usage.record(
-                    UsageEvent(
-                        request_id=request_id,
-                        principal=principal.name if principal is not None else "anonymous",
-                        key_id=principal.key.id if principal is not None and principal.key is not None else None,
-                        endpoint=endpoint.name,
-                        model=exc.model or "",
-                        backend=exc.backend or "",
-                        status=exc.status,
-                        prompt_tokens=0,
-                        completion_tokens=0,
-                        latency_ms=(time.perf_counter() - started) * 1000.0,
-                        ttft_ms=None,
-                        stream=False,
-                        code=str(exc.code) if exc.code is not None else None,
-                    )
-                )
-        except _ClientGone:
+        except ClientGone:
             return
         except Exception:
             logger.exception("internal error on %s %s (request %s)", method, path, request_id)
@@ -377,21 +355,19 @@ class Gateway:
             self._models_body = (registry.version, body)
         await _send_json(send, 200, body)
 
-    async def admit(self, principal: Principal, prepared: PreparedRequest, body_size: int) -> Reservation | None:
-        """Apply the key's model access (404 as if the model did not exist) and its rate limits (429)."""
-        key = principal.key
-        if key is None:
-            return None
-        if not key.may_use(prepared.requested, prepared.model.name):
-            raise errors.model_not_found(prepared.requested)
-        if not key.limited or self.limiter is None:
-            return None
-        return await self.limiter.admit(key, estimate_tokens_size(body_size, prepared.data))
-
-    async def settle(self, reservation: Reservation | None, tokens: int) -> None:
-        """Bring the key's token counters to the real usage."""
-        if reservation is not None and self.limiter is not None:
-            await self.limiter.settle(reservation, tokens)
+    def lifecycle(
+        self, endpoint: Endpoint, request_id: str, started: float, principal: Principal | None = None
+    ) -> Lifecycle:
+        """A new request lifecycle bound to this gateway's dispatcher, usage sink and rate limiter."""
+        return Lifecycle(
+            dispatcher=self.dispatcher,
+            usage_sink=self.usage,
+            limiter=self.limiter,
+            endpoint=endpoint,
+            request_id=request_id,
+            started=started,
+            principal=principal,
+        )
 
     async def _registry(self) -> RegistrySnapshot:
         registry = await self.registry.get()
@@ -408,15 +384,32 @@ class Gateway:
         return registry
 
     async def _completion(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        endpoint: Endpoint,
-        principal: Principal,
-        request_id: str,
-        started: float,
+        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, request_id: str, started: float
     ) -> None:
+        """A completion-style request: one lifecycle, whose `finish` records it whatever happens."""
+        lc = self.lifecycle(endpoint, request_id, started)
+        error: BaseException | None = None
+        try:
+            lc.principal = await self._authenticate(scope)
+            prepared, body_size = await self._read_request(scope, receive, endpoint)
+            await lc.admit(prepared, body_size)
+            if prepared.stream:
+                await self._stream(receive, send, lc)
+            else:
+                await _until_disconnect(self._forward(send, lc), receive)
+        except APIError as exc:
+            error = exc
+            if lc.reservation is not None:
+                exc.headers = (*exc.headers, *lc.limit_headers)
+            await _send_error(send, exc, request_id, internal=lc.internal)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await lc.finish(error)
+
+    async def _read_request(self, scope: Scope, receive: Receive, endpoint: Endpoint) -> tuple[PreparedRequest, int]:
+        """Check the headers, read the body (bounded), parse and validate it: the request ready to route."""
         content_type = b""
         content_length = -1
         for name, value in scope["headers"]:
@@ -438,25 +431,7 @@ class Gateway:
             ) from None
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_body")
-        prepared = await self.prepare(endpoint, data, headers=scope["headers"])
-        try:
-            reservation = await self.admit(principal, prepared, len(raw))
-        except APIError as exc:
-            exc.model = prepared.requested
-            raise
-        limit_headers = reservation.headers() if reservation is not None else ()
-        tokens = 0
-        try:
-            if not prepared.stream:
-                tokens = await self._forward(send, prepared, principal, request_id, started, limit_headers)
-            else:
-                tokens = await self._stream(receive, send, prepared, principal, request_id, started, limit_headers)
-        except APIError as exc:
-            exc.headers = (*exc.headers, *limit_headers)
-            exc.model = exc.model or prepared.requested
-            raise
-        finally:
-            await self.settle(reservation, tokens)
+        return await self.prepare(endpoint, data, headers=scope["headers"]), len(raw)
 
     async def prepare(
         self,
@@ -485,13 +460,18 @@ class Gateway:
             )
         data["model"] = model.served_name
         stream = endpoint.can_stream and data.get("stream") is True
-        strip_usage = False
+        strip_usage = strip_continuous = False
         if stream:
+            # Ask for usage anyway, on every chunk (accounting, even when the client leaves early), and strip what
+            # the client did not ask for, so it sees the stream it requested.
             options = data.get("stream_options") or {}
-            if options.get("include_usage") is not True:
-                # Ask for usage anyway (accounting) and strip that chunk, so the client sees what it asked for.
-                data["stream_options"] = {**options, "include_usage": True}
-                strip_usage = True
+            strip_usage = options.get("include_usage") is not True
+            strip_continuous = self.continuous_usage and options.get("continuous_usage_stats") is not True
+            wanted = {"include_usage": True}
+            if self.continuous_usage:
+                wanted["continuous_usage_stats"] = True
+            if any(options.get(k) is not True for k in wanted):
+                data["stream_options"] = {**options, **wanted}
         user = data.get("user")
         context = RequestContext(user=user if isinstance(user, str) else None, headers=headers)
         try:
@@ -499,119 +479,46 @@ class Gateway:
         except orjson.JSONEncodeError:  # nested deeper than orjson encodes: name the parameter, as validation does
             check_depth(data)
             raise errors.bad_request("The request body is nested too deeply to forward.", code="invalid_body") from None
-        return PreparedRequest(endpoint, data, model, requested, registry, stream, strip_usage, context, body)
+        return PreparedRequest(
+            endpoint, data, model, requested, registry, stream, strip_usage, context, body, strip_continuous
+        )
 
-    async def _forward(
-        self,
-        send: Send,
-        prepared: PreparedRequest,
-        principal: Principal,
-        request_id: str,
-        started: float,
-        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> int:
-        """Forward a non-streaming request; return the tokens it used."""
-        requested = prepared.requested
-        response, backend = await self.dispatcher.send(
-            path=prepared.endpoint.upstream_path,
-            body=prepared.body,
-            model=prepared.model,
-            registry=prepared.registry,
-            request_id=request_id,
-            stream=False,
-            context=prepared.context,
-        )
-        status = response.status_code
-        self.dispatcher.done(backend, status < 500, f"HTTP {status}")
-        raw = response.content
-        prompt_tokens = completion_tokens = 0
-        if status == 200:
-            try:
-                result = orjson.loads(raw)
-                result["model"] = requested
-            except (orjson.JSONDecodeError, TypeError) as exc:
-                raise errors.backend_failed(backend.name, "answered 200 with a body that is not a JSON object") from exc
-            usage = result.get("usage")
-            if isinstance(usage, dict):
-                prompt_tokens = usage.get("prompt_tokens") or 0
-                completion_tokens = usage.get("completion_tokens") or 0
-            body = orjson.dumps(result)
-        elif 400 <= status < 500:
-            body = _passthrough_error(raw, status)
-        else:
-            raise errors.backend_failed(backend.name, f"HTTP {status}: {error_message_from(raw, status)}")
-        await _send_json(
-            send,
-            status,
-            body,
-            ((b"x-request-id", request_id.encode()), (b"x-router-backend", backend.name.encode()), *extra_headers),
-        )
-        self.usage.record(
-            UsageEvent(
-                request_id=request_id,
-                principal=principal.name,
-                key_id=principal.key.id if principal.key is not None else None,
-                endpoint=prepared.endpoint.name,
-                model=requested,
-                backend=backend.name,
-                status=status,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-                ttft_ms=None,
-                stream=False,
-            )
-        )
-        return prompt_tokens + completion_tokens
+    async def _forward(self, send: Send, lc: Lifecycle) -> None:
+        """A non-streamed request: the backend's JSON answer, model name rewritten, usage taken."""
+        prepared = lc.prepared
+        assert prepared is not None
+        response = await lc.open()
+        backend = lc.backend
+        assert backend is not None
+        if response.status_code != 200:
+            raise await lc.upstream_error()
+        lc.verdict(True)
+        try:
+            result = orjson.loads(response.content)
+            result["model"] = prepared.requested
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise errors.backend_failed(backend.name, "answered 200 with a body that is not a JSON object") from exc
+        lc.take_usage(result.get("usage"))
+        await _send_json(send, 200, orjson.dumps(result), self._answer_headers(lc))
+
+    def _answer_headers(self, lc: Lifecycle) -> tuple[tuple[bytes, bytes], ...]:
+        """`x-request-id`, the backend's name (to the master key, or to all with ROUTER_EXPOSE_BACKEND), limits."""
+        headers: tuple[tuple[bytes, bytes], ...] = ((b"x-request-id", lc.request_id.encode()),)
+        if lc.backend is not None and (self.expose_backend or lc.internal):
+            headers = (*headers, (b"x-router-backend", lc.backend.name.encode()))
+        return (*headers, *lc.limit_headers)
 
     # --- streaming ------------------------------------------------------------------------------------------
 
-    async def _stream(
-        self,
-        receive: Receive,
-        send: Send,
-        prepared: PreparedRequest,
-        principal: Principal,
-        request_id: str,
-        started: float,
-        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> int:
-        """Stream a request to the client; return the tokens it used."""
-        response, backend = await self.dispatcher.send(
-            path=prepared.endpoint.upstream_path,
-            body=prepared.body,
-            model=prepared.model,
-            registry=prepared.registry,
-            request_id=request_id,
-            stream=True,
-            context=prepared.context,
-        )
+    async def _stream(self, receive: Receive, send: Send, lc: Lifecycle) -> None:
+        """A streamed request: SSE events relayed as they arrive, until the end or the client leaves."""
+        prepared = lc.prepared
+        assert prepared is not None
+        response = await _until_disconnect(lc.open(), receive)
         if response.status_code != 200:
-            # Nothing was sent to the client yet: answer with a JSON error, as for a non-streaming request.
-            try:
-                raw = await response.aread()
-            except UpstreamError as exc:
-                raise errors.backend_failed(backend.name, f"unreadable error body ({exc})") from None
-            finally:
-                await response.aclose()
-                self.dispatcher.done(backend, response.status_code < 500, f"HTTP {response.status_code}")
-            status = response.status_code
-            if 400 <= status < 500:
-                await _send_json(
-                    send,
-                    status,
-                    _passthrough_error(raw, status),
-                    ((b"x-request-id", request_id.encode()), *extra_headers),
-                )
-                return 0
-            raise errors.backend_failed(backend.name, f"HTTP {status}: {error_message_from(raw, status)}")
-
-        state = StreamState(
-            served=prepared.model.served_name, requested=prepared.requested, strip_usage=prepared.strip_usage
-        )
-        pump = asyncio.ensure_future(
-            self._pump(send, response, backend.name, request_id, state, started, extra_headers, backend.read_timeout_s)
-        )
+            raise await lc.upstream_error()  # nothing was sent yet: a JSON error, as without streaming
+        state = stream_state(prepared)
+        pump = asyncio.ensure_future(self._pump(send, lc, state))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -621,59 +528,21 @@ class Gateway:
                     task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
-            await response.aclose()  # closing the upstream connection makes vLLM abort the generation
-            finished = pump.done() and not pump.cancelled()
-            if not finished:
-                state.status = 499  # the client went away: no verdict on the backend
-            self.dispatcher.done(
-                backend, None if state.status == 499 else state.status < 500, f"stream ended with {state.status}"
-            )
-            self.usage.record(
-                UsageEvent(
-                    request_id=request_id,
-                    principal=principal.name,
-                    key_id=principal.key.id if principal.key is not None else None,
-                    endpoint=prepared.endpoint.name,
-                    model=prepared.requested,
-                    backend=backend.name,
-                    status=state.status,
-                    prompt_tokens=state.prompt_tokens,
-                    completion_tokens=state.completion_tokens,
-                    latency_ms=(time.perf_counter() - started) * 1000.0,
-                    ttft_ms=state.ttft_ms,
-                    stream=True,
-                )
-            )
-        return state.prompt_tokens + state.completion_tokens
+            lc.stream_ended(state)
+        if pump.cancelled() or isinstance(pump.exception(), OSError):
+            raise ClientGone
+        if pump.exception() is not None:
+            raise pump.exception()  # type: ignore[misc]
 
-    async def _pump(
-        self,
-        send: Send,
-        response: UpstreamResponse,
-        backend: str,
-        request_id: str,
-        state: StreamState,
-        started: float,
-        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-        read_timeout_s: float = 0.0,
-    ) -> None:
-        """Copy upstream SSE events to the client as they arrive, rewriting model names and picking usage."""
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    *SSE_HEADERS,
-                    (b"x-request-id", request_id.encode()),
-                    (b"x-router-backend", backend.encode()),
-                    *extra_headers,
-                ],
-            }
-        )
+    async def _pump(self, send: Send, lc: Lifecycle, state: StreamState) -> None:
+        """Copy upstream SSE events to the client as they arrive; errors after the first byte become SSE events."""
+        response = lc.response
+        assert response is not None
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *self._answer_headers(lc)]})
         upstream = response.aiter_raw()
         try:
             # Until the first bytes, a keep-alive comment every few seconds keeps proxies from timing out.
-            first = asyncio.ensure_future(anext(upstream))
+            first = asyncio.ensure_future(lc.next_chunk(upstream))
             try:
                 while True:
                     done, _ = await asyncio.wait((first,), timeout=self.stream_keepalive_s)
@@ -684,101 +553,20 @@ class Gateway:
             finally:
                 if not first.done():
                     first.cancel()
-            state.ttft_ms = (time.perf_counter() - started) * 1000.0
-            await self._emit(send, state, chunk)
+            lc.first_token()
             idle = self.stream_idle_timeout_s
             while True:
-                if idle > 0:
-                    async with asyncio.timeout(idle):
-                        chunk = await anext(upstream)
-                else:
-                    chunk = await anext(upstream)
-                await self._emit(send, state, chunk)
+                out = state.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                chunk = await lc.next_chunk(upstream, idle)
         except StopAsyncIteration:
-            if state.buffer:
-                await send({"type": "http.response.body", "body": state.buffer, "more_body": True})
-                state.buffer = b""
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (TimeoutError, UpstreamReadTimeout) as exc:
-            state.status = 504
-            # TimeoutError: the router's idle timeout; ReadTimeout: the backend row's read timeout.
-            limit = (
-                self.stream_idle_timeout_s
-                if isinstance(exc, TimeoutError) and not isinstance(exc, UpstreamReadTimeout)
-                else read_timeout_s
-            )
-            await _send_sse_error(send, errors.backend_timeout(backend, limit, "send the next token"))
-        except UpstreamError as exc:
-            state.status = 502
-            await _send_sse_error(send, errors.backend_failed(backend, f"stream broken ({type(exc).__name__})"))
-
-    async def _emit(self, send: Send, state: StreamState, chunk: bytes) -> None:
-        out = state.feed(chunk)
-        if out:
-            await send({"type": "http.response.body", "body": out, "more_body": True})
-
-
-class StreamState:
-    """Frames SSE events out of raw chunks, rewrites the model name, extracts and optionally strips usage."""
-
-    __slots__ = (
-        "buffer",
-        "completion_tokens",
-        "prompt_tokens",
-        "public_pattern",
-        "served_pattern",
-        "status",
-        "strip_usage",
-        "ttft_ms",
-    )
-
-    def __init__(self, *, served: str, requested: str, strip_usage: bool) -> None:
-        self.served_pattern = b'"model":' + orjson.dumps(served)
-        self.public_pattern = b'"model":' + orjson.dumps(requested)
-        if self.served_pattern == self.public_pattern:
-            self.served_pattern = b""
-        self.strip_usage = strip_usage
-        self.buffer = b""
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.ttft_ms: float | None = None
-        self.status = 200
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Take raw bytes; return the complete events ready for the client (possibly empty)."""
-        buffer = self.buffer + chunk if self.buffer else chunk
-        end = buffer.rfind(b"\n\n")
-        if end < 0:
-            if len(buffer) > 1 << 20:  # not SSE framing we understand: pass it through rather than hold it
-                self.buffer = b""
-                return buffer
-            self.buffer = buffer
-            return b""
-        complete, self.buffer = buffer[: end + 2], buffer[end + 2 :]
-        if self.served_pattern:
-            complete = complete.replace(self.served_pattern, self.public_pattern)
-        if b'"usage"' in complete:
-            complete = self._usage(complete)
-        return complete
-
-    def _usage(self, events: bytes) -> bytes:
-        kept: list[bytes] = []
-        for event in events.split(b"\n\n"):
-            if not event:
-                continue
-            if b'"usage"' in event and event.startswith(b"data: {"):
-                try:
-                    payload = orjson.loads(event[6:])
-                except orjson.JSONDecodeError:
-                    payload = None
-                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
-                    usage = payload["usage"]
-                    self.prompt_tokens = usage.get("prompt_tokens") or self.prompt_tokens
-                    self.completion_tokens = usage.get("completion_tokens") or self.completion_tokens
-                    if self.strip_usage and not payload.get("choices"):
-                        continue
-            kept.append(event + b"\n\n")
-        return b"".join(kept)
+            await send({"type": "http.response.body", "body": state.flush(), "more_body": False})
+            lc.verdict(True)
+        except APIError as exc:
+            lc.stream_failed(exc)
+            event = b"event: error\ndata: " + exc.body(lc.internal) + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -789,17 +577,6 @@ def _model_entry(model: ModelSnap, public_name: str) -> dict[str, Any]:
     if model.max_context_length:
         entry["max_model_len"] = model.max_context_length
     return entry
-
-
-def _passthrough_error(raw: bytes, status: int) -> bytes:
-    """A backend's own 4xx body, passed through when it is already OpenAI-shaped, else wrapped."""
-    try:
-        data = orjson.loads(raw)
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            return raw
-    except orjson.JSONDecodeError:
-        pass
-    return APIError(status, error_message_from(raw, status), code=status).body()
 
 
 def _method_not_allowed(method: str, path: str, allowed: str) -> APIError:
@@ -821,7 +598,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
+            raise ClientGone
         body = message.get("body", b"")
         if body:
             size += len(body)
@@ -851,17 +628,47 @@ async def _send_json(send: Send, status: int, body: bytes, extra_headers: tuple[
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_error(send: Send, exc: APIError, request_id: str | None = None) -> None:
+async def _send_error(send: Send, exc: APIError, request_id: str | None = None, *, internal: bool = False) -> None:
     headers = exc.headers
     if request_id:
         headers = (*headers, (b"x-request-id", request_id.encode()))
-    await _send_json(send, exc.status, exc.body(), headers)
+    await _send_json(send, exc.status, exc.body(internal), headers)
 
 
-async def _send_sse_error(send: Send, exc: APIError) -> None:
-    """After the first byte nothing can be retried: report the error as an SSE event and end the stream."""
-    event = b"event: error\ndata: " + exc.body() + b"\n\n"
-    await send({"type": "http.response.body", "body": event, "more_body": False})
+async def _until_disconnect(work: Awaitable[T], receive: Receive) -> T:
+    """Await `work`; if it takes longer than a moment, watch the client meanwhile, and cancel the work (closing
+    its upstream request, so the backend stops) when the client disconnects: ClientGone is raised then.
+
+    The watcher starts only after DISCONNECT_WATCH_AFTER_S, so fast requests pay for a timer, not a task.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+    watcher: asyncio.Task[None] | None = None
+
+    async def watch() -> None:
+        nonlocal gone
+        await _wait_disconnect(receive)
+        gone = True
+        task.cancel()
+
+    def start() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(DISCONNECT_WATCH_AFTER_S, start)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            task.uncancel()
+            raise ClientGone from None
+        raise
+    finally:
+        timer.cancel()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
 
 
 async def _database_reachable() -> bool:

@@ -26,11 +26,10 @@ from django.urls import path, re_path
 
 from routing import errors
 from routing.auth import Principal, bearer_token
-from routing.dispatch import error_message_from
 from routing.errors import APIError
-from routing.gateway import ENDPOINTS, ASGIApp, Endpoint, Gateway, PreparedRequest, Receive, Scope, Send, StreamState
-from routing.upstream import UpstreamError, UpstreamReadTimeout, UpstreamResponse
-from routing.usage import UsageEvent
+from routing.exchange import Lifecycle, stream_state
+from routing.gateway import ENDPOINTS, ASGIApp, Endpoint, Gateway, Receive, Scope, Send
+from routing.sse import sse_data
 
 logger = logging.getLogger(__name__)
 
@@ -265,25 +264,40 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
 
     async def _run(self, rid: RequestId, endpoint: Endpoint, body: dict[str, Any], principal: Principal) -> None:
         """One request, as its own task: prepare, stream, and end with exactly one `done` or `error`."""
-        started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        lc = self.gateway.lifecycle(endpoint, uuid.uuid4().hex, time.perf_counter(), principal)
+        error: BaseException | None = None
         try:
             prepared = await self.gateway.prepare(endpoint, body, force_stream=True)
-            reservation = await self.gateway.admit(principal, prepared, len(prepared.body))
-            usage: dict[str, int] = {}
-            try:
-                usage = await self._stream(rid, prepared, principal, request_id, started)
-            finally:
-                await self.gateway.settle(reservation, usage.get("total_tokens", 0))
-            message = {"type": "done", "id": rid, "usage": usage, "request_id": request_id}
+            await lc.admit(prepared, len(prepared.body))
+            response = await lc.open()
+            if response.status_code != 200:
+                raise await lc.upstream_error()
+            await self._pump(rid, lc)
+            total = lc.prompt_tokens + lc.completion_tokens
+            usage = {
+                "prompt_tokens": lc.prompt_tokens,
+                "completion_tokens": lc.completion_tokens,
+                "total_tokens": total,
+            }
+            message = {"type": "done", "id": rid, "usage": usage, "request_id": lc.request_id}
         except APIError as exc:
-            message = _error_message(rid, exc, request_id)
-        except OSError:
-            return  # sending failed: the client is gone (uvicorn raises ClientDisconnected); disconnect cleans up
-        except Exception:
-            logger.exception("internal error on websocket request %s", request_id)
-            exc = APIError(500, f"Internal error (request {request_id}).", type="server_error", code="internal_error")
-            message = _error_message(rid, exc, request_id)
+            error = exc
+            message = _error_message(rid, exc, lc.request_id, internal=lc.internal)
+        except OSError as exc:
+            error = exc  # sending failed: the client is gone (uvicorn raises ClientDisconnected)
+            return
+        except asyncio.CancelledError as exc:
+            error = exc  # cancelled by the client or by the socket closing
+            raise
+        except Exception as exc:
+            error = exc
+            logger.exception("internal error on websocket request %s", lc.request_id)
+            internal = APIError(
+                500, f"Internal error (request {lc.request_id}).", type="server_error", code="internal_error"
+            )
+            message = _error_message(rid, internal, lc.request_id)
+        finally:
+            await lc.finish(error)
         with contextlib.suppress(OSError):
             await self._finish(rid, message)
 
@@ -294,116 +308,46 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
         del self.running[rid]
         await self.send_json(message)
 
-    async def _stream(
-        self, rid: RequestId, prepared: PreparedRequest, principal: Principal, request_id: str, started: float
-    ) -> dict[str, int]:
-        """Send the request upstream and relay its chunks; return the usage. Records a UsageEvent in any case."""
-        gateway = self.gateway
-        endpoint = prepared.endpoint
-        response, backend = await gateway.dispatcher.send(
-            path=endpoint.upstream_path,
-            body=prepared.body,
-            model=prepared.model,
-            registry=prepared.registry,
-            request_id=request_id,
-            stream=True,
-            context=prepared.context,
-        )
-        state = StreamState(
-            served=prepared.model.served_name, requested=prepared.requested, strip_usage=prepared.strip_usage
-        )
-        status = 499  # unless it ends otherwise: cancelled, or the client went away
-        try:
-            if response.status_code != 200:
-                await _raise_upstream_error(response, backend.name)
-            await self._pump(rid, response, backend.name, state, started, backend.read_timeout_s)
-            status = 200
-        except APIError as exc:
-            status = exc.status
-            raise
-        except OSError:
-            raise  # the client is gone while we sent to it: recorded as 499
-        except Exception:
-            status = 500
-            raise
-        finally:
-            await response.aclose()  # closing the upstream connection makes vLLM abort the generation
-            # 499 (cancelled, client gone) says nothing about the backend's health.
-            gateway.dispatcher.done(backend, None if status == 499 else status < 500, f"stream ended with {status}")
-            gateway.usage.record(
-                UsageEvent(
-                    request_id=request_id,
-                    principal=principal.name,
-                    key_id=principal.key.id if principal.key is not None else None,
-                    endpoint=endpoint.name,
-                    model=prepared.requested,
-                    backend=backend.name,
-                    status=status,
-                    prompt_tokens=state.prompt_tokens,
-                    completion_tokens=state.completion_tokens,
-                    latency_ms=(time.perf_counter() - started) * 1000.0,
-                    ttft_ms=state.ttft_ms,
-                    stream=True,
-                )
-            )
-        return {
-            "prompt_tokens": state.prompt_tokens,
-            "completion_tokens": state.completion_tokens,
-            "total_tokens": state.prompt_tokens + state.completion_tokens,
-        }
-
-    async def _pump(
-        self,
-        rid: RequestId,
-        response: UpstreamResponse,
-        backend: str,
-        state: StreamState,
-        started: float,
-        read_timeout_s: float = 0.0,
-    ) -> None:
+    async def _pump(self, rid: RequestId, lc: Lifecycle) -> None:
         """Relay upstream SSE events as `chunk` messages as they arrive (the gateway's idle timeout applies)."""
-        upstream = response.aiter_raw()
+        assert lc.prepared is not None and lc.response is not None
+        state = stream_state(lc.prepared)
+        upstream = lc.response.aiter_raw()
         idle = self.gateway.stream_idle_timeout_s
         try:
-            chunk = await anext(upstream)
-            state.ttft_ms = (time.perf_counter() - started) * 1000.0
+            chunk = await lc.next_chunk(upstream)
+            lc.first_token()
             while True:
-                await self._relay(rid, state.feed(chunk), backend)
-                if idle > 0:
-                    async with asyncio.timeout(idle):
-                        chunk = await anext(upstream)
-                else:
-                    chunk = await anext(upstream)
+                await self._relay(rid, state.feed(chunk), lc)
+                chunk = await lc.next_chunk(upstream, idle)
         except StopAsyncIteration:
-            if state.buffer:
-                await self._relay(rid, state.feed(b"\n\n"), backend)  # an unterminated last event
-        except (TimeoutError, UpstreamReadTimeout) as exc:
-            # TimeoutError: the router's idle timeout; ReadTimeout: the backend row's read timeout.
-            limit = (
-                idle if isinstance(exc, TimeoutError) and not isinstance(exc, UpstreamReadTimeout) else read_timeout_s
-            )
-            raise errors.backend_timeout(backend, limit, "send the next token") from None
-        except UpstreamError as exc:
-            raise errors.backend_failed(backend, f"stream broken ({type(exc).__name__})") from None
+            await self._relay(rid, state.flush(), lc)
+            lc.verdict(True)
+        except APIError as exc:
+            lc.stream_failed(exc)
+            raise
+        finally:
+            lc.stream_ended(state)
 
-    async def _relay(self, rid: RequestId, events: bytes, backend: str) -> None:
+    async def _relay(self, rid: RequestId, events: bytes, lc: Lifecycle) -> None:
         """Send each complete SSE event's JSON as a chunk; an upstream error event ends the request."""
         if not events:
             return
         for event in events.split(b"\n\n"):
-            data = _sse_data(event)
+            data = sse_data(event)
             if data is None or data == b"[DONE]":
                 continue
             try:
                 payload = orjson.loads(data)
             except orjson.JSONDecodeError:
-                raise errors.backend_failed(backend, "sent a stream event that is not JSON") from None
+                assert lc.backend is not None
+                raise errors.backend_failed(lc.backend.name, "sent a stream event that is not JSON") from None
             if isinstance(payload, dict) and isinstance(payload.get("error"), dict) and "choices" not in payload:
                 raise _api_error(payload["error"], 502)
             await self.send_json({"type": "chunk", "id": rid, "data": payload})
 
     async def _send_error(self, rid: Any, exc: APIError) -> None:
-        await self.send_json(_error_message(rid, exc))
+        await self.send_json(_error_message(rid, exc, internal=self.principal is not None and self.principal.is_master))
 
 
 # --- routing ------------------------------------------------------------------------------------------------------
@@ -445,8 +389,13 @@ def _valid_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _error_message(rid: Any, exc: APIError, request_id: str | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"type": "error", "id": rid, "error": exc.payload()["error"], "status": exc.status}
+def _error_message(rid: Any, exc: APIError, request_id: str | None = None, *, internal: bool = False) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "type": "error",
+        "id": rid,
+        "error": exc.payload(internal)["error"],
+        "status": exc.status,
+    }
     if request_id is not None:
         message["request_id"] = request_id
     return message
@@ -466,33 +415,3 @@ def _api_error(error: dict[str, Any], default_status: int) -> APIError:
         param=param if isinstance(param, str) else None,
         code=code if isinstance(code, str | int) else None,
     )
-
-
-async def _raise_upstream_error(response: UpstreamResponse, backend: str) -> None:
-    """Turn a non-200 upstream answer into an APIError: 4xx passed through, anything else a 502."""
-    status = response.status_code
-    try:
-        raw = await response.aread()
-    except UpstreamError as exc:
-        raise errors.backend_failed(backend, f"unreadable error body ({exc})") from None
-    if 400 <= status < 500:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            error = _api_error(data["error"], status)
-            error.status = status
-            raise error
-        raise APIError(status, error_message_from(raw, status), code=status)
-    raise errors.backend_failed(backend, f"HTTP {status}: {error_message_from(raw, status)}")
-
-
-def _sse_data(event: bytes) -> bytes | None:
-    """The data of one SSE event (its `data:` lines joined), or None for a comment/keep-alive."""
-    lines = [
-        line[6:] if line.startswith(b"data: ") else line[5:] for line in event.split(b"\n") if line.startswith(b"data:")
-    ]
-    if not lines:
-        return None
-    return b"\n".join(line.rstrip(b"\r") for line in lines)

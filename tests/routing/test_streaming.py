@@ -114,7 +114,7 @@ async def test_without_include_usage_no_usage_chunk_yet_usage_recorded(http: htt
     assert not any(b'"usage"' in e for e in events)
     # the backend was asked for usage anyway
     last = next(m for m in mocks if m.stats.total_requests).stats.last_request
-    assert last["stream_options"] == {"include_usage": True}
+    assert last["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert await await_until(lambda: len(gateway.usage.events) == 1, timeout=1.0)
     event = gateway.usage.events[-1]
     assert event.stream and event.completion_tokens == 5 and event.prompt_tokens > 0 and event.ttft_ms is not None
