@@ -293,20 +293,56 @@ class ModelAdminForm(forms.ModelForm):
         return [a.strip() for a in raw.split(",") if a.strip()]
 
 
+class ServedFilter(admin.SimpleListFilter):
+    """Filter models by the health probe's verdict: listed by a backend of their pool or not."""
+
+    title = "served"
+    parameter_name = "served"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", "Served"), ("no", "Not served")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> QuerySet[Model]:
+        if self.value() == "yes":
+            return queryset.filter(unavailable_reason="")
+        if self.value() == "no":
+            return queryset.exclude(unavailable_reason="")
+        return queryset
+
+
 @admin.register(Model)
 class ModelAdmin(admin.ModelAdmin):
     """Public model names and where they are served."""
 
     form = ModelAdminForm
-    list_display = ("name", "served_name", "kind", "pool", "enabled", "max_context_length", "alias_list")
-    list_filter = ("kind", "pool", "enabled")
+    list_display = (
+        "name",
+        "served_name",
+        "kind",
+        "pool",
+        "enabled",
+        "served_badge",
+        "max_context_length",
+        "alias_list",
+    )
+    list_filter = ("kind", "pool", "enabled", ServedFilter)
     search_fields = ("name", "served_name")
     list_select_related = ("pool",)
+    readonly_fields = ("unavailable_reason",)
     inlines = [ModelFallbackInline]
 
     @admin.display(description="aliases")
     def alias_list(self, obj: Model) -> str:
         return ", ".join(obj.aliases or [])
+
+    @admin.display(description="served", ordering="unavailable_reason")
+    def served_badge(self, obj: Model) -> str:
+        """Whether a backend of the pool lists the model (the health probe's verdict), with the reason if not."""
+        if not obj.unavailable_reason:
+            return _badge("served", STATUS_COLOURS[HealthStatus.HEALTHY])
+        return format_html(
+            "{} <small>{}</small>", _badge("not served", STATUS_COLOURS[HealthStatus.UNHEALTHY]), obj.unavailable_reason
+        )
 
 
 from backends.checks import admin as _checks_admin  # noqa: E402,F401

@@ -79,6 +79,64 @@ def validate_base_url(value: str) -> None:
         raise ValidationError("The base URL cannot have a query, a fragment or spaces.", code="invalid_url")
 
 
+# A bearer token is sent as `Authorization: Bearer <key>`: it must be a valid HTTP header value (ASCII; no line
+# break, which would end the header, nor other control character). Visible ASCII without spaces covers every key
+# format in use (RFC 6750 tokens, vLLM `--api-key`, JWTs) and keeps the key one token.
+_API_KEY_RE = re.compile(r"[\x21-\x7e]*")
+# What a secret file or a copy-paste adds around a key: whitespace, line breaks and a UTF-8 byte-order mark.
+_API_KEY_SURROUNDING = " \t\r\n\v\f\ufeff"
+
+
+def normalize_api_key(value: str) -> str:
+    """Strip what a secret file adds around a key (a trailing newline, a BOM, spaces); the key itself is kept."""
+    return (value or "").strip(_API_KEY_SURROUNDING)
+
+
+def _api_key_flaw(key: str) -> str:
+    """What makes a (normalised) key unusable in a header, in words ("" when nothing does)."""
+    if _API_KEY_RE.fullmatch(key):
+        return ""
+    if any(c in "\r\n" for c in key):
+        return "a line break"
+    if any(ord(c) > 0x7E for c in key):
+        return "a non-ASCII character"
+    if any(c in " \t" for c in key):
+        return "a space"
+    return "a control character"
+
+
+def api_key_problem(value: str) -> str:
+    """Why a backend API key cannot be sent as an HTTP header value ("" when it can). Never quotes the key."""
+    flaw = _api_key_flaw(normalize_api_key(value))
+    return f"the backend's API key is not a valid HTTP header value (it contains {flaw})" if flaw else ""
+
+
+def validate_api_key(value: str) -> None:
+    """Reject a key that cannot go into an `Authorization` header; the message never contains the key."""
+    flaw = _api_key_flaw(normalize_api_key(value))
+    if flaw:
+        raise ValidationError(
+            f"Use printable ASCII without spaces for the API key (it contains {flaw}).", code="invalid_api_key"
+        )
+
+
+class InvalidApiKeyError(ValueError):
+    """A stored backend key cannot be sent as a header; the message names the problem, never the key."""
+
+
+def bearer_headers(api_key: str) -> dict[str, str]:
+    """`{"Authorization": "Bearer <key>"}` (key normalised), `{}` without a key; InvalidApiKeyError for a bad key.
+
+    Every client that calls a backend (probe, check runner, router) builds the header here, so a key that slipped
+    past validation (an old row, a raw update) fails that backend alone, with a message that holds no secret.
+    """
+    problem = api_key_problem(api_key)
+    if problem:
+        raise InvalidApiKeyError(problem)
+    key = normalize_api_key(api_key)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class GpuPool(models.Model):
     """A group of vLLM servers (usually one GPU type or one location) that serve the same models."""
 
@@ -125,7 +183,10 @@ class Backend(models.Model):
         help_text="e.g. http://gpu-node-1:8000 (a trailing /v1 is removed)",
     )
     api_key = models.CharField(
-        max_length=500, blank=True, help_text="Bearer key the backend expects, if any. Write-only."
+        max_length=500,
+        blank=True,
+        validators=[validate_api_key],
+        help_text="Bearer key the backend expects, if any. Write-only. Surrounding whitespace is removed.",
     )
     weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
     max_concurrent_requests = models.PositiveIntegerField(
@@ -151,12 +212,14 @@ class Backend(models.Model):
         return self.name
 
     def clean(self) -> None:
-        """Normalise the base URL (its format is checked by the field's validator)."""
+        """Normalise the base URL and the API key (their formats are checked by the fields' validators)."""
         self.base_url = normalize_base_url(self.base_url)
+        self.api_key = normalize_api_key(self.api_key)
 
     def save(self, *args: object, **kwargs: object) -> None:
-        """Save with the base URL normalised, whatever path the row came in by."""
+        """Save with the base URL and the API key normalised, whatever path the row came in by."""
         self.base_url = normalize_base_url(self.base_url)
+        self.api_key = normalize_api_key(self.api_key)
         super().save(*args, **kwargs)
 
     @property
@@ -178,6 +241,13 @@ class Model(models.Model):
     fallback_pools = models.ManyToManyField(GpuPool, through="ModelFallback", related_name="fallback_for", blank=True)
     max_context_length = models.PositiveIntegerField(null=True, blank=True)
     enabled = models.BooleanField(default=True)
+    # Written only by health probes (read-only in admin and the API, not in YAML): why no backend serves it.
+    unavailable_reason = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Set by the health probe when no backend of the pool lists the model at /v1/models; "
+        "the router then neither lists nor routes it. Empty: served.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

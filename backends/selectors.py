@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from backends.models import Backend, GpuPool, Model, ModelFallback, RegistryState
+from backends.models import (
+    Backend,
+    GpuPool,
+    HealthStatus,
+    Model,
+    ModelFallback,
+    RegistryState,
+    api_key_problem,
+    normalize_api_key,
+)
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
 
 
@@ -28,13 +37,14 @@ def registry_snapshot_build() -> RegistrySnapshot:
                 name=b.name,
                 pool=pool_names.get(b.pool_id, ""),
                 base_url=b.base_url,
-                api_key=b.api_key,
+                api_key=normalize_api_key(b.api_key),
                 weight=b.weight,
                 max_concurrent_requests=b.max_concurrent_requests,
                 connect_timeout_s=b.connect_timeout_s,
                 read_timeout_s=b.read_timeout_s,
                 state=b.state,
-                status=b.status,
+                # A key that cannot be sent as a header would fail every request: never offer that backend.
+                status=HealthStatus.UNHEALTHY if api_key_problem(b.api_key) else b.status,
             )
         )
     pools = {
@@ -51,6 +61,7 @@ def registry_snapshot_build() -> RegistrySnapshot:
     for fb in ModelFallback.objects.order_by("position", "id"):
         fallbacks.setdefault(fb.model_id, []).append(pool_names.get(fb.pool_id, ""))
     models: dict[str, ModelSnap] = {}
+    unavailable: dict[str, ModelSnap] = {}
     listed: list[ModelSnap] = []
     for m in Model.objects.filter(enabled=True).order_by("name"):
         snap = ModelSnap(
@@ -61,9 +72,15 @@ def registry_snapshot_build() -> RegistrySnapshot:
             fallback_pools=tuple(fallbacks.get(m.pk, ())),
             max_context_length=m.max_context_length,
             created=int(m.created_at.timestamp()),
+            unavailable_reason=m.unavailable_reason,
         )
-        listed.append(snap)
-        models[m.name] = snap
+        # A model no backend of its pool lists is neither advertised nor routed (the probe sets the reason).
+        target = unavailable if m.unavailable_reason else models
+        if not m.unavailable_reason:
+            listed.append(snap)
+        target[m.name] = snap
         for alias in m.aliases or []:
-            models.setdefault(alias, snap)
-    return RegistrySnapshot(version=version, models=models, pools=pools, listed_models=tuple(listed))
+            target.setdefault(alias, snap)
+    return RegistrySnapshot(
+        version=version, models=models, pools=pools, listed_models=tuple(listed), unavailable=unavailable
+    )

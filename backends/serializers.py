@@ -148,10 +148,11 @@ class ModelSerializer(_FullCleanMixin, serializers.ModelSerializer):
             "fallback_pools",
             "max_context_length",
             "enabled",
+            "unavailable_reason",
             "created_at",
             "updated_at",
         ]
-        read_only_fields = ["created_at", "updated_at"]
+        read_only_fields = ["unavailable_reason", "created_at", "updated_at"]
 
     def to_representation(self, instance: Model) -> dict[str, Any]:
         data = super().to_representation(instance)

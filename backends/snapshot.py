@@ -53,6 +53,7 @@ class ModelSnap:
     fallback_pools: tuple[str, ...]
     max_context_length: int | None
     created: int
+    unavailable_reason: str = ""  # set by the health probe: no backend of the pool lists the model
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class RegistrySnapshot:
     models: dict[str, ModelSnap]  # public name and every alias -> model
     pools: dict[str, PoolSnap]
     listed_models: tuple[ModelSnap, ...] = field(default=())
+    # Enabled models no backend of their pool lists (public name and aliases -> model), kept out of `models` and
+    # `listed_models`: the gateway answers 404 for them as for unknown names, or, looking here, a 503 that says why.
+    unavailable: dict[str, ModelSnap] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> RegistrySnapshot:

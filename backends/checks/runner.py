@@ -20,6 +20,7 @@ import httpx
 import orjson
 
 from backends.checks.models import ANSWER_MAX_CHARS, CheckCause, Expectation
+from backends.models import InvalidApiKeyError, bearer_headers
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def _client(backend: BackendTarget, transport: httpx.AsyncBaseTransport | None) 
     timeout = httpx.Timeout(
         connect=backend.connect_timeout_s, read=backend.read_timeout_s, write=backend.read_timeout_s, pool=None
     )
-    headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
+    headers = bearer_headers(backend.api_key)  # InvalidApiKeyError (naming no secret) for a key no header can hold
     return httpx.AsyncClient(
         base_url=backend.base_url, timeout=timeout, headers=headers, transport=transport, follow_redirects=False
     )
@@ -416,7 +417,15 @@ async def run_checks(
     async def one_backend(indexes: list[int]) -> None:
         """Check one backend's targets through one client, `per_backend` at a time."""
         limit = asyncio.Semaphore(max(1, per_backend))
-        async with _client(targets[indexes[0]].backend, transport) as client:
+        try:
+            client = _client(targets[indexes[0]].backend, transport)
+        except InvalidApiKeyError as exc:  # fails this backend's checks only; the message holds no secret
+            for index in indexes:
+                outcomes[index] = CheckOutcome(
+                    targets[index], False, CheckCause.BACKEND_ERROR, f"{exc}; fix it in admin"
+                )
+            return
+        async with client:
 
             async def one(index: int) -> None:
                 """Run one check; a bug becomes a failed outcome instead of losing the run."""

@@ -82,7 +82,10 @@ def check_targets_build(*, model_names: Sequence[str] = (), backend_names: Seque
     pools); a case applies to the models it lists, or to every chat model when it lists none.
     """
     check_filters_validate(model_names=model_names, backend_names=backend_names)
-    models = Model.objects.filter(enabled=True, kind=ModelKind.CHAT).prefetch_related("fallbacks")
+    # A model no backend lists (marked by the health probe) is not a backend's failure: it is not checked.
+    models = Model.objects.filter(enabled=True, kind=ModelKind.CHAT, unavailable_reason="").prefetch_related(
+        "fallbacks"
+    )
     if model_names:
         models = models.filter(name__in=model_names)
     backends = Backend.objects.exclude(state=BackendState.DISABLED).filter(pool__enabled=True)

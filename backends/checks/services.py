@@ -24,7 +24,7 @@ from backends.checks.selectors import (
     checks_hold_degraded,
 )
 from backends.models import Backend, HealthStatus
-from backends.services import registry_version_bump
+from backends.services import backend_health_write, registry_version_bump
 
 logger = logging.getLogger(__name__)
 
@@ -192,18 +192,24 @@ def check_backends_update(*, run: CheckRun) -> list[str]:
     changed: list[str] = []
     for backend in Backend.objects.filter(pk__in=by_backend):
         failures = [r for r in by_backend[backend.pk] if not r.passed]
-        if failures:
-            if backend.status == HealthStatus.UNHEALTHY:
-                continue
-            status, error = HealthStatus.DEGRADED, _failure_summary(run, failures)[:2000]
-        elif checks_hold_degraded(status=backend.status, last_error=backend.last_error) and not run.model_names:
-            status, error = HealthStatus.HEALTHY, ""
-        else:
+        summary = _failure_summary(run, failures)[:2000] if failures else ""
+
+        def decide(status: str, last_error: str, failed: bool = bool(failures), summary: str = summary) -> Any:
+            """The verdict on the row as it is now (a probe may have written it since the run started)."""
+            if failed:
+                return None if status == HealthStatus.UNHEALTHY else (HealthStatus.DEGRADED, summary)
+            if checks_hold_degraded(status=status, last_error=last_error) and not run.model_names:
+                return HealthStatus.HEALTHY, ""
+            return None
+
+        written = backend_health_write(backend_id=backend.pk, decide=decide)
+        if written is None:
             continue
-        if status != backend.status:
+        before, after, _ = written
+        if before != after:
             changed.append(backend.name)
-            logger.info("backend %s %s -> %s after check run #%s", backend.name, backend.status, status, run.pk)
-        Backend.objects.filter(pk=backend.pk).update(status=status, last_error=error, updated_at=timezone.now())
+            logger.info("backend %s %s -> %s after check run #%s", backend.name, before, after, run.pk)
+            Backend.objects.filter(pk=backend.pk).update(updated_at=timezone.now())
     if changed:
         registry_version_bump()
     return changed

@@ -27,17 +27,39 @@ def test_probe_healthy_backend_stores_result() -> None:
     assert backend.last_error == ""
 
 
-def test_probe_flags_missing_model_and_bumps_version() -> None:
+def test_probe_flags_a_model_no_backend_lists_and_bumps_version() -> None:
+    # given the only backend of a pool, which answers but does not list the pool's model
     with MockServer(models=["something-else"]) as mock:
         pool = pool_create()
         backend = backend_create(pool=pool, base_url=mock.url)
-        model_create(pool=pool, served_name="served-chat")
+        model = model_create(pool=pool, served_name="served-chat")
         before = registry_version_get()
+        # when it is probed
         backend_probe(backend=backend)
+    # then the model, not the server, is marked, and the routers reload
     backend.refresh_from_db()
-    assert backend.status == "unhealthy"
-    assert "served-chat" in backend.last_error
+    model.refresh_from_db()
+    assert backend.status == "healthy"
+    assert "served-chat" in model.unavailable_reason
     assert registry_version_get() > before
+
+
+def test_a_backend_missing_a_model_its_pool_serves_is_unhealthy() -> None:
+    # given two backends of a pool, only one of which lists the pool's model
+    with MockServer(models=["served-chat"]) as full, MockServer(models=["something-else"]) as partial:
+        pool = pool_create()
+        good = backend_create(pool=pool, base_url=full.url)
+        odd = backend_create(pool=pool, base_url=partial.url)
+        model = model_create(pool=pool, served_name="served-chat")
+        # when both are probed
+        backend_probe_all()
+    # then the model is served, and the backend that lacks it takes no requests
+    good.refresh_from_db()
+    odd.refresh_from_db()
+    model.refresh_from_db()
+    assert model.unavailable_reason == ""
+    assert good.status == "healthy"
+    assert odd.status == "unhealthy" and "served-chat" in odd.last_error
 
 
 def test_probe_unreachable_and_http_error() -> None:
