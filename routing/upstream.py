@@ -504,6 +504,7 @@ class _Connection(asyncio.Protocol):
         "drain",
         "extra",
         "head_bytes",
+        "header_bytes",
         "idle_bytes",
         "keep_alive",
         "limit_error",
@@ -546,6 +547,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = math.inf  # loop time by which the head (non-streamed: the whole response) must be in
         self.limits = pool.limits
         self.head_bytes = 0  # bytes received before the (final) head was complete
+        self.header_bytes = 0  # bytes of the header lines parsed so far (a head that arrives in one read)
         self.idle_bytes = 0  # bytes in a row after the head that carried no body byte (framing, trailers)
         self.limit_error: UpstreamTooLarge | None = None  # set by a parser callback before it raises _LimitHit
 
@@ -663,6 +665,10 @@ class _Connection(asyncio.Protocol):
         if len(resp.headers) >= limits.max_headers:
             self.limit_error = UpstreamTooLarge(f"the response has more than {limits.max_headers} headers")
             raise _LimitHit
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > limits.max_head_bytes:
+            self.limit_error = UpstreamTooLarge(f"the response head is over {limits.max_head_bytes} bytes")
+            raise _LimitHit
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
             resp._framed = True
@@ -723,7 +729,7 @@ class _Connection(asyncio.Protocol):
         self.resp = resp
         self.received = False
         self.extra = False
-        self.head_bytes = self.idle_bytes = 0
+        self.head_bytes = self.header_bytes = self.idle_bytes = 0
         self.limit_error = None
         self.deadline = self.loop.time() + timeouts.read
         transport.write(head)
