@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class IndexStats:
     forgotten: int
     gaps: int
     restarts: int
+    disconnects: int
     last_seq: int | None
     last_event_at: float | None
 
@@ -195,7 +197,8 @@ class BackendBlockIndex:
         self._keys: dict[int, int] = {}  # router key -> number of (group, hash) entries holding it
         self._block_size: int | None = None
         self._counts = dict.fromkeys(
-            ("stored", "removed", "cleared", "orphans", "skipped", "forgotten", "gaps", "restarts"), 0
+            ("stored", "removed", "cleared", "orphans", "skipped", "forgotten", "gaps", "restarts", "disconnects"),
+            0,
         )
         self._last_seq: int | None = None
         self._last_event_at: float | None = None
@@ -227,6 +230,14 @@ class BackendBlockIndex:
     def clear(self) -> None:
         """Forget everything (engine restarted, events lost, or backend gone)."""
         with self._lock:
+            self._clear_locked()
+
+    def disconnected(self) -> None:
+        """The connection to the publisher dropped (engine stopped or crashed, or the network): forget everything
+        and accept any sequence number next."""
+        with self._lock:
+            self._counts["disconnects"] += 1
+            self._last_seq = None
             self._clear_locked()
 
     def observe_seq(self, seq: int) -> None:
@@ -360,14 +371,16 @@ async def subscribe(
 ) -> None:
     """Feed `index` from the PUB socket at `endpoint` until cancelled. Never raises except CancelledError.
 
-    ZMQ reconnects a dropped TCP connection by itself (vLLM restarts show up as sequence numbers going back);
-    a broken socket is closed and re-created after a growing pause.
+    ZMQ reconnects a dropped TCP connection by itself; a drop (seen on the socket's monitor) clears the index,
+    since a stopped engine's cache is gone, and a restart also shows as sequence numbers going back. A broken
+    socket is closed and re-created after a growing pause.
     """
     cfg = config or SubscriberConfig()
     ctx = context or zmq.asyncio.Context.instance()
     pause = cfg.reconnect_min_s
     while True:
         sock = ctx.socket(zmq.SUB)
+        monitor: zmq.asyncio.Socket | None = None
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
@@ -375,14 +388,22 @@ async def subscribe(
             sock.setsockopt(zmq.RECONNECT_IVL, int(cfg.reconnect_min_s * 1000))
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(cfg.reconnect_max_s * 1000))
             sock.setsockopt(zmq.SUBSCRIBE, topic)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            poller = zmq.asyncio.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
             sock.connect(endpoint)
             logger.info("kv events: %s subscribed", name)
             while True:
-                if not await sock.poll(cfg.poll_ms, zmq.POLLIN):
-                    continue
-                frames = await sock.recv_multipart()
-                handle_message(index, frames, name=name)
-                pause = cfg.reconnect_min_s
+                ready = dict(await poller.poll(cfg.poll_ms))
+                if monitor in ready:
+                    event = parse_monitor_message(await monitor.recv_multipart())
+                    if event["event"] == zmq.EVENT_DISCONNECTED:
+                        logger.info("kv events: %s disconnected; its blocks are forgotten", name)
+                        index.disconnected()
+                if sock in ready:
+                    handle_message(index, await sock.recv_multipart(), name=name)
+                    pause = cfg.reconnect_min_s
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a broken socket must not end the task
@@ -390,6 +411,10 @@ async def subscribe(
                 "kv events: %s subscription failed (%s); retrying in %.1f s", name, type(exc).__name__, pause
             )
         finally:
+            if monitor is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close(linger=0)
         await asyncio.sleep(pause)
         pause = min(pause * 2, cfg.reconnect_max_s)

@@ -287,7 +287,31 @@ async def test_hub_follows_a_publisher_through_an_engine_restart(zctx):
             sender.cancel()
         # then what the old engine held is forgotten
         assert index.matched_blocks(keys_of(A)) == 0
-        assert index.stats().restarts >= 1
+        stats = index.stats()
+        assert stats.restarts + stats.disconnects >= 1
+    finally:
+        await hub.aclose()
+        pub.close()
+
+
+async def test_a_dropped_connection_forgets_the_engines_blocks(zctx):
+    # given a subscriber that learnt A from a publisher
+    pub = FakePublisher(zctx)
+    hub = KvEventsHub(max_blocks=100, config=FAST, context=zctx)
+    hub.sync({"gpu-a": pub.endpoint})
+    index = hub.index("gpu-a")
+    try:
+        seq = 0
+        while index.matched_blocks(keys_of(A)) < 1:
+            await pub.send(frames(seq, stored([11], A)))
+            seq += 1
+            await asyncio.sleep(0.05)
+            assert seq < 100, "subscriber never received"
+        # when the engine goes away (its socket closes) and sends nothing more
+        pub.close()
+        # then the index empties without waiting for a new batch
+        await eventually(lambda: len(index) == 0)
+        assert index.stats().disconnects >= 1 and index.stats().last_seq is None
     finally:
         await hub.aclose()
         pub.close()
