@@ -1,6 +1,8 @@
 """Registry import and export as YAML documents (the `import_registry` and `export_registry` commands).
 
 The document has two top-level lists, `pools` (each with its `backends`) and `models`; see docs/registry.md.
+Its keys and their types are derived from the management API's serializers (backends/serializers.py): every
+writable field is a key, so a field added there is exported and imported without a change here.
 Export is deterministic (sorted by name) and leaves out health fields and, unless asked, backend API keys.
 Import upserts by name inside one transaction, validates every row with `full_clean()` (the admin's rules) plus
 structural checks, and either applies the whole document or changes nothing.
@@ -8,6 +10,7 @@ structural checks, and either applies the whole document or changes nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -15,26 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, ImproperlyConfigured, ValidationError
 from django.db import models, transaction
 from django.db.models import ProtectedError
+from rest_framework import serializers
 
-from backends.models import Backend, GpuPool, Model, ModelFallback
+from backends.models import Backend, GpuPool, Model, ModelFallback, normalize_api_key
+from backends.serializers import BackendSerializer, GpuPoolSerializer, ModelSerializer
 from backends.services import registry_version_bump_on_commit
 
-# Keys in export order; the import accepts exactly these (plus `api_key_env` on backends).
-POOL_KEYS = ("name", "description", "routing_strategy", "enabled", "backends")
-BACKEND_KEYS = (
-    "name",
-    "base_url",
-    "api_key",
-    "weight",
-    "max_concurrent_requests",
-    "connect_timeout_s",
-    "read_timeout_s",
-    "state",
-)
-MODEL_KEYS = ("name", "served_name", "aliases", "kind", "pool", "fallback_pools", "max_context_length", "enabled")
 TOP_LEVEL_KEYS = ("pools", "models")
 
 
@@ -117,49 +109,21 @@ def registry_yaml_dump(*, document: dict[str, Any]) -> str:
 
 
 def registry_export(*, include_secrets: bool = False) -> dict[str, Any]:
-    """Return the whole registry as a document, sorted by name; API keys only when `include_secrets`."""
-    pools = list(GpuPool.objects.order_by("name"))
-    pool_names = {p.pk: p.name for p in pools}
+    """Return the whole registry as a document, sorted by name; API keys only when `include_secrets`.
+
+    Every entry has every key of its schema (derived from the serializers), each as its serializer represents it.
+    """
+    schema = registry_schema()
     backends_by_pool: dict[int, list[dict[str, Any]]] = {}
     for b in Backend.objects.order_by("name"):
-        entry: dict[str, Any] = {"name": b.name, "base_url": b.base_url}
-        if include_secrets:
-            entry["api_key"] = b.api_key
-        entry.update(
-            weight=b.weight,
-            max_concurrent_requests=b.max_concurrent_requests,
-            connect_timeout_s=float(b.connect_timeout_s),
-            read_timeout_s=float(b.read_timeout_s),
-            state=b.state,
-        )
-        backends_by_pool.setdefault(b.pool_id, []).append(entry)
-    fallbacks: dict[int, list[str]] = {}
-    for fb in ModelFallback.objects.order_by("position", "id"):
-        fallbacks.setdefault(fb.model_id, []).append(pool_names[fb.pool_id])
+        backends_by_pool.setdefault(b.pool_id, []).append(schema["backends"].export(b, include_secrets=include_secrets))
+    models = Model.objects.select_related("pool").prefetch_related("fallbacks__pool").order_by("name")
     return {
         "pools": [
-            {
-                "name": p.name,
-                "description": p.description,
-                "routing_strategy": p.routing_strategy,
-                "enabled": p.enabled,
-                "backends": backends_by_pool.get(p.pk, []),
-            }
-            for p in pools
+            schema["pools"].export(p, include_secrets=include_secrets, backends=backends_by_pool.get(p.pk, []))
+            for p in GpuPool.objects.order_by("name")
         ],
-        "models": [
-            {
-                "name": m.name,
-                "served_name": m.served_name,
-                "aliases": list(m.aliases or []),
-                "kind": m.kind,
-                "pool": pool_names[m.pool_id],
-                "fallback_pools": fallbacks.get(m.pk, []),
-                "max_context_length": m.max_context_length,
-                "enabled": m.enabled,
-            }
-            for m in Model.objects.order_by("name")
-        ],
+        "models": [schema["models"].export(m, include_secrets=include_secrets) for m in models],
     }
 
 
@@ -270,34 +234,91 @@ def _expect_str_list(value: Any) -> str | None:
 
 
 Check = Callable[[Any], str | None]
-POOL_SCHEMA: dict[str, tuple[Check, bool]] = {  # key -> (type check, required)
-    "name": (_expect_str, True),
-    "description": (_expect_str, False),
-    "routing_strategy": (_expect_str, False),
-    "enabled": (_expect_bool, False),
-    "backends": (_expect_list, False),
-}
-BACKEND_SCHEMA: dict[str, tuple[Check, bool]] = {
-    "name": (_expect_str, True),
-    "base_url": (_expect_str, True),
-    "api_key": (_expect_str, False),
-    "api_key_env": (_expect_str, False),
-    "weight": (_expect_int, False),
-    "max_concurrent_requests": (_expect_int, False),
-    "connect_timeout_s": (_expect_number, False),
-    "read_timeout_s": (_expect_number, False),
-    "state": (_expect_str, False),
-}
-MODEL_SCHEMA: dict[str, tuple[Check, bool]] = {
-    "name": (_expect_str, True),
-    "served_name": (_expect_str, False),
-    "aliases": (_expect_str_list, False),
-    "kind": (_expect_str, False),
-    "pool": (_expect_str, True),
-    "fallback_pools": (_expect_str_list, False),
-    "max_context_length": (_expect_int_or_null, False),
-    "enabled": (_expect_bool, False),
-}
+
+
+def _check_for(serializer: type[serializers.Serializer], name: str, field: serializers.Field) -> Check:
+    """The strict YAML type check of a serializer field (YAML has types: `1.0` is not the string "1.0")."""
+    if isinstance(field, serializers.BooleanField):
+        check = _expect_bool
+    elif isinstance(field, serializers.IntegerField):
+        check = _expect_int
+    elif isinstance(field, serializers.FloatField):
+        check = _expect_number
+    elif isinstance(field, serializers.ListField) and isinstance(field.child, serializers.CharField):
+        check = _expect_str_list
+    elif isinstance(field, serializers.CharField | serializers.ChoiceField | serializers.SlugRelatedField):
+        check = _expect_str
+    else:
+        raise ImproperlyConfigured(
+            f"registry YAML: no type check for {serializer.__name__}.{name} ({type(field).__name__}); "
+            "add one in backends/registry_io.py:_check_for"
+        )
+    if getattr(field, "allow_null", False):
+        return lambda value: None if value is None else check(value)
+    return check
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """The YAML schema of one kind of entry, derived from its serializer: its writable fields, in their order."""
+
+    serializer: type[serializers.ModelSerializer]
+    keys: tuple[str, ...]  # export order
+    schema: dict[str, tuple[Check, bool]]  # key -> (type check, required); what the import accepts
+    secret: frozenset[str]  # write-only fields: exported only with include_secrets
+    fields: dict[str, serializers.Field]
+
+    @classmethod
+    def derive(
+        cls,
+        serializer: type[serializers.ModelSerializer],
+        *,
+        nested_in_parent: tuple[str, ...] = (),
+        extra: dict[str, tuple[Check, bool]] | None = None,
+    ) -> _Kind:
+        """Every writable field of the serializer but `nested_in_parent` (given by nesting), plus `extra` keys."""
+        fields = {
+            name: field
+            for name, field in serializer().fields.items()
+            if not field.read_only and name not in nested_in_parent
+        }
+        schema = {name: (_check_for(serializer, name, f), f.required) for name, f in fields.items()}
+        schema.update(extra or {})
+        keys = tuple(k for k in schema if k in fields or k == "backends")
+        secret = frozenset(name for name, f in fields.items() if f.write_only)
+        return cls(serializer, keys, schema, secret, fields)
+
+    @property
+    def settable(self) -> tuple[str, ...]:
+        """Keys copied onto the row as they are (not the name, the relations or the nesting)."""
+        return tuple(k for k in self.keys if k not in {"name", "pool", "fallback_pools", "backends"})
+
+    def export(self, row: Any, *, include_secrets: bool, **given: Any) -> dict[str, Any]:
+        """The entry of a row: each key's value as its serializer field represents it, unless `given`."""
+        entry: dict[str, Any] = {}
+        for key in self.keys:
+            if key in self.secret and not include_secrets:
+                continue
+            if key in given:
+                entry[key] = given[key]
+                continue
+            field = self.fields[key]
+            value = field.get_attribute(row)
+            entry[key] = None if value is None else field.to_representation(value)
+        return entry
+
+
+@functools.cache
+def registry_schema() -> dict[str, _Kind]:
+    """The YAML schema of pools, backends and models, derived from the serializers once (on first use: building
+    serializer fields at import time would import DRF's settings too early)."""
+    return {
+        "pools": _Kind.derive(GpuPoolSerializer, extra={"backends": (_expect_list, False)}),
+        "backends": _Kind.derive(
+            BackendSerializer, nested_in_parent=("pool",), extra={"api_key_env": (_expect_str, False)}
+        ),
+        "models": _Kind.derive(ModelSerializer),
+    }
 
 
 @dataclass
@@ -432,6 +453,7 @@ class _Importer:
     def _check_document(self) -> None:
         """Check keys, types, required fields, duplicate names and pool references; keep the valid entries."""
         doc = self.document
+        schema = registry_schema()
         if not isinstance(doc, dict):
             self.errors.append(f"document: expected a mapping with 'pools' and 'models', got {_type(doc)}")
             return
@@ -463,7 +485,7 @@ class _Importer:
 
         for i, raw in enumerate(pools_raw):
             where = f"pools[{i}]"
-            ok = _check_entry(raw, where, POOL_SCHEMA, self.errors)
+            ok = _check_entry(raw, where, schema["pools"].schema, self.errors)
             ok = unique("pools", where, raw) and ok if isinstance(raw, dict) else ok
             pool = _Entry(_label(where, raw), raw) if ok else None
             if pool:
@@ -471,7 +493,7 @@ class _Importer:
             backends_raw = raw.get("backends", []) if isinstance(raw, dict) else []
             for j, braw in enumerate(backends_raw if isinstance(backends_raw, list) else []):
                 bwhere = f"{where}.backends[{j}]"
-                bok = _check_entry(braw, bwhere, BACKEND_SCHEMA, self.errors)
+                bok = _check_entry(braw, bwhere, schema["backends"].schema, self.errors)
                 bok = unique("backends", bwhere, braw) and bok if isinstance(braw, dict) else bok
                 if bok and "api_key" in braw and "api_key_env" in braw:
                     self.errors.append(
@@ -484,7 +506,7 @@ class _Importer:
         known_pools = self.named["pools"] | (set() if self.prune else set(self.pool_rows))
         for i, raw in enumerate(models_raw):
             where = f"models[{i}]"
-            ok = _check_entry(raw, where, MODEL_SCHEMA, self.errors)
+            ok = _check_entry(raw, where, schema["models"].schema, self.errors)
             if not isinstance(raw, dict):
                 continue
             ok = unique("models", where, raw) and ok
@@ -563,31 +585,24 @@ class _Importer:
 
     def _upsert_pools(self) -> None:
         """Create or update each pool from its entry."""
+        settable = registry_schema()["pools"].settable
         for entry in self.pools:
             row = self.pool_rows.get(entry.name) or GpuPool(name=entry.name)
-            values = {k: entry.data[k] for k in ("description", "routing_strategy", "enabled") if k in entry.data}
-            if self._apply(row, values, ("description", "routing_strategy", "enabled"), entry, self.report.pools):
+            values = {k: entry.data[k] for k in settable if k in entry.data}
+            if self._apply(row, values, settable, entry, self.report.pools):
                 self.pool_rows[entry.name] = row
 
     def _upsert_backends(self) -> None:
         """Create or update each backend (moving it to its entry's pool if needed)."""
-        tracked = (
-            "pool_id",
-            "base_url",
-            "api_key",
-            "weight",
-            "max_concurrent_requests",
-            "connect_timeout_s",
-            "read_timeout_s",
-            "state",
-        )
+        tracked = ("pool_id", *registry_schema()["backends"].settable)
         existing = {b.name: b for b in Backend.objects.filter(name__in=[e.name for e in self.backends])}
         for entry in self.backends:
             data = entry.data
             row = existing.get(entry.name) or Backend(name=entry.name)
-            values = {k: data[k] for k in BACKEND_KEYS if k in data and k != "name"}
+            values = {k: data[k] for k in tracked[1:] if k in data}
             if "api_key_env" in data:
-                key = os.environ.get(data["api_key_env"])
+                # A secret file mounted into the variable ends with a newline: stripped, as on every save.
+                key = normalize_api_key(os.environ.get(data["api_key_env"], ""))
                 if not key:
                     variable = data["api_key_env"]
                     self.errors.append(
@@ -612,7 +627,7 @@ class _Importer:
 
     def _upsert_models(self) -> None:
         """Create or update each model and replace its fallback pools when their list changed."""
-        tracked = ("served_name", "aliases", "kind", "pool_id", "max_context_length", "enabled")
+        tracked = ("pool_id", *registry_schema()["models"].settable)
         existing = {m.name: m for m in Model.objects.filter(name__in=[e.name for e in self.models])}
         current_fallbacks: dict[int, list[str]] = {}
         for fb in ModelFallback.objects.filter(model__in=existing.values()).select_related("pool"):
@@ -628,9 +643,7 @@ class _Importer:
         for entry in self.models:
             data = entry.data
             row = existing.get(entry.name) or Model(name=entry.name)
-            values = {
-                k: data[k] for k in ("served_name", "aliases", "kind", "max_context_length", "enabled") if k in data
-            }
+            values = {k: data[k] for k in tracked[1:] if k in data}
             pool = self.pool_rows.get(data["pool"])
             pools_ok = all(p in self.pool_rows for p in [data["pool"], *data.get("fallback_pools", [])])
             if pool is not None:

@@ -1,4 +1,9 @@
-"""Management API schemas for the registry; validation runs the models' own `full_clean()`, as admin does."""
+"""Management API schemas for the registry; validation runs the models' own `full_clean()`, as admin does.
+
+These serializers are also the one definition of the registry's YAML format (backends/registry_io.py): every
+writable field is a YAML key, with the type its serializer field has; write-only fields are secrets (exported
+only on request); read-only fields (health, timestamps) are not configuration and stay out of the YAML.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +52,23 @@ def _plain_attrs(model_class: type[db_models.Model], attrs: dict[str, Any]) -> d
         else:
             plain[key] = value
     return plain
+
+
+def model_fallback_names(model: Model) -> list[str]:
+    """A model's fallback pool names in order (position), which the plain many-to-many field would lose.
+
+    Uses `prefetch_related("fallbacks__pool")` when the queryset has it (the API and the YAML export do).
+    """
+    prefetched = "fallbacks" in getattr(model, "_prefetched_objects_cache", {})
+    rows = model.fallbacks.all() if prefetched else model.fallbacks.select_related("pool")
+    return [fb.pool.name for fb in rows]
+
+
+class FallbackPoolsField(serializers.ListField):
+    """A model's ordered fallback pool names: read from its ModelFallback rows, written by the serializer."""
+
+    def get_attribute(self, instance: Model) -> list[str]:
+        return model_fallback_names(instance)
 
 
 class GpuPoolSerializer(_FullCleanMixin, serializers.ModelSerializer):
@@ -134,7 +156,8 @@ class ModelSerializer(_FullCleanMixin, serializers.ModelSerializer):
     """A public model; fallback pools are an ordered list of pool names."""
 
     pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())
-    fallback_pools = serializers.ListField(child=serializers.CharField(), required=False, write_only=True)
+    aliases = serializers.ListField(child=serializers.CharField(), required=False)
+    fallback_pools = FallbackPoolsField(child=serializers.CharField(), required=False)
 
     class Meta:
         model = Model
@@ -153,12 +176,6 @@ class ModelSerializer(_FullCleanMixin, serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["unavailable_reason", "created_at", "updated_at"]
-
-    def to_representation(self, instance: Model) -> dict[str, Any]:
-        data = super().to_representation(instance)
-        # Ordered by position, which the plain many-to-many field would lose.
-        data["fallback_pools"] = [fb.pool.name for fb in instance.fallbacks.select_related("pool")]
-        return data
 
     def validate_fallback_pools(self, value: list[str]) -> list[str]:
         """Every fallback pool must exist, once."""
