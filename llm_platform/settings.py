@@ -213,6 +213,13 @@ ROUTER_REGISTRY_POLL_S = env_float("ROUTER_REGISTRY_POLL_S", 0.5)
 # Pooled upstream connections per process.
 ROUTER_MAX_CONNECTIONS = env_int("ROUTER_MAX_CONNECTIONS", 1000)
 ROUTER_MAX_KEEPALIVE = env_int("ROUTER_MAX_KEEPALIVE", 200)
+# Limits on what a backend may send (routing/upstream.py; past one the request gets a 502 and the connection is
+# closed): one response header line, header lines per head, the whole head, and a body read whole (non-streamed
+# answers and error bodies; 64 MiB holds e.g. 2,048 embeddings of 4,096 floats as JSON).
+ROUTER_UPSTREAM_MAX_HEADER_LINE_BYTES = max(256, env_int("ROUTER_UPSTREAM_MAX_HEADER_LINE_BYTES", 8190))
+ROUTER_UPSTREAM_MAX_HEADERS = max(16, env_int("ROUTER_UPSTREAM_MAX_HEADERS", 128))
+ROUTER_UPSTREAM_MAX_HEAD_BYTES = max(1024, env_int("ROUTER_UPSTREAM_MAX_HEAD_BYTES", 65536))
+ROUTER_UPSTREAM_MAX_BODY_BYTES = max(65536, env_int("ROUTER_UPSTREAM_MAX_BODY_BYTES", 64 * 1024 * 1024))
 # Attempts per request before the first byte reached the client (1 = no retry).
 ROUTER_MAX_ATTEMPTS = env_int("ROUTER_MAX_ATTEMPTS", 2)
 # Seconds between SSE keep-alive comments while waiting for a streamed response's first token.
@@ -222,6 +229,14 @@ ROUTER_STREAM_IDLE_TIMEOUT_S = env_float("ROUTER_STREAM_IDLE_TIMEOUT_S", 0.0)
 # Ask vLLM for usage on every streamed chunk (stripped for clients that did not ask), so a client that leaves
 # mid-stream is charged for what was generated up to then.
 ROUTER_STREAM_CONTINUOUS_USAGE = env_bool("ROUTER_STREAM_CONTINUOUS_USAGE", True)
+# Prefix-cache-aware routing (pools with strategy prefix_aware; docs/routing.md): block size of the prompt index,
+# its cap per backend, the share of a prompt that must match, the load guard, and sharing through Redis.
+ROUTER_PREFIX_BLOCK_BYTES = max(16, env_int("ROUTER_PREFIX_BLOCK_BYTES", 128))
+ROUTER_PREFIX_MAX_BLOCKS = max(1, env_int("ROUTER_PREFIX_MAX_BLOCKS", 32768))
+ROUTER_PREFIX_MIN_MATCH = env_float("ROUTER_PREFIX_MIN_MATCH", 0.3)
+ROUTER_PREFIX_BALANCE_ABS = env_int("ROUTER_PREFIX_BALANCE_ABS", 16)
+ROUTER_PREFIX_BALANCE_REL = env_float("ROUTER_PREFIX_BALANCE_REL", 1.5)
+ROUTER_PREFIX_SYNC = env_bool("ROUTER_PREFIX_SYNC", True)
 # Send `x-router-backend` (the backend's name) to every client key, not only to the master key.
 ROUTER_EXPOSE_BACKEND = env_bool("ROUTER_EXPOSE_BACKEND", False)
 # Passive health: consecutive failures (connect errors, timeouts, 5xx) that open a backend's circuit, and the

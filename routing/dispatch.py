@@ -13,6 +13,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import orjson
@@ -21,7 +22,16 @@ from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
 from routing import errors
 from routing.errors import APIError
 from routing.health import CircuitBreakers, MetricsScraper, RetryBudget
-from routing.strategies import RoutingStats, Strategy, strategy_create
+from routing.prefix import PrefixConfig, PrefixSync, prefix_blocks, prompt_bytes
+from routing.strategies import (
+    NEEDS_AFFINITY_KEY,
+    NEEDS_METRICS,
+    NEEDS_PREFIX,
+    PrefixAware,
+    RoutingStats,
+    Strategy,
+    strategy_create,
+)
 from routing.upstream import (
     FastUpstream,
     HttpxUpstream,
@@ -39,8 +49,6 @@ from routing.upstream import (
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({502, 503})
-KV_CACHE_AWARE = "kv_cache_aware"
-SESSION_AFFINITY = "session_affinity"
 
 # Every live dispatcher of this process, for admin and the management API (weak: nothing to reset in tests).
 LIVE_DISPATCHERS: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
@@ -58,10 +66,19 @@ class _Prepared:
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """What routing may read from the request itself: the `user` field and the headers (for affinity keys)."""
+    """What routing may read from the request itself: the `user` field and the headers (for affinity keys), and
+    the validated body (for the prompt's prefix), computed only for strategies that declare they need them."""
 
     user: str | None = None
     headers: Sequence[tuple[bytes, bytes]] = field(default_factory=tuple)
+    endpoint: str = ""
+    data: dict[str, Any] | None = None
+
+    def prefix_blocks(self, block_bytes: int) -> tuple[int, ...]:
+        """The prompt's chained block keys (empty without a prompt)."""
+        if self.data is None:
+            return ()
+        return prefix_blocks(prompt_bytes(self.endpoint, self.data), block_bytes)
 
     def affinity_key(self, source: str) -> str | None:
         """The session key named by a pool's `affinity_key` setting ("user" or "header:<name>")."""
@@ -93,6 +110,8 @@ class Dispatcher:
         scraper: MetricsScraper | None = None,
         queue_max: int = 100,
         queue_timeout_s: float = 10.0,
+        prefix: PrefixConfig | None = None,
+        prefix_sync: PrefixSync | None = None,
     ) -> None:
         self.max_attempts = max(1, max_attempts)
         # httpx serves https:// backends, background work (metrics scraping) and tests that inject a transport;
@@ -118,6 +137,9 @@ class Dispatcher:
         self.retries = 0
         self.rejected_capacity = 0
         self._registry: RegistrySnapshot | None = None
+        self.prefix_config = prefix or PrefixConfig()
+        self.prefix_sync = prefix_sync
+        self._scraped_pools: set[str] = set()
         LIVE_DISPATCHERS.add(self)
 
     # --- client -------------------------------------------------------------------------------------------------
@@ -129,6 +151,8 @@ class Dispatcher:
     async def aclose(self) -> None:
         """Stop background work and close pooled connections."""
         await self.scraper.aclose()
+        if self.prefix_sync is not None:
+            await self.prefix_sync.aclose()
         await self._httpx.aclose()
         if self._fast is not None:
             await self._fast.aclose()
@@ -139,8 +163,21 @@ class Dispatcher:
         key = (pool.name, pool.strategy)
         strategy = self._strategies.get(key)
         if strategy is None:
-            strategy = self._strategies[key] = strategy_create(pool.strategy)
+            strategy = self._strategies[key] = strategy_create(pool.strategy, prefix=self.prefix_config)
+            if isinstance(strategy, PrefixAware) and self.prefix_sync is not None:
+                sync, name = self.prefix_sync, pool.name
+                strategy.on_insert = lambda backend, blocks: sync.publish(name, backend, blocks)
+                sync.attach(pool.name, strategy.index)
+                sync.ensure_running()
         return strategy
+
+    def _registry_changed(self, registry: RegistrySnapshot) -> None:
+        """Forget the prefix indexes of backends that left their pool or stopped taking requests."""
+        for (pool_name, _), strategy in self._strategies.items():
+            if isinstance(strategy, PrefixAware):
+                pool = registry.pools.get(pool_name)
+                usable = [b.name for b in pool.backends if b.usable] if pool is not None else []
+                strategy.index.keep_only(usable)
 
     def _candidates(self, pool: PoolSnap, exclude: set[str]) -> tuple[list[BackendSnap], bool]:
         """Usable backends with free capacity (healthy ones first, degraded only when no healthy one is left),
@@ -179,15 +216,23 @@ class Dispatcher:
             any_full = any_full or full
             if not candidates:
                 continue
-            if pool.strategy == KV_CACHE_AWARE:
+            strategy = self._strategy(pool)
+            needs = strategy.needs
+            if not needs:
+                return strategy.select(candidates, RoutingStats(in_flight=self.in_flight)), any_full
+            if registry is not self._registry:
                 self._registry = registry
+                self._registry_changed(registry)
+            if NEEDS_METRICS in needs:
+                self._scraped_pools.add(pool.name)
                 self.scraper.ensure_running(self._scrape_targets, self.client)
             stats = RoutingStats(
                 in_flight=self.in_flight,
-                metrics=self.scraper.fresh() if pool.strategy == KV_CACHE_AWARE else {},
-                affinity_key=context.affinity_key(pool.affinity_key) if pool.strategy == SESSION_AFFINITY else None,
+                metrics=self.scraper.fresh() if NEEDS_METRICS in needs else {},
+                affinity_key=context.affinity_key(pool.affinity_key) if NEEDS_AFFINITY_KEY in needs else None,
+                prefix=context.prefix_blocks(self.prefix_config.block_bytes) if NEEDS_PREFIX in needs else (),
             )
-            return self._strategy(pool).select(candidates, stats), any_full
+            return strategy.select(candidates, stats), any_full
         return None, any_full
 
     def _scrape_targets(self) -> list[BackendSnap]:
@@ -197,7 +242,7 @@ class Dispatcher:
         return [
             b
             for pool in registry.pools.values()
-            if pool.enabled and pool.strategy == KV_CACHE_AWARE
+            if pool.enabled and pool.name in self._scraped_pools
             for b in pool.backends
             if b.state != "disabled"
         ]
@@ -252,6 +297,8 @@ class Dispatcher:
             self.circuits.success(backend.name)
         elif ok is False:
             self.circuits.failure(backend.name, reason)
+            if not self.circuits.allows(backend.name):
+                self._forget(backend.name)  # its circuit opened: whatever it cached may be gone when it is back
         else:
             self.circuits.release(backend.name)
         if self._waiters:
@@ -260,6 +307,23 @@ class Dispatcher:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _forget(self, backend: str) -> None:
+        for strategy in self._strategies.values():
+            if isinstance(strategy, PrefixAware):
+                strategy.forget(backend)
+
+    def prefix_view(self) -> dict[str, dict[str, float | int | None]]:
+        """Per backend: the prefix index's size (blocks) and routing's estimated hit ratio."""
+        out: dict[str, dict[str, float | int | None]] = {}
+        for strategy in self._strategies.values():
+            if isinstance(strategy, PrefixAware):
+                for name in strategy.index.backends():
+                    out[name] = {
+                        "prefix_index_blocks": strategy.index.size(name),
+                        "prefix_estimated_hit_ratio": strategy.index.hit_ratio(name),
+                    }
+        return out
 
     def prepared(self, backend: BackendSnap, version: int) -> _Prepared:
         """Headers, URL and timeouts of a backend, cached per registry version."""
@@ -374,7 +438,8 @@ class Dispatcher:
         """This process's view of each backend: in-flight, circuit, latency, scraped metrics."""
         names = set(self.in_flight) | set(self.latency_ms) | set(self.circuits.snapshot())
         metrics = self.scraper.fresh()
-        names |= set(metrics)
+        prefix = self.prefix_view()
+        names |= set(metrics) | set(prefix)
         out: dict[str, dict[str, object]] = {}
         for name in names:
             m = metrics.get(name)
@@ -385,6 +450,11 @@ class Dispatcher:
                 "vllm_waiting": m.waiting if m else None,
                 "vllm_running": m.running if m else None,
                 "kv_cache_usage": m.kv_cache_usage if m else None,
+                "engine_prefix_cache_hit_rate": m.prefix_cache_hit_rate if m else None,
+                "engine_prefix_cache_hits": m.prefix_cache_hits if m else None,
+                "engine_prefix_cache_queries": m.prefix_cache_queries if m else None,
+                "prefix_index_blocks": prefix.get(name, {}).get("prefix_index_blocks"),
+                "prefix_estimated_hit_ratio": prefix.get(name, {}).get("prefix_estimated_hit_ratio"),
             }
         return out
 

@@ -31,8 +31,9 @@ from routing.errors import APIError
 from routing.exchange import ClientGone, Lifecycle, stream_state
 from routing.fastcheck import fast_valid_chat, fast_valid_completion, fast_valid_embedding
 from routing.health import CircuitBreakers, MetricsScraper, RetryBudget
+from routing.prefix import PrefixConfig, PrefixSync
 from routing.registry import RegistryCache
-from routing.runtime import RuntimePublisher
+from routing.runtime import PROCESS_ID, RuntimePublisher
 from routing.serializers import (
     ChatCompletionRequestSerializer,
     CompletionRequestSerializer,
@@ -177,6 +178,18 @@ class Gateway:
             scraper=MetricsScraper(interval_s=settings.ROUTER_METRICS_SCRAPE_S),
             queue_max=settings.ROUTER_QUEUE_MAX,
             queue_timeout_s=settings.ROUTER_QUEUE_TIMEOUT_S,
+            prefix=PrefixConfig(
+                block_bytes=settings.ROUTER_PREFIX_BLOCK_BYTES,
+                max_blocks=settings.ROUTER_PREFIX_MAX_BLOCKS,
+                min_match=settings.ROUTER_PREFIX_MIN_MATCH,
+                balance_abs=settings.ROUTER_PREFIX_BALANCE_ABS,
+                balance_rel=settings.ROUTER_PREFIX_BALANCE_REL,
+            ),
+            prefix_sync=(
+                PrefixSync(settings.REDIS_URL, process_id=PROCESS_ID)
+                if settings.REDIS_URL and settings.ROUTER_PREFIX_SYNC
+                else None
+            ),
         )
         return cls(
             fallback,
@@ -473,7 +486,9 @@ class Gateway:
             if any(options.get(k) is not True for k in wanted):
                 data["stream_options"] = {**options, **wanted}
         user = data.get("user")
-        context = RequestContext(user=user if isinstance(user, str) else None, headers=headers)
+        context = RequestContext(
+            user=user if isinstance(user, str) else None, headers=headers, endpoint=endpoint.name, data=data
+        )
         try:
             body = orjson.dumps(data)
         except orjson.JSONEncodeError:  # nested deeper than orjson encodes: name the parameter, as validation does

@@ -175,15 +175,16 @@ class RetryBudget:
 # --- metrics scraping -------------------------------------------------------------------------------------------
 
 _METRIC_RE = re.compile(
-    rb"^(vllm:num_requests_waiting|vllm:num_requests_running|vllm:kv_cache_usage_perc|vllm:gpu_cache_usage_perc)"
+    rb"^(vllm:num_requests_waiting|vllm:num_requests_running|vllm:kv_cache_usage_perc|vllm:gpu_cache_usage_perc"
+    rb"|vllm:prefix_cache_hits_total|vllm:prefix_cache_queries_total)"
     rb"(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)",
     re.MULTILINE,
 )
 
 
 def parse_vllm_metrics(text: bytes, scraped_at: float) -> BackendMetrics:
-    """Sum vLLM's queue and KV-cache gauges over engines from a Prometheus text exposition."""
-    waiting = running = 0.0
+    """Sum vLLM's queue and KV-cache gauges (and prefix-cache counters) over engines from a Prometheus text."""
+    waiting = running = hits = queries = 0.0
     kv: list[float] = []
     for name, raw in _METRIC_RE.findall(text):
         try:
@@ -196,10 +197,21 @@ def parse_vllm_metrics(text: bytes, scraped_at: float) -> BackendMetrics:
             waiting += value
         elif name == b"vllm:num_requests_running":
             running += value
+        elif name == b"vllm:prefix_cache_hits_total":
+            hits += value
+        elif name == b"vllm:prefix_cache_queries_total":
+            queries += value
         else:
             kv.append(value)
     # Older vLLM reports gpu_cache_usage_perc; newer kv_cache_usage_perc; both are fractions 0..1.
-    return BackendMetrics(waiting=waiting, running=running, kv_cache_usage=max(kv, default=0.0), scraped_at=scraped_at)
+    return BackendMetrics(
+        waiting=waiting,
+        running=running,
+        kv_cache_usage=max(kv, default=0.0),
+        scraped_at=scraped_at,
+        prefix_cache_hits=hits,
+        prefix_cache_queries=queries,
+    )
 
 
 class MetricsScraper:

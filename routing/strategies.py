@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from backends.models import RoutingStrategy
 from backends.snapshot import BackendSnap
+from routing.prefix import PrefixConfig, PrefixIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,13 @@ class BackendMetrics:
     running: float = 0.0
     kv_cache_usage: float = 0.0  # 0..1
     scraped_at: float = 0.0
+    prefix_cache_hits: float = 0.0  # tokens, cumulative since the engine started
+    prefix_cache_queries: float = 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """The engine's own prefix-cache hit rate since it started (None before any query)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +46,22 @@ class RoutingStats:
     in_flight: Mapping[str, int] = field(default_factory=dict)
     metrics: Mapping[str, BackendMetrics] = field(default_factory=dict)
     affinity_key: str | None = None
+    prefix: tuple[int, ...] = ()
+    """The request's prompt as chained block keys (`routing.prefix.prefix_blocks`)."""
+
+
+NEEDS_METRICS = "metrics"
+NEEDS_AFFINITY_KEY = "affinity_key"
+NEEDS_PREFIX = "prefix"
 
 
 class Strategy(Protocol):
-    """Chooses one backend among usable candidates (never empty)."""
+    """Chooses one backend among usable candidates (never empty).
+
+    `needs` declares what the dispatcher must compute for it (`NEEDS_*`): nothing else is computed per request.
+    """
+
+    needs: frozenset[str]
 
     def select(self, candidates: Sequence[BackendSnap], stats: RoutingStats) -> BackendSnap:
         """Return the backend to try next."""
@@ -50,6 +70,8 @@ class Strategy(Protocol):
 
 class RoundRobin:
     """Each candidate in turn."""
+
+    needs: frozenset[str] = frozenset()
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._turn = itertools.count()
@@ -62,6 +84,8 @@ class RoundRobin:
 class Weighted:
     """Random choice proportional to each backend's weight."""
 
+    needs: frozenset[str] = frozenset()
+
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
@@ -72,6 +96,8 @@ class Weighted:
 
 class LeastOutstanding:
     """The candidate with the fewest in-flight requests from this process; ties broken at random."""
+
+    needs: frozenset[str] = frozenset()
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
@@ -91,6 +117,8 @@ class KvCacheAware:
     server dominates, then a full KV cache, then load; candidates without fresh metrics are scored by their
     in-flight requests alone. Ties are broken at random.
     """
+
+    needs = frozenset({NEEDS_METRICS})
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
@@ -118,6 +146,8 @@ class SessionAffinity:
     Requests without a key go to the least outstanding backend.
     """
 
+    needs = frozenset({NEEDS_AFFINITY_KEY})
+
     def __init__(self, rng: random.Random | None = None) -> None:
         self._fallback = LeastOutstanding(rng)
 
@@ -129,24 +159,88 @@ class SessionAffinity:
         return max(candidates, key=lambda b: _hrw_score(key, b.name))
 
 
+class PrefixAware:
+    """The backend believed to hold the longest prefix of the prompt in its KV cache, under a load guard.
+
+    1. Load guard: a candidate whose load (this process's in-flight requests plus vLLM's waiting queue where
+       scraped) exceeds the least loaded one's by more than `balance_abs` and by more than `balance_rel` times is
+       overloaded and not chosen for its cache, so a popular prefix cannot melt one server.
+    2. Among the others, the longest matched prefix wins when it covers at least `min_match` of the prompt's
+       blocks; ties go to the less loaded, then to the highest rendezvous hash of the prompt's first block.
+    3. Otherwise (a new prompt) the least loaded wins, ties broken by the same hash, so that processes which
+       see the same loads make the same choice for the same prompt.
+    The choice is recorded in the index (`routing.prefix.PrefixIndex`) and, through `on_insert`, shared.
+    """
+
+    needs = frozenset({NEEDS_PREFIX, NEEDS_METRICS})
+
+    def __init__(self, rng: random.Random | None = None, *, config: PrefixConfig | None = None) -> None:
+        self.config = config or PrefixConfig()
+        self.index = PrefixIndex(self.config.max_blocks)
+        self.on_insert: Callable[[str, tuple[int, ...]], None] | None = None
+
+    def select(self, candidates: Sequence[BackendSnap], stats: RoutingStats) -> BackendSnap:
+        """Pick by cached prefix within the load guard; see the class docstring."""
+        config = self.config
+        loads = {b.name: _load(b.name, stats) for b in candidates}
+        least = min(loads.values())
+        eligible = [
+            b
+            for b in candidates
+            if not (loads[b.name] - least > config.balance_abs and loads[b.name] > least * config.balance_rel)
+        ]
+        blocks = stats.prefix
+        seed = f"{blocks[0]:x}" if blocks else ""
+        chosen: BackendSnap | None = None
+        matches: dict[str, int] = {}
+        if blocks:
+            matches = {b.name: self.index.match(blocks, b.name) for b in eligible}
+            best = max(matches.values())
+            if best and best >= config.min_match * len(blocks):
+                chosen = min(
+                    (b for b in eligible if matches[b.name] == best),
+                    key=lambda b: (loads[b.name], -_hrw_score(seed, b.name)),
+                )
+        if chosen is None:
+            chosen = min(eligible, key=lambda b: (loads[b.name], -_hrw_score(seed, b.name)))
+        if blocks:
+            self.index.observe(chosen.name, matches.get(chosen.name, 0), len(blocks))
+            self.index.insert(chosen.name, blocks)
+            if self.on_insert is not None:
+                self.on_insert(chosen.name, blocks)
+        return chosen
+
+    def forget(self, backend: str) -> None:
+        """Drop what is known of a backend's cache (drained, disabled, circuit open, removed)."""
+        self.index.drop(backend)
+
+
+def _load(name: str, stats: RoutingStats) -> float:
+    metrics = stats.metrics.get(name)
+    return stats.in_flight.get(name, 0) + (metrics.waiting if metrics is not None else 0.0)
+
+
 def _hrw_score(key: str, backend: str) -> int:
     digest = hashlib.blake2b(f"{key}\x00{backend}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
-_FACTORIES: dict[RoutingStrategy, type[RoundRobin | Weighted | LeastOutstanding | KvCacheAware | SessionAffinity]] = {
+_FACTORIES: dict[RoutingStrategy, Callable[..., Strategy]] = {
     RoutingStrategy.ROUND_ROBIN: RoundRobin,
     RoutingStrategy.WEIGHTED: Weighted,
     RoutingStrategy.LEAST_OUTSTANDING: LeastOutstanding,
     RoutingStrategy.KV_CACHE_AWARE: KvCacheAware,
     RoutingStrategy.SESSION_AFFINITY: SessionAffinity,
+    RoutingStrategy.PREFIX_AWARE: PrefixAware,
 }
 
 
-def strategy_create(name: str, rng: random.Random | None = None) -> Strategy:
+def strategy_create(name: str, rng: random.Random | None = None, *, prefix: PrefixConfig | None = None) -> Strategy:
     """Create a fresh strategy instance for a pool; unknown names fall back to round robin."""
     try:
-        factory = _FACTORIES[RoutingStrategy(name)]
+        kind = RoutingStrategy(name)
     except ValueError:
-        factory = RoundRobin
-    return factory(rng)
+        kind = RoutingStrategy.ROUND_ROBIN
+    if kind is RoutingStrategy.PREFIX_AWARE:
+        return PrefixAware(rng, config=prefix)
+    return _FACTORIES[kind](rng)

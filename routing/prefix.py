@@ -1,0 +1,254 @@
+"""Prefix-cache-aware routing: what a request's prompt starts with, and which backend has recently seen it.
+
+A vLLM server answers a request whose prefix it holds in its KV cache many times faster (its prefill skips the
+cached blocks). The router cannot see the engine's cache directly (see docs/kv-events.md), so it keeps, per
+backend, an approximate index of the prompts it recently sent there:
+
+- **Blocks.** The prompt as the engine will see it (for chat: the tools, then the messages in order, system
+  prompt and earlier turns first; for completions: the prompt), serialised with orjson, is cut into blocks of
+  `block_bytes`. Each block's key is a 64-bit chained hash (CRC-32 and Adler-32, each continued from the previous
+  block), so a block only matches when everything before it matches too, like vLLM's own block hashes. Both
+  hashes run in C: ~0.3 us a block, and a prompt shorter than one block has no blocks.
+- **Index.** Per backend, an LRU set of block keys with a cap (`max_blocks`, default 32,768: about 4 MiB of
+  prompt text, ~1M tokens). Blocks are inserted deepest first, so a prompt's first block is its most recent
+  and is evicted last: eviction shortens remembered prefixes from their ends, as an engine's LRU does.
+- **Sharing.** With `REDIS_URL`, each process publishes the blocks it routed (batched, off the request path)
+  and applies the others', so every process and replica holds the same index (`PrefixSync`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_BYTES = 128
+DEFAULT_MAX_BLOCKS = 32_768
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixConfig:
+    """Tunables of prefix-aware routing (settings `ROUTER_PREFIX_*`)."""
+
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    max_blocks: int = DEFAULT_MAX_BLOCKS
+    """Index cap per backend, in blocks."""
+    min_match: float = 0.3
+    """Below this share of the prompt's blocks matched, a request is treated as new (least loaded backend)."""
+    balance_abs: int = 16
+    balance_rel: float = 1.5
+    """A backend is overloaded when its load exceeds the least loaded one's by more than `balance_abs` requests
+    and by more than `balance_rel` times; overloaded backends are not chosen for their cache."""
+
+
+def prompt_bytes(endpoint: str, data: dict[str, Any]) -> bytes:
+    """The prompt of a request as bytes, in the order the engine sees it (empty when there is none)."""
+    try:
+        if endpoint == "chat.completions":
+            messages = orjson.dumps(data.get("messages"))
+            tools = data.get("tools")
+            return orjson.dumps(tools) + messages if tools else messages
+        if endpoint == "completions":
+            return orjson.dumps(data.get("prompt"))
+    except orjson.JSONEncodeError:
+        return b""
+    return b""
+
+
+def prefix_blocks(data: bytes, block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[int, ...]:
+    """Chained 64-bit keys of each full block of `data`: key i depends on blocks 0..i."""
+    view = memoryview(data)
+    crc = 0
+    adler = 1
+    keys = []
+    for start in range(0, len(data) - block_bytes + 1, block_bytes):
+        block = view[start : start + block_bytes]
+        crc = zlib.crc32(block, crc)
+        adler = zlib.adler32(block, adler)
+        keys.append(crc << 32 | adler)
+    return tuple(keys)
+
+
+class PrefixIndex:
+    """Per backend, an LRU set of the prefix blocks recently routed there; bounded, see the module docstring."""
+
+    def __init__(self, max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
+        self.max_blocks = max(1, max_blocks)
+        self._blocks: dict[str, OrderedDict[int, None]] = {}
+        self._observed: dict[str, list[int]] = {}  # backend -> [matched blocks, queried blocks]
+
+    def match(self, blocks: Sequence[int], backend: str) -> int:
+        """How many leading blocks of the prompt the backend is believed to hold."""
+        index = self._blocks.get(backend)
+        if not index:
+            return 0
+        # Blocks are inserted deepest first, so held prefixes are (nearly) closed under shortening: search the
+        # longest held one by bisection, confirming the bound with a linear step (eviction may leave gaps).
+        low, high = 0, len(blocks)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if blocks[middle - 1] in index:
+                low = middle
+            else:
+                high = middle - 1
+        while low and blocks[low - 1] not in index:
+            low -= 1
+        return low
+
+    def insert(self, backend: str, blocks: Sequence[int]) -> None:
+        """Remember that the backend now holds these blocks (touching those it held)."""
+        if not blocks:
+            return
+        index = self._blocks.get(backend)
+        if index is None:
+            index = self._blocks[backend] = OrderedDict()
+        for key in reversed(blocks):
+            if key in index:
+                index.move_to_end(key)
+            else:
+                index[key] = None
+        overflow = len(index) - self.max_blocks
+        for _ in range(overflow):
+            index.popitem(last=False)
+
+    def observe(self, backend: str, matched: int, total: int) -> None:
+        """Count one routing decision's expected hit (for the estimated hit ratio operators see)."""
+        counts = self._observed.get(backend)
+        if counts is None:
+            counts = self._observed[backend] = [0, 0]
+        counts[0] += matched
+        counts[1] += total
+
+    def drop(self, backend: str) -> None:
+        """Forget a backend (drained, disabled, circuit open, removed): its cache is gone or unreachable."""
+        self._blocks.pop(backend, None)
+
+    def keep_only(self, backends: Iterable[str]) -> None:
+        """Forget every backend not in `backends`."""
+        keep = set(backends)
+        for name in [n for n in self._blocks if n not in keep]:
+            del self._blocks[name]
+        for name in [n for n in self._observed if n not in keep]:
+            del self._observed[name]
+
+    def size(self, backend: str) -> int:
+        """Blocks remembered for a backend."""
+        index = self._blocks.get(backend)
+        return len(index) if index is not None else 0
+
+    def backends(self) -> list[str]:
+        """Backends with an index."""
+        return list(self._blocks)
+
+    def hit_ratio(self, backend: str) -> float | None:
+        """Share of the prompt blocks routed to a backend that routing expected it to hold (None: none routed)."""
+        counts = self._observed.get(backend)
+        return counts[0] / counts[1] if counts and counts[1] else None
+
+
+class PrefixSync:
+    """Shares prefix-index inserts between processes and replicas through Redis pub/sub.
+
+    `publish()` only appends to a buffer (the request path pays a list append); a background task sends the
+    buffer every `interval_s` as one message, and a subscriber applies other processes' inserts to the local
+    indexes. Losing a message (Redis down, a restart) only costs cache hits, never a request.
+    """
+
+    CHANNEL = "llm:prefix"
+
+    def __init__(self, redis_url: str, *, process_id: str, interval_s: float = 0.05, max_buffer: int = 10_000) -> None:
+        self.redis_url = redis_url
+        self.process_id = process_id
+        self.interval_s = interval_s
+        self.max_buffer = max_buffer
+        self._buffer: list[tuple[str, str, tuple[int, ...]]] = []
+        self._indexes: dict[str, PrefixIndex] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.received = 0
+        self.sent = 0
+
+    def attach(self, pool: str, index: PrefixIndex) -> None:
+        """Apply remote inserts for `pool` to this index (the latest attached one per pool)."""
+        self._indexes[pool] = index
+
+    def publish(self, pool: str, backend: str, blocks: tuple[int, ...]) -> None:
+        """Queue one routing decision for the other processes (dropped when the buffer is full)."""
+        if blocks and len(self._buffer) < self.max_buffer:
+            self._buffer.append((pool, backend, blocks))
+
+    def ensure_running(self) -> None:
+        """Start the sender and the subscriber on the running loop, once."""
+        if self._tasks and not all(t.done() for t in self._tasks):
+            return
+        self._tasks = [asyncio.ensure_future(self._send_loop()), asyncio.ensure_future(self._receive_loop())]
+
+    async def aclose(self) -> None:
+        """Stop the background tasks."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    async def _send_loop(self) -> None:
+        import redis.asyncio as redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                if not self._buffer:
+                    continue
+                batch, self._buffer = self._buffer, []
+                payload = orjson.dumps({"from": self.process_id, "inserts": batch})
+                try:
+                    await client.publish(self.CHANNEL, payload)
+                    self.sent += len(batch)
+                except Exception as exc:  # Redis down: the hint is lost, routing goes on
+                    logger.debug("prefix sync: publish failed (%s)", type(exc).__name__)
+        finally:
+            await client.aclose()
+
+    async def _receive_loop(self) -> None:
+        import redis.asyncio as redis
+
+        while True:
+            client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self.apply(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("prefix sync: subscription lost (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    def apply(self, payload: bytes) -> None:
+        """Apply one message of another process (ignoring our own and anything malformed)."""
+        try:
+            message = orjson.loads(payload)
+            if message.get("from") == self.process_id:
+                return
+            for pool, backend, blocks in message["inserts"]:
+                index = self._indexes.get(pool)
+                if index is not None and isinstance(backend, str):
+                    index.insert(backend, [int(b) for b in blocks])
+                    self.received += 1
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            logger.debug("prefix sync: malformed message ignored")
