@@ -176,3 +176,26 @@ async def test_a_check_run_fails_only_the_backend_with_a_bad_key_and_names_no_se
     for outcome in outcomes[1:]:
         assert not outcome.passed
         assert "API key" in outcome.error and "secret" not in outcome.error and "Injected" not in outcome.error
+
+
+def test_migration_0006_strips_stored_keys_and_removes_them_from_error_texts() -> None:
+    # given a key stored with a secret file's newline, which an earlier probe and check run quoted in errors
+    import importlib
+
+    from django.apps import apps
+
+    from backends.checks.models import CheckResult, CheckRun
+
+    migration = importlib.import_module("backends.migrations.0006_backend_api_key_model_unavailable_reason")
+    backend = backend_create(name="b1")
+    leak = "unreachable: Illegal header value b'Bearer sk-leaked-42\\n'"
+    Backend.objects.filter(pk=backend.pk).update(api_key="sk-leaked-42\n", last_error=leak)
+    run = CheckRun.objects.create(trigger="command")
+    CheckResult.objects.create(run=run, backend=backend, backend_name="b1", case_name="c", error=leak)
+    # when the migration's data step runs
+    migration.strip_api_keys(apps, None)
+    # then the key is stripped and no error text holds it any more
+    backend.refresh_from_db()
+    assert backend.api_key == "sk-leaked-42"
+    assert "sk-leaked-42" not in backend.last_error and "***" in backend.last_error
+    assert "sk-leaked-42" not in CheckResult.objects.get().error
