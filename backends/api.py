@@ -1,4 +1,5 @@
-"""Management API (DRF) for the registry: staff session or the master key; same validation as admin."""
+"""Management API (DRF) for the registry: the master key, or a staff session holding the model permission of the
+action (llm_platform/api.py); same validation as admin."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Usage reporting API (DRF, master key or staff, like the registry API): GET /api/usage/."""
+"""Usage reporting API (DRF, master key or staff with `governance.view_usagerecord`): GET /api/usage/."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from governance.models import UsageRecord
 from governance.serializers import UsageQuerySerializer, UsageReportSerializer
 from governance.usage import usage_report, usage_totals
 
 
 class UsageView(APIView):
     """Usage per hour or day, key and model; filters by key, model and time range."""
+
+    permission_model = UsageRecord  # staff sessions need governance.view_usagerecord (llm_platform/api.py)
 
     @extend_schema(
         operation_id="usage_report",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -11,6 +11,29 @@ from rest_framework import serializers
 GROUP_BY = ("hour", "day")
 MAX_RANGE = {"hour": timedelta(days=31), "day": timedelta(days=400)}
 DEFAULT_RANGE = {"hour": timedelta(hours=24), "day": timedelta(days=30)}
+# Accepted dates: far enough from datetime's limits (years 1 and 9999) that the default range, rounding to the
+# period and time zone conversion cannot overflow.
+EARLIEST = datetime(2, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+class BoundedDateTimeField(serializers.DateTimeField):
+    """An ISO 8601 date and time between EARLIEST and LATEST (else 400, never an overflow)."""
+
+    def to_internal_value(self, value: Any) -> datetime:
+        """Parse, then refuse what lies outside the bounds; a time zone offset that overflows is invalid too."""
+        try:
+            parsed = super().to_internal_value(value)
+            in_range = EARLIEST <= parsed < LATEST
+        except OverflowError:
+            in_range = False
+        if not in_range:
+            self.fail("out_of_range")
+        return parsed
+
+    default_error_messages = {
+        "out_of_range": f"Must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC).",
+    }
 
 
 class UsageQuerySerializer(serializers.Serializer):
@@ -23,11 +46,11 @@ class UsageQuerySerializer(serializers.Serializer):
     def get_fields(self) -> dict[str, serializers.Field]:
         """Add `from` and `to`."""
         fields = super().get_fields()
-        fields["from"] = serializers.DateTimeField(
+        fields["from"] = BoundedDateTimeField(
             required=False,
             help_text="Start (ISO 8601, rounded down to the period); default: `to` - 24 h (30 d by day).",
         )
-        fields["to"] = serializers.DateTimeField(required=False, help_text="End, exclusive (ISO 8601); default: now.")
+        fields["to"] = BoundedDateTimeField(required=False, help_text="End, exclusive (ISO 8601); default: now.")
         return fields
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

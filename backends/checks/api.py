@@ -1,4 +1,4 @@
-"""Management API of the checks (DRF, master key or staff): start a run, read its results and report."""
+"""Management API of the checks (master key, or staff with the checkrun permissions): start a run, read results."""
 
 from __future__ import annotations
 
