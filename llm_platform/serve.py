@@ -21,13 +21,23 @@ with the supervisor (PR_SET_PDEATHSIG), so a killed supervisor leaves no orphan 
 
 One worker (`--workers 1`) runs in this process with no supervisor. Where SO_REUSEPORT does not balance (not
 Linux) or `--shared-socket` is given, it falls back to uvicorn's own supervisor.
+
+Request heads are bounded (`BoundedHttpToolsProtocol`): uvicorn's httptools protocol has no limit on the size of a
+request head nor on the time it takes to arrive, so one connection sending an endless header line made a worker
+buffer without end and a head sent a byte at a time held its connection for as long as the client liked. Here a
+head larger than `--max-head-bytes` (MAX_REQUEST_HEAD_BYTES, 64 KiB: request line and every header line) is
+answered 431 and the connection closed; a head not complete `--head-timeout` seconds (REQUEST_HEAD_TIMEOUT_S, 10)
+after the connection was accepted, or after its first byte on a keep-alive connection (the idle wait between
+requests stays the keep-alive timeout's), is answered 408 (or, when nothing came at all, closed silently).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -42,6 +52,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -50,6 +61,181 @@ KILL_MARGIN_S = 10.0  # after the graceful timeout, how long the supervisor wait
 RESTART_BACKOFF_S = 1.0  # a worker that keeps dying is restarted at most this often
 PR_SET_PDEATHSIG = 1
 REUSE_PORT_BALANCES = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+DEFAULT_MAX_HEAD_BYTES = 65536
+DEFAULT_HEAD_TIMEOUT_S = 10.0
+HEAD_CHECK_INTERVAL_S = 1.0  # how often a worker looks for heads past their timeout (at most)
+LINGER_S = 1.0  # after a 431/408, how long input is read and dropped so the client can read the answer
+
+
+def _env_number(name: str, default: float) -> float:
+    """A number from the environment (the defaults of the command line), else `default`."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        logger.error("%s=%r is not a number: using %s", name, raw, default)
+        return default
+
+
+def _error_response(status: int, reason: bytes, message: str, code: str) -> bytes:
+    """A complete HTTP/1.1 answer with an OpenAI-shaped JSON error that closes the connection."""
+    body = json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    ).encode()
+    return b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+        status,
+        reason,
+        len(body),
+        body,
+    )
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bounded request head: at most `max_head_bytes`, within `head_timeout_s`.
+
+    Size: while a head is incomplete, the bytes received for it are counted (per read, so a head that ends in a read
+    together with a body is measured exactly, from its URL and header lines, only when that read passes the limit).
+    Time: a head is timed from the connection's accept, or from the first byte after the previous request (the
+    idle wait between keep-alive requests stays uvicorn's keep-alive timeout); one timer per worker checks every
+    connection once per `HEAD_CHECK_INTERVAL_S` instead of one timer per request, so a request costs two
+    attribute writes. 0 disables a bound. Subclasses set the class attributes (`bounded_protocol`).
+    """
+
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+
+    # Per connection: the next bytes belong to a request head; when that head started (None: not started, or the
+    # connection is idle between keep-alive requests); its bytes so far; answered with an error and closing.
+    _in_head = True
+    _head_since: float | None = None
+    _head_bytes = 0
+    _refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_since = self.loop.time()
+        if self.head_timeout_s > 0:
+            _HeadWatch.ensure(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the answer is written; drop what still comes until the connection closes
+        if not self._in_head:
+            super().data_received(data)
+            return
+        if self._head_since is None:
+            self._head_since = self.loop.time()  # first byte of the next head on a keep-alive connection
+        self._head_bytes += len(data)
+        super().data_received(data)
+        limit = self.max_head_bytes
+        if self._in_head and limit and self._head_bytes > limit and not self.transport.is_closing():
+            self.refuse_head(431)
+
+    def on_headers_complete(self) -> None:
+        if self.max_head_bytes and self._head_bytes > self.max_head_bytes:
+            # the read that completed the head passed the limit: measure the head itself (body bytes excluded)
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > self.max_head_bytes:
+                self.refuse_head(431)
+                raise _HeadRefused  # stops the parser; data_received drops the rest
+        self._in_head = False
+        self._head_since = None
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # what comes next on this connection is the next request's head
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused:
+            return  # the parser stopped because of our own 431, already written
+        super().send_400_response(msg)
+
+    def head_overdue(self, now: float) -> bool:
+        """Whether a head has been arriving for longer than the timeout (checked by _HeadWatch)."""
+        since = self._head_since
+        return since is not None and self._in_head and now - since > self.head_timeout_s
+
+    def refuse_head(self, status: int) -> None:
+        """Answer 431 or 408 (when no response is under way), then close; a silent close when nothing came."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self._head_since = None
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if busy or (status == 408 and self._head_bytes == 0):
+            self.transport.close()  # a response is being written (pipelining), or an idle new connection
+            return
+        if status == 431:
+            answer = _error_response(
+                431,
+                b"Request Header Fields Too Large",
+                f"The request head is larger than {self.max_head_bytes} bytes.",
+                "request_header_fields_too_large",
+            )
+        else:
+            answer = _error_response(
+                408,
+                b"Request Timeout",
+                f"The request head did not arrive within {self.head_timeout_s:g} seconds.",
+                "request_timeout",
+            )
+        self.logger.warning("%s: refused a request head (%d)", self.client and self.client[0], status)
+        self.transport.write(answer)
+        # Close our side after the answer but keep reading (and dropping) for a moment: closing with unread input
+        # would reset the connection and could destroy the answer before the client reads it.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            self.transport.close()
+        return super().eof_received()
+
+
+class _HeadRefused(Exception):
+    """Raised in a parser callback to stop parsing a refused head."""
+
+
+class _HeadWatch:
+    """One timer per server (worker): every interval, refuse the heads past their timeout."""
+
+    def __init__(self, connections: set[Any], loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
+        self.connections = connections
+        self.loop = loop
+        self.interval_s = interval_s
+        self.loop.call_later(interval_s, self.tick)
+
+    @classmethod
+    def ensure(cls, protocol: BoundedHttpToolsProtocol) -> None:
+        """Start the watch of this protocol's server once (kept on uvicorn's ServerState)."""
+        state = protocol.server_state
+        if getattr(state, "head_watch", None) is None:
+            interval = max(0.05, min(HEAD_CHECK_INTERVAL_S, protocol.head_timeout_s / 4))
+            state.head_watch = cls(protocol.connections, protocol.loop, interval)  # type: ignore[attr-defined]
+
+    def tick(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            overdue = getattr(connection, "head_overdue", None)
+            if overdue is not None and overdue(now):
+                connection.refuse_head(408)
+        self.loop.call_later(self.interval_s, self.tick)
+
+
+def bounded_protocol(max_head_bytes: int, head_timeout_s: float) -> type[asyncio.Protocol] | str:
+    """The HTTP protocol class for these bounds ("httptools", uvicorn's own, when both are 0)."""
+    if max_head_bytes <= 0 and head_timeout_s <= 0:
+        return "httptools"
+    return type(
+        "BoundedHttpToolsProtocol",
+        (BoundedHttpToolsProtocol,),
+        {"max_head_bytes": max(0, max_head_bytes), "head_timeout_s": max(0.0, head_timeout_s)},
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +251,8 @@ class ServeOptions:
     log_level: str = "info"
     access_log: bool = False
     backlog: int = 2048
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
 
     def uvicorn_kwargs(self) -> dict[str, Any]:
         """Settings of every worker: the flags `make run` and the benchmark use, plus the production ones."""
@@ -72,7 +260,7 @@ class ServeOptions:
             "host": self.host,
             "port": self.port,
             "loop": "uvloop",
-            "http": "httptools",
+            "http": bounded_protocol(self.max_head_bytes, self.head_timeout_s),
             "lifespan": "on",
             "timeout_graceful_shutdown": self.graceful_timeout_s,
             "timeout_keep_alive": self.keepalive_timeout_s,
@@ -255,6 +443,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServeOptions, bool]:
     parser.add_argument("--access-log", action="store_true")
     parser.add_argument("--backlog", type=int, default=defaults.backlog)
     parser.add_argument(
+        "--max-head-bytes",
+        type=int,
+        default=int(_env_number("MAX_REQUEST_HEAD_BYTES", defaults.max_head_bytes)),
+        help="largest request head (request line + header lines); larger: 431 and close; 0: no limit "
+        "(default: MAX_REQUEST_HEAD_BYTES, else %(default)s)",
+    )
+    parser.add_argument(
+        "--head-timeout",
+        type=float,
+        default=_env_number("REQUEST_HEAD_TIMEOUT_S", defaults.head_timeout_s),
+        help="seconds a request head may take from accept (or from its first byte on a keep-alive connection); "
+        "later: 408 and close; 0: no limit (default: REQUEST_HEAD_TIMEOUT_S, else %(default)s)",
+    )
+    parser.add_argument(
         "--shared-socket",
         action="store_true",
         help="use uvicorn's own supervisor (one socket shared by the workers) instead of SO_REUSEPORT",
@@ -270,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServeOptions, bool]:
         log_level=args.log_level,
         access_log=args.access_log,
         backlog=args.backlog,
+        max_head_bytes=max(0, args.max_head_bytes),
+        head_timeout_s=max(0.0, args.head_timeout),
     )
     return options, args.shared_socket
 

@@ -12,8 +12,11 @@
 #   HOST / PORT              where to listen (127.0.0.1 / 8000; the image sets HOST=0.0.0.0)
 #   WEB_CONCURRENCY          worker processes (the number of CPU cores available to this process)
 #   GRACEFUL_TIMEOUT_S       seconds open requests and streams get to finish after SIGTERM (30)
-#   FORWARDED_ALLOW_IPS      proxies whose X-Forwarded-For/-Proto are trusted (127.0.0.1; "*" behind an ingress)
+#   FORWARDED_ALLOW_IPS      proxies whose X-Forwarded-For/-Proto are trusted: their own addresses, never "*"
+#                            (127.0.0.1; docs/security.md)
 #   KEEPALIVE_TIMEOUT_S      idle keep-alive timeout; keep it above the proxy's upstream idle timeout (75)
+#   MAX_REQUEST_HEAD_BYTES   largest request head, request line + header lines; larger: 431 and close (65536)
+#   REQUEST_HEAD_TIMEOUT_S   seconds a request head may take to arrive; later: 408 and close (10)
 #   ACCESS_LOG               1: log every request (0)
 #   SHARED_SOCKET            1: uvicorn's own supervisor, one socket shared by the workers (unset: one
 #                            SO_REUSEPORT socket per worker, balanced by the kernel; see llm_platform/serve.py)
@@ -31,6 +34,8 @@ WEB_CONCURRENCY=${WEB_CONCURRENCY:-$(nproc)}
 GRACEFUL_TIMEOUT_S=${GRACEFUL_TIMEOUT_S:-30}
 FORWARDED_ALLOW_IPS=${FORWARDED_ALLOW_IPS:-127.0.0.1}
 KEEPALIVE_TIMEOUT_S=${KEEPALIVE_TIMEOUT_S:-75}
+MAX_REQUEST_HEAD_BYTES=${MAX_REQUEST_HEAD_BYTES:-65536}
+REQUEST_HEAD_TIMEOUT_S=${REQUEST_HEAD_TIMEOUT_S:-10}
 export DJANGO_SETTINGS_MODULE=${DJANGO_SETTINGS_MODULE:-llm_platform.settings}
 
 log() { printf '[serve] %s\n' "$*" >&2; }
@@ -60,6 +65,7 @@ exec python -m llm_platform.serve \
   --workers "$WEB_CONCURRENCY" \
   --graceful-timeout "$GRACEFUL_TIMEOUT_S" \
   --keepalive-timeout "$KEEPALIVE_TIMEOUT_S" \
+  --max-head-bytes "$MAX_REQUEST_HEAD_BYTES" --head-timeout "$REQUEST_HEAD_TIMEOUT_S" \
   --forwarded-allow-ips "$FORWARDED_ALLOW_IPS" \
   --log-level "${UVICORN_LOG_LEVEL:-info}" \
   ${access_log:+"$access_log"} ${shared_socket:+"$shared_socket"}

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from backends.mock_vllm import wait_until
-from llm_platform.serve import ServeOptions, parse_args
+from llm_platform.serve import BoundedHttpToolsProtocol, ServeOptions, parse_args
 from tests.deploy.serve import ServeProcess, sockets_by_pid
 
 pytestmark = [
@@ -120,10 +120,19 @@ def test_command_line_options() -> None:
     options, shared = parse_args(["--workers", "0", "--port", "9000", "--access-log", "--graceful-timeout", "5"])
     assert options == ServeOptions(port=9000, workers=1, access_log=True, graceful_timeout_s=5) and not shared
     config = options.uvicorn_config()
-    assert (config.loop, config.http, config.lifespan, config.timeout_graceful_shutdown) == (
-        "uvloop",
-        "httptools",
-        "on",
-        5,
-    )
+    assert (config.loop, config.lifespan, config.timeout_graceful_shutdown) == ("uvloop", "on", 5)
+    # uvicorn's httptools protocol with the request-head bounds (tests/deploy/test_request_head_limits.py)
+    assert issubclass(config.http, BoundedHttpToolsProtocol)
+    assert (config.http.max_head_bytes, config.http.head_timeout_s) == (65536, 10.0)
     assert parse_args(["--shared-socket"])[1] is True
+
+
+def test_head_bounds_from_the_command_line_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    options, _ = parse_args(["--max-head-bytes", "1024", "--head-timeout", "2.5"])
+    assert (options.max_head_bytes, options.head_timeout_s) == (1024, 2.5)
+    monkeypatch.setenv("MAX_REQUEST_HEAD_BYTES", "32768")
+    monkeypatch.setenv("REQUEST_HEAD_TIMEOUT_S", "4")
+    options, _ = parse_args([])
+    assert (options.max_head_bytes, options.head_timeout_s) == (32768, 4.0)
+    # both 0: uvicorn's own protocol, unbounded
+    assert parse_args(["--max-head-bytes", "0", "--head-timeout", "0"])[0].uvicorn_config().http == "httptools"
