@@ -113,7 +113,8 @@ class GpuPoolAdmin(admin.ModelAdmin):
             kv = live.get("kv_cache_usage")
             rows.append(
                 format_html(
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                    "<td>{}</td><td>{}</td></tr>",
                     b.name,
                     _badge(b.get_state_display(), STATE_COLOURS.get(b.state, "#6e7781")),
                     _badge(circuit.replace("_", "-"), CIRCUIT_COLOURS.get(circuit, "#6e7781")),
@@ -121,12 +122,15 @@ class GpuPoolAdmin(admin.ModelAdmin):
                     live.get("in_flight", 0),
                     _fmt(live.get("vllm_waiting"), "{:g}"),
                     "–" if kv is None else f"{kv * 100:.0f} %",
+                    _prefix_index(live),
+                    _ratio(live.get("engine_prefix_cache_hit_rate")),
                     _fmt(live.get("latency_ms") or b.last_latency_ms, "{:.0f} ms"),
                 )
             )
         header = (
             "<tr><th>backend</th><th>state</th><th>circuit</th><th>health</th><th>in flight</th>"
-            "<th>vLLM waiting</th><th>KV cache</th><th>latency</th></tr>"
+            "<th>vLLM waiting</th><th>KV cache</th><th>prefix index (est. hits)</th><th>engine prefix hits</th>"
+            "<th>latency</th></tr>"
         )
         return format_html('<table class="live-backends">{}{}</table>', mark_safe(header), mark_safe("".join(rows)))
 
@@ -346,3 +350,15 @@ class ModelAdmin(admin.ModelAdmin):
 
 
 from backends.checks import admin as _checks_admin  # noqa: E402,F401
+
+
+def _ratio(value: object) -> str:
+    return "–" if not isinstance(value, int | float) else f"{value * 100:.0f} %"
+
+
+def _prefix_index(live: dict) -> str:
+    """Blocks in the router's prefix index of a backend and its estimated hit ratio (prefix_aware pools)."""
+    blocks = live.get("prefix_index_blocks")
+    if blocks is None:
+        return "–"
+    return f"{blocks:,} blocks ({_ratio(live.get('prefix_estimated_hit_ratio'))})"

@@ -115,6 +115,9 @@ class GpuPoolSerializer(_FullCleanMixin, serializers.ModelSerializer):
                     "vllm_waiting": live.get("vllm_waiting"),
                     "vllm_running": live.get("vllm_running"),
                     "kv_cache_usage": live.get("kv_cache_usage"),
+                    "engine_prefix_cache_hit_rate": live.get("engine_prefix_cache_hit_rate"),
+                    "prefix_index_blocks": live.get("prefix_index_blocks"),
+                    "prefix_estimated_hit_ratio": live.get("prefix_estimated_hit_ratio"),
                     "latency_ms": live.get("latency_ms"),
                 }
             )

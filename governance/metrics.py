@@ -184,9 +184,31 @@ class BackendStateCollector:
         kv_cache = GaugeMetricFamily(
             "llm_backend_kv_cache_usage_ratio", "vLLM's KV-cache usage, 0..1.", labels=["backend", "pool"]
         )
+        prefix_blocks = GaugeMetricFamily(
+            "llm_backend_prefix_index_blocks",
+            "Prompt blocks in the router's prefix index of the backend (prefix_aware pools).",
+            labels=["backend", "pool"],
+        )
+        prefix_estimated = GaugeMetricFamily(
+            "llm_backend_prefix_estimated_hit_ratio",
+            "Share of routed prompt blocks the router expected the backend to hold (prefix_aware pools).",
+            labels=["backend", "pool"],
+        )
+        engine_prefix = GaugeMetricFamily(
+            "llm_backend_engine_prefix_cache_hit_ratio",
+            "vLLM's own prefix-cache hit rate since it started (prefix_cache_hits / prefix_cache_queries).",
+            labels=["backend", "pool"],
+        )
         for name in names:
             stats = runtime.get(name, {})
             labels = [name, pools.get(name, "")]
+            for family, key in (
+                (prefix_blocks, "prefix_index_blocks"),
+                (prefix_estimated, "prefix_estimated_hit_ratio"),
+                (engine_prefix, "engine_prefix_cache_hit_rate"),
+            ):
+                if stats.get(key) is not None:
+                    family.add_metric(labels, float(stats[key]))
             in_flight.add_metric(labels, float(stats.get("in_flight") or 0))
             current = str(stats.get("circuit") or "closed")
             for state in self.CIRCUITS:
@@ -199,6 +221,7 @@ class BackendStateCollector:
             if stats.get("kv_cache_usage") is not None:
                 kv_cache.add_metric(labels, float(stats["kv_cache_usage"]))
         yield from (in_flight, circuit, circuits_open, latency, waiting, kv_cache)
+        yield from (prefix_blocks, prefix_estimated, engine_prefix)
         yield from _health_families(rows)
 
 

@@ -49,6 +49,9 @@ def merge_views(views: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[st
                     "vllm_waiting": None,
                     "vllm_running": None,
                     "kv_cache_usage": None,
+                    "engine_prefix_cache_hit_rate": None,
+                    "prefix_index_blocks": None,
+                    "prefix_estimated_hit_ratio": None,
                 },
             )
             entry["processes"] += 1
@@ -60,9 +63,14 @@ def merge_views(views: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[st
                 entry["circuit"] = circuit
             if stats.get("latency_ms") is not None:
                 latencies.setdefault(name, []).append(float(stats["latency_ms"]))
-            for key in ("vllm_waiting", "vllm_running", "kv_cache_usage"):
+            for key in ("vllm_waiting", "vllm_running", "kv_cache_usage", "engine_prefix_cache_hit_rate"):
                 if stats.get(key) is not None:
                     entry[key] = stats[key]
+            # Prefix indexes are shared between processes (Redis): the largest is the best estimate.
+            blocks = stats.get("prefix_index_blocks")
+            if blocks is not None and (entry["prefix_index_blocks"] is None or blocks > entry["prefix_index_blocks"]):
+                entry["prefix_index_blocks"] = blocks
+                entry["prefix_estimated_hit_ratio"] = stats.get("prefix_estimated_hit_ratio")
     for name, values in latencies.items():
         merged[name]["latency_ms"] = round(sum(values) / len(values), 2)
     return merged

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 
+import httpx
 import pytest
 from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from routing.dispatch import Dispatcher
+from backends.mock_vllm import MockServer
+from governance.metrics import render_metrics
+from routing.dispatch import Dispatcher, RequestContext
 from routing.runtime import KEY_PREFIX, RuntimePublisher, merge_views, runtime_stats_collect
 from tests.conftest import MASTER_KEY
-from tests.factories import backend_create, pool_create
+from tests.factories import backend_create, backend_snap, pool_create, registry_snap
 
 
 def test_merge_views_sums_in_flight_and_keeps_worst_circuit() -> None:
@@ -86,3 +90,46 @@ async def test_runtime_views_published_through_redis_merge() -> None:
     assert merged[name]["in_flight"] == 8
     await client.delete(KEY_PREFIX + "other-host:1")
     await client.aclose()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prefix_index_and_engine_hit_rate_are_visible(admin_client: Client) -> None:
+    """Given a prefix_aware pool that routed a prompt three times and scraped its engine's prefix-cache counters,
+    the pool page, /api/pools/ and /metrics show the index size, the estimated and the engine's hit rates."""
+    name = f"px-{uuid.uuid4().hex[:8]}"
+    body = {"messages": [{"role": "system", "content": "a long shared document " * 40}]}
+    with MockServer(models=["served-chat"]) as mock:
+        pool = pool_create(name="gpu-prefix", routing_strategy="prefix_aware")
+        backend_create(pool=pool, name=name, base_url=mock.url)
+        snapshot = registry_snap(backends=[backend_snap(name, base_url=mock.url)], strategy="prefix_aware")
+        dispatcher = Dispatcher()
+        context = RequestContext(endpoint="chat.completions", data=body)
+        # the engine saw the prompt twice: its second prefill hit the cache
+        chat = {"model": "served-chat", "messages": body["messages"], "max_tokens": 1}
+        for _ in range(2):
+            assert httpx.post(f"{mock.url}/v1/chat/completions", json=chat).status_code == 200
+
+        async def route_and_scrape() -> None:
+            for _ in range(3):
+                backend, _ = dispatcher.pick(snapshot.models["chat-model"], snapshot, set(), context)
+                assert backend is not None and backend.name == name
+            await dispatcher.scraper.aclose()
+            async with httpx.AsyncClient() as client:
+                await dispatcher.scraper.scrape_once([backend_snap(name, base_url=mock.url)], client)
+
+        asyncio.run(route_and_scrape())
+
+    stats = dispatcher.runtime_stats()[name]
+    assert stats["prefix_index_blocks"] > 0 and stats["prefix_estimated_hit_ratio"] == pytest.approx(2 / 3)
+    assert 0 < stats["engine_prefix_cache_hit_rate"] < 1
+    page = admin_client.get(reverse("admin:backends_gpupool_change", args=[pool.pk])).content.decode()
+    assert f"{stats['prefix_index_blocks']:,} blocks (67 %)" in page
+    assert f"{stats['engine_prefix_cache_hit_rate'] * 100:.0f} %" in page
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {MASTER_KEY}")
+    live = next(b for p in api.get("/api/pools/").json() if p["name"] == "gpu-prefix" for b in p["backends"])
+    assert live["prefix_index_blocks"] == stats["prefix_index_blocks"]
+    assert live["engine_prefix_cache_hit_rate"] == stats["engine_prefix_cache_hit_rate"]
+    text = render_metrics().decode()
+    assert f'llm_backend_prefix_index_blocks{{backend="{name}",pool="gpu-prefix"}}' in text
+    assert f'llm_backend_engine_prefix_cache_hit_ratio{{backend="{name}",pool="gpu-prefix"}}' in text
