@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
@@ -172,6 +173,20 @@ class GpuPool(models.Model):
             raise ValidationError({"affinity_key": 'Use "user" or "header:<header name>".'})
 
 
+# Fields only the probes and check runs write (read-only in admin and the API, never in the YAML).
+HEALTH_FIELDS = frozenset({"status", "last_checked_at", "last_error", "last_latency_ms"})
+MODEL_PROBE_FIELDS = frozenset({"unavailable_reason"})
+
+
+def _keep_probe_fields(row: models.Model, kwargs: dict[str, Any], probe_fields: frozenset[str]) -> None:
+    """Make a plain save of an existing row leave the probe-written fields as they are in the database."""
+    if row._state.adding or kwargs.get("force_insert") or kwargs.get("update_fields") is not None:
+        return
+    kwargs["update_fields"] = [
+        f.name for f in row._meta.concrete_fields if not f.primary_key and f.name not in probe_fields
+    ]
+
+
 class Backend(models.Model):
     """One vLLM server (an OpenAI-compatible HTTP endpoint) in a GPU pool."""
 
@@ -216,10 +231,16 @@ class Backend(models.Model):
         self.base_url = normalize_base_url(self.base_url)
         self.api_key = normalize_api_key(self.api_key)
 
-    def save(self, *args: object, **kwargs: object) -> None:
-        """Save with the base URL and the API key normalised, whatever path the row came in by."""
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save with the base URL and the API key normalised, whatever path the row came in by.
+
+        Saving an existing row (admin, API, import) never writes the health fields: they were read when the
+        request began, and writing them back would undo what a probe or a check run stored meanwhile. Probes
+        and checks write them with `backends.services.backend_health_write`.
+        """
         self.base_url = normalize_base_url(self.base_url)
         self.api_key = normalize_api_key(self.api_key)
+        _keep_probe_fields(self, kwargs, HEALTH_FIELDS)
         super().save(*args, **kwargs)
 
     @property
@@ -256,6 +277,11 @@ class Model(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Saving an existing row (admin, API, import) leaves the probe's `unavailable_reason` as it is."""
+        _keep_probe_fields(self, kwargs, MODEL_PROBE_FIELDS)
+        super().save(*args, **kwargs)
 
     @property
     def backend_name(self) -> str:

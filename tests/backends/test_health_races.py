@@ -13,7 +13,7 @@ from django.db import connection
 
 from backends.checks.models import CheckResult, CheckRun, Outcome, RunStatus, RunTrigger
 from backends.checks.services import check_backends_update
-from backends.models import Backend
+from backends.models import Backend, Model
 from backends.selectors import registry_version_get
 from backends.services import ProbeResult, backend_probe_all, registry_version_bump
 from tests.factories import backend_create, model_create, pool_create
@@ -110,3 +110,22 @@ def test_a_check_run_does_not_overwrite_an_unhealthy_status_written_after_it_rea
     # then the probe's verdict stands: an unreachable backend is unhealthy, not merely degraded
     backend.refresh_from_db()
     assert (backend.status, backend.last_error) == ("unhealthy", "unreachable: connection refused")
+
+
+def test_an_operator_save_does_not_write_back_a_status_read_before_a_probe_changed_it() -> None:
+    # given a backend an operator opened in admin (or PATCHed through the API) while it was healthy
+    backend = backend_create(name="b1", status="healthy")
+    model = model_create(pool=backend.pool, name="chat")
+    # and a probe that meanwhile found the server down and the model unlisted
+    Backend.objects.filter(pk=backend.pk).update(status="unhealthy", last_error="/health answered HTTP 503")
+    Model.objects.filter(pk=model.pk).update(unavailable_reason="no backend of the pool lists it")
+    # when the operator's change is saved
+    backend.weight = 5
+    backend.save()
+    model.max_context_length = 1024
+    model.save()
+    # then the change is stored and the probe's verdicts stand
+    backend.refresh_from_db()
+    model.refresh_from_db()
+    assert backend.weight == 5 and (backend.status, backend.last_error) == ("unhealthy", "/health answered HTTP 503")
+    assert model.max_context_length == 1024 and model.unavailable_reason == "no backend of the pool lists it"
