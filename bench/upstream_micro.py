@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/upstream_micro.py                       # 5,000 requests, c=1 and c=64, uvloop, 3 rounds
     .venv/bin/python bench/upstream_micro.py -n 20000 -c 1 8 64 --rounds 5 --loop asyncio --json out.json
+    git show HEAD~3:routing/upstream.py > /tmp/old.py                # an older FastUpstream, same run:
+    .venv/bin/python bench/upstream_micro.py --baseline /tmp/old.py --clients FastUpstream baseline
 
 Starts the bundled mock vLLM (`python -m backends.mock_vllm`) pinned to CPU 0 with `taskset`, pins itself to
 CPU 1, and sends the same non-streaming chat request the dispatcher sends (content-type, x-request-id) with
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import resource
@@ -149,10 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the clients take turns within each")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument(
-        "--clients", nargs="+", choices=list(CLIENTS), default=["FastUpstream", "aiohttp", "httpx", "HttpxUpstream"]
+        "--clients",
+        nargs="+",
+        choices=[*CLIENTS, "baseline"],
+        default=["FastUpstream", "aiohttp", "httpx", "HttpxUpstream"],
     )
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--baseline", help="a copy of routing/upstream.py whose FastUpstream runs as `baseline`")
     args = parser.parse_args(argv)
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("upstream_baseline", args.baseline)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        CLIENTS["baseline"] = lambda url, n, c: run_upstream(module.FastUpstream(), url, n, c)
+    elif "baseline" in args.clients:
+        parser.error("--clients baseline needs --baseline FILE")
 
     cpus = sorted(os.sched_getaffinity(0))
     mock, url = start_mock(cpus)

@@ -3,14 +3,21 @@
 Two implementations of one small interface (`UpstreamClient` -> `UpstreamResponse`, errors as `UpstreamError`):
 
 - `FastUpstream`: plain asyncio (`asyncio.Protocol`, works under uvloop) + httptools' C response parser, HTTP/1.1
-  over `http://` only, a keep-alive pool per (host, port) and event loop. It exists because httpx costs several
-  hundred microseconds of CPU per proxied request; this costs a few tens (see `bench/upstream_micro.py`).
-- `HttpxUpstream`: httpx, for `https://` backends and for tests that inject httpx transports (ASGITransport, ...).
+  over `http://` and `https://` (asyncio's TLS, `ssl_context`), a keep-alive pool per (host, port, TLS) and event
+  loop. It exists because httpx costs several hundred microseconds of CPU per proxied request and aiohttp ~150-200;
+  this costs a few tens (`bench/upstream_micro.py`, docs/performance.md "Upstream client").
+- `HttpxUpstream`: httpx, for tests that inject httpx transports (ASGITransport, ...).
 
 Both map their failures onto the same exceptions, so the dispatcher's retry policy does not depend on the client:
-`UpstreamConnectError`, `UpstreamConnectTimeout` and `UpstreamPoolTimeout` mean nothing was sent;
-`UpstreamClosed` means nothing of the response was seen (safe to retry elsewhere); `UpstreamReadTimeout` and
-`UpstreamProtocolError` may come from `send()` or later while reading a streamed body.
+`UpstreamConnectError`, `UpstreamConnectTimeout` and `UpstreamPoolTimeout` mean nothing was sent; `UpstreamClosed`
+means the backend cannot have started the request (safe to send elsewhere); `UpstreamReadTimeout` and
+`UpstreamProtocolError` (with `UpstreamDisconnected`: closed after the request was sent, and `UpstreamTooLarge`: a
+limit broken) may come from `send()` or later while reading a streamed body.
+
+What a backend may send to FastUpstream is bounded (`Limits`): a header line, the header lines of a head, the head
+(1xx heads before it included), bytes of chunk framing or trailers in a row, and a body read whole. Timeouts: the
+head must be complete within `timeouts.read` of the request (a non-streamed response: all of it), whatever the
+pace of its bytes; a streamed body may then take any time, but never `timeouts.read` without a byte.
 """
 
 from __future__ import annotations
@@ -454,6 +461,9 @@ class _FastResponse:
     async def aread(self) -> bytes:
         """Read the rest of the body; return all of it (also kept in `content`)."""
         if self._stream:
+            conn = self._conn
+            if conn is not None:  # read whole: the rest of the body within one read timeout, as a non-streamed one
+                conn.deadline = conn.loop.time() + self._read
             parts = []
             size = 0
             async for chunk in self:
@@ -829,7 +839,7 @@ class _Connection(asyncio.Protocol):
         deadline = min(self.mark + self.read_timeout, self.deadline)
         if self.loop.time() >= deadline:
             if deadline == self.deadline:
-                what = "response head" if resp._stream else "response"
+                what = "response head" if resp._stream and not resp._headed else "response"
                 self.fail(UpstreamReadTimeout(f"the {what} did not arrive whole within {self.read_timeout} s"))
             else:
                 self.fail(UpstreamReadTimeout(f"no bytes from the backend within {self.read_timeout} s"))

@@ -313,7 +313,7 @@ async def test_streamed_body_keeps_a_per_read_timeout(client: FastUpstream) -> N
 
     async with Scripted(tokens) as server, asyncio.timeout(BOUND):
         response = await send(client, server.url, stream=True)
-        assert await response.aread() == b"a" * 8
+        assert b"".join([chunk async for chunk in response.aiter_raw()]) == b"a" * 8
 
 
 async def test_junk_after_a_complete_body_does_not_hang(client: FastUpstream) -> None:
@@ -422,3 +422,16 @@ async def test_bad_chunk_size_is_a_protocol_error(client: FastUpstream) -> None:
     async with Scripted(bad) as server:
         for stream in (False, True):
             await expect(client, server.url, UpstreamProtocolError, stream=stream)
+
+
+async def test_streamed_body_read_whole_hits_the_read_deadline(client: FastUpstream) -> None:
+    # The dispatcher reads a streamed error answer whole: it gets the same total deadline as a non-streamed body.
+    async def trickle_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\n")
+        for _ in range(100):
+            writer.write(b"a")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    async with Scripted(trickle_error) as server:
+        await expect(client, server.url, UpstreamReadTimeout, stream=True)
