@@ -24,6 +24,7 @@ from backends.models import (
     Model,
     RegistryState,
     bearer_headers,
+    normalize_api_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _probe(backend: Backend, timeout_s: float) -> ProbeResult:
     except httpx.TimeoutException:
         return ProbeResult(backend.name, HealthStatus.UNHEALTHY, None, f"timed out after {timeout_s:g} s", ())
     except httpx.HTTPError as exc:
-        error = _without_secret(f"unreachable: {exc}", backend.api_key)
+        error = _without_secret(f"unreachable: {exc}", normalize_api_key(backend.api_key))
         return ProbeResult(backend.name, HealthStatus.UNHEALTHY, None, error, ())
     return ProbeResult(backend.name, HealthStatus.HEALTHY, _ms(start), "", served)
 
