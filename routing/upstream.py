@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import certifi
 import h11
 import httptools
 import httpx
@@ -1031,7 +1032,7 @@ class FastUpstream:
         """Pools of at most max_connections_per_host connections, keeping max_keepalive_per_host idle ones.
 
         The max_* limits bound each response (`UpstreamTooLarge` past one); ssl_context is used for https://
-        backends (default: `ssl.create_default_context()`, which verifies certificates and host names).
+        backends (default: certificates and host names verified against certifi's CAs, as httpx does).
         """
         if max_connections_per_host < 1 or max_keepalive_per_host < 0:
             raise ValueError("max_connections_per_host must be >= 1 and max_keepalive_per_host >= 0")
@@ -1060,9 +1061,9 @@ class FastUpstream:
         }
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context of https:// connections (made on first use)."""
+        """The TLS context of https:// connections (made on first use): certifi's CAs, as httpx verifies."""
         if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()
+            self._ssl_context = ssl.create_default_context(cafile=certifi.where())
         return self._ssl_context
 
     def _pool(self, target: _Target) -> _Pool:
