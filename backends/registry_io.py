@@ -274,23 +274,27 @@ class _Kind:
         serializer: type[serializers.ModelSerializer],
         *,
         nested_in_parent: tuple[str, ...] = (),
-        extra: dict[str, tuple[Check, bool]] | None = None,
+        children: tuple[str, ...] = (),
+        import_only: tuple[str, ...] = (),
     ) -> _Kind:
-        """Every writable field of the serializer but `nested_in_parent` (given by nesting), plus `extra` keys."""
+        """Every writable field of the serializer but `nested_in_parent` (the entry's place in the document gives
+        it), then the lists of `children` entries (exported), then `import_only` string keys (`api_key_env`)."""
         fields = {
             name: field
             for name, field in serializer().fields.items()
             if not field.read_only and name not in nested_in_parent
         }
         schema = {name: (_check_for(serializer, name, f), f.required) for name, f in fields.items()}
-        schema.update(extra or {})
-        keys = tuple(k for k in schema if k in fields or k == "backends")
+        schema.update({name: (_expect_list, False) for name in children})
+        schema.update({name: (_expect_str, False) for name in import_only})
+        keys = (*fields, *children)
         secret = frozenset(name for name, f in fields.items() if f.write_only)
         return cls(serializer, keys, schema, secret, fields)
 
     @property
     def settable(self) -> tuple[str, ...]:
-        """Keys copied onto the row as they are (not the name, the relations or the nesting)."""
+        """Keys copied onto the row as they are: not the name (the lookup key), nor the relations and children,
+        which the importer resolves by name (`pool`, `fallback_pools`, `backends`)."""
         return tuple(k for k in self.keys if k not in {"name", "pool", "fallback_pools", "backends"})
 
     def export(self, row: Any, *, include_secrets: bool, **given: Any) -> dict[str, Any]:
@@ -313,10 +317,8 @@ def registry_schema() -> dict[str, _Kind]:
     """The YAML schema of pools, backends and models, derived from the serializers once (on first use: building
     serializer fields at import time would import DRF's settings too early)."""
     return {
-        "pools": _Kind.derive(GpuPoolSerializer, extra={"backends": (_expect_list, False)}),
-        "backends": _Kind.derive(
-            BackendSerializer, nested_in_parent=("pool",), extra={"api_key_env": (_expect_str, False)}
-        ),
+        "pools": _Kind.derive(GpuPoolSerializer, children=("backends",)),
+        "backends": _Kind.derive(BackendSerializer, nested_in_parent=("pool",), import_only=("api_key_env",)),
         "models": _Kind.derive(ModelSerializer),
     }
 
