@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from backends.registry_io import registry_import, registry_yaml_load
-from llm_platform.serve import ServeOptions
+from llm_platform.serve import BoundedHttpToolsProtocol, ServeOptions
 from tests.live import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -241,24 +241,21 @@ def test_dockerfile_runs_the_same_steps_as_make_run() -> None:
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile
     assert re.search(r"^USER 10001", dockerfile, re.M) and "HEALTHCHECK" in dockerfile
     assert 'ENTRYPOINT ["/app/deploy/entrypoint.sh"]' in dockerfile
-    # the server: the ASGI app, event loop, HTTP parser and lifespan of `make run`
+    # the server: `make run` and serve.sh both run llm_platform/serve.py (make run with one worker), whose workers
+    # are uvicorn servers with one set of settings: the app, uvloop, httptools with bounded request heads, lifespan
+    assert '"-m", "llm_platform.serve"' in run and '"--workers", "1"' in run
     for option in (
-        '"llm_platform.asgi:application"',
-        '"--loop", "uvloop"',
-        '"--http", "httptools"',
-        '"--lifespan", "on"',
+        "python -m llm_platform.serve",
+        "--workers",
+        "--graceful-timeout",
+        "--keepalive-timeout",
+        "--max-head-bytes",
+        "--head-timeout",
     ):
-        assert option in run, option
-    # serve.sh runs llm_platform/serve.py, whose workers are uvicorn servers with those same settings
-    for option in ("python -m llm_platform.serve", "--workers", "--graceful-timeout", "--keepalive-timeout"):
         assert option in serve, option
     config = ServeOptions().uvicorn_config()
-    assert (config.app, config.loop, config.http, config.lifespan) == (
-        "llm_platform.asgi:application",
-        "uvloop",
-        "httptools",
-        "on",
-    )
+    assert (config.app, config.loop, config.lifespan) == ("llm_platform.asgi:application", "uvloop", "on")
+    assert issubclass(config.http, BoundedHttpToolsProtocol)
     # the roles: migrate and Celery as `make run` runs them
     assert '"manage.py", "migrate", "--noinput"' in run and "python manage.py migrate --noinput" in entrypoint
     assert '"celery", "-A", "llm_platform", "worker"' in run
