@@ -145,15 +145,18 @@ def block_keys(
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     salt = b"" if lora_name is None else b"lora:" + lora_name.encode()
+    n_blocks = len(token_ids) // block_size
+    tokens = memoryview(array("q", token_ids[: n_blocks * block_size]).tobytes())
+    stride = block_size * 8
     keys: list[int] = []
-    for i in range(len(token_ids) // block_size):
+    for i in range(n_blocks):
         digest = hashlib.blake2b(digest_size=8)
         digest.update(parent.to_bytes(8, "big"))
         digest.update(salt)
         digest.update(b"\x00")
         digest.update(_extra_bytes(extra_keys[i] if extra_keys and i < len(extra_keys) else None))
         digest.update(b"\x00")
-        digest.update(array("q", token_ids[i * block_size : (i + 1) * block_size]).tobytes())
+        digest.update(tokens[i * stride : (i + 1) * stride])
         parent = int.from_bytes(digest.digest(), "big")
         keys.append(parent)
     return keys
