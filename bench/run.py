@@ -369,6 +369,16 @@ class Stack:
             done = subprocess.run([PY, *step], cwd=ROOT, env=self.env, capture_output=True, text=True)
             if done.returncode != 0:
                 raise self._fail(f"{' '.join(step)} failed:\n{done.stdout}\n{done.stderr}")
+        if self.args.strategy != "round_robin":
+            step = [
+                "manage.py",
+                "shell",
+                "-c",
+                f"from backends.models import GpuPool; GpuPool.objects.update(routing_strategy={self.args.strategy!r})",
+            ]
+            done = subprocess.run([PY, *step], cwd=ROOT, env=self.env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise self._fail(f"setting the strategy failed:\n{done.stderr}")
         if self.args.key == "api":
             # Clients use an API key (no limits: a rate limit would cap the rate being measured).
             step = ["manage.py", "create_api_key", "--name", "bench"]
@@ -1112,6 +1122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="results file the regression gate compares with (default bench/results/latest.json)",
     )
     parser.add_argument("--strict", action="store_true", help="also exit non-zero when a target is missed")
+    parser.add_argument(
+        "--strategy",
+        default="round_robin",
+        help="the demo pool's routing strategy (e.g. prefix_aware, to compare its cost with round_robin's)",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary state directory and logs")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)

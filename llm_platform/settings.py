@@ -1,12 +1,13 @@
 """Django settings for the LLM routing platform.
 
-Everything is read from environment variables with safe development defaults; production differs only by
-environment (see `.env.example`, which lists every variable).
+Everything is read from environment variables with safe defaults; production differs only by environment (see
+`.env.example`, which lists every variable). Debug mode is off unless DJANGO_DEBUG=1, which only `make run` sets.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import dj_database_url
@@ -41,21 +42,56 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
-DEBUG = env_bool("DJANGO_DEBUG", True)
-# The development default is only safe because DEBUG is on; production sets DJANGO_SECRET_KEY.
-_DEV_SECRET_KEY = "dev-insecure-secret-key-change-me-in-production-0123456789"
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "") or _DEV_SECRET_KEY
-if not DEBUG and SECRET_KEY == _DEV_SECRET_KEY:
+def local_secret_key(folder: Path) -> str:
+    """The checkout's own random secret key: generated once into `folder/secret_key` (mode 0600), then reused.
+
+    Processes starting together (web, worker, beat) agree: the first to link its file into place wins.
+    """
+    path = folder / "secret_key"
+    try:
+        if key := path.read_text().strip():
+            return key
+        path.unlink()  # an empty file (a crash between create and write): replace it
+    except FileNotFoundError:
+        pass
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        draft = folder / f".secret_key.{os.getpid()}"
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(50) + "\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+        return path.read_text().strip()
+    except OSError as exc:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"Set DJANGO_SECRET_KEY (cannot keep a generated one in {folder}: {exc}).") from exc
+
+
+# Debug pages show settings and tracebacks: off unless DJANGO_DEBUG=1, which `make run` sets (docs/security.md).
+DEBUG = env_bool("DJANGO_DEBUG", False)
+# Production sets DJANGO_SECRET_KEY (the same on every host). Without it this is a developer's or CI's checkout:
+# a random key kept in .local/, and the local defaults below (plain HTTP, static files from the apps' folders).
+LOCAL_CHECKOUT = not os.environ.get("DJANGO_SECRET_KEY", "")
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "") or local_secret_key(LOCAL_DIR)
+# The key this project once shipped as its development default is public: never with debug off.
+if not DEBUG and SECRET_KEY == "dev-insecure-secret-key-change-me-in-production-0123456789":
     from django.core.exceptions import ImproperlyConfigured
 
-    raise ImproperlyConfigured("DJANGO_DEBUG=0 needs DJANGO_SECRET_KEY (a long random value; see docs/deploy.md).")
+    raise ImproperlyConfigured("DJANGO_SECRET_KEY is a published example value: set a long random one.")
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
-# --- HTTPS hardening (docs/deploy.md). Off in development; with DEBUG off it follows DJANGO_HTTPS (default on):
-# the site is reached over HTTPS through a TLS-terminating proxy, whose X-Forwarded-Proto uvicorn turns into the
-# request scheme (--proxy-headers, trusting FORWARDED_ALLOW_IPS). Every value can be overridden on its own.
-HTTPS = env_bool("DJANGO_HTTPS", not DEBUG)
+# --- HTTPS hardening (docs/deploy.md). Off in development (DEBUG on, or no DJANGO_SECRET_KEY); else it follows
+# DJANGO_HTTPS (default on): the site is reached over HTTPS through a TLS-terminating proxy, whose X-Forwarded-Proto
+# uvicorn turns into the request scheme (--proxy-headers, trusting FORWARDED_ALLOW_IPS). Every value can be
+# overridden on its own.
+HTTPS = env_bool("DJANGO_HTTPS", not DEBUG and not LOCAL_CHECKOUT)
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", HTTPS)
 # Answered over plain HTTP even with the redirect on (probes and scrapes inside the cluster).
 SECURE_REDIRECT_EXEMPT = env_list("DJANGO_SECURE_REDIRECT_EXEMPT", "^healthz$,^readyz$,^metrics$")
@@ -153,9 +189,9 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
 # In development WhiteNoise serves straight from the apps' static folders, so no collectstatic is needed.
-WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_USE_FINDERS = DEBUG or LOCAL_CHECKOUT
 WHITENOISE_AUTOREFRESH = DEBUG
-if DEBUG:
+if DEBUG or LOCAL_CHECKOUT:
     STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -231,8 +267,8 @@ ROUTER_STREAM_IDLE_TIMEOUT_S = env_float("ROUTER_STREAM_IDLE_TIMEOUT_S", 0.0)
 ROUTER_STREAM_CONTINUOUS_USAGE = env_bool("ROUTER_STREAM_CONTINUOUS_USAGE", True)
 # Prefix-cache-aware routing (pools with strategy prefix_aware; docs/routing.md): block size of the prompt index,
 # its cap per backend, the share of a prompt that must match, the load guard, and sharing through Redis.
-ROUTER_PREFIX_BLOCK_BYTES = max(16, env_int("ROUTER_PREFIX_BLOCK_BYTES", 128))
-ROUTER_PREFIX_MAX_BLOCKS = max(1, env_int("ROUTER_PREFIX_MAX_BLOCKS", 32768))
+ROUTER_PREFIX_BLOCK_BYTES = max(16, env_int("ROUTER_PREFIX_BLOCK_BYTES", 256))
+ROUTER_PREFIX_MAX_BLOCKS = max(1, env_int("ROUTER_PREFIX_MAX_BLOCKS", 16384))
 ROUTER_PREFIX_MIN_MATCH = env_float("ROUTER_PREFIX_MIN_MATCH", 0.3)
 ROUTER_PREFIX_BALANCE_ABS = env_int("ROUTER_PREFIX_BALANCE_ABS", 16)
 ROUTER_PREFIX_BALANCE_REL = env_float("ROUTER_PREFIX_BALANCE_REL", 1.5)

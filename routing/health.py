@@ -222,6 +222,8 @@ class MetricsScraper:
         self.timeout_s = timeout_s
         self.stale_after_s = stale_after_s
         self._metrics: dict[str, BackendMetrics] = {}
+        self._fresh: dict[str, BackendMetrics] | None = None
+        self._fresh_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -235,9 +237,15 @@ class MetricsScraper:
             self._task = loop.create_task(self._run(targets, client), name="vllm-metrics-scraper")
 
     def fresh(self) -> dict[str, BackendMetrics]:
-        """Metrics younger than `stale_after_s`, by backend name."""
-        horizon = time.monotonic() - self.stale_after_s
-        return {name: m for name, m in self._metrics.items() if m.scraped_at >= horizon}
+        """Metrics younger than `stale_after_s`, by backend name (rebuilt at most every 0.25 s or per scrape)."""
+        now = time.monotonic()
+        cached = self._fresh
+        if cached is not None and now - self._fresh_at < 0.25:
+            return cached
+        horizon = now - self.stale_after_s
+        self._fresh = {name: m for name, m in self._metrics.items() if m.scraped_at >= horizon}
+        self._fresh_at = now
+        return self._fresh
 
     async def scrape_once(self, backends: Iterable[BackendSnap], client: httpx.AsyncClient) -> None:
         """Scrape every given backend concurrently; failures just leave older figures to go stale."""
@@ -250,6 +258,7 @@ class MetricsScraper:
                 return
             if response.status_code == 200:
                 self._metrics[backend.name] = parse_vllm_metrics(response.content, time.monotonic())
+                self._fresh = None
 
         await asyncio.gather(*(one(b) for b in backends))
 

@@ -6,12 +6,14 @@ backend, an approximate index of the prompts it recently sent there:
 
 - **Blocks.** The prompt as the engine will see it (for chat: the tools, then the messages in order, system
   prompt and earlier turns first; for completions: the prompt), serialised with orjson, is cut into blocks of
-  `block_bytes`. Each block's key is a 64-bit chained hash (CRC-32 and Adler-32, each continued from the previous
-  block), so a block only matches when everything before it matches too, like vLLM's own block hashes. Both
-  hashes run in C: ~0.3 us a block, and a prompt shorter than one block has no blocks.
-- **Index.** Per backend, an LRU set of block keys with a cap (`max_blocks`, default 32,768: about 4 MiB of
-  prompt text, ~1M tokens). Blocks are inserted deepest first, so a prompt's first block is its most recent
-  and is evicted last: eviction shortens remembered prefixes from their ends, as an engine's LRU does.
+  `block_bytes` (256: ~64 tokens). Each block's key is a chained hash (the CRC-32 of everything up to the
+  block's end, continued from the previous block's, in C, with the block's position above it), so a block only
+  matches when everything before it matches too, like vLLM's own block hashes. A prompt shorter than one
+  block has no blocks and costs nothing.
+- **Index.** Per backend, an LRU set of block keys with a cap (`max_blocks`, default 16,384: about 4 MiB of
+  prompt text, ~1M tokens; ~100 bytes of memory a block). Blocks are inserted deepest first, so a prompt's
+  first block is its most recent and is evicted last: eviction shortens remembered prefixes from their ends,
+  as an engine's LRU does.
 - **Sharing.** With `REDIS_URL`, each process publishes the blocks it routed (batched, off the request path)
   and applies the others', so every process and replica holds the same index (`PrefixSync`).
 """
@@ -31,8 +33,8 @@ import orjson
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_BYTES = 128
-DEFAULT_MAX_BLOCKS = 32_768
+DEFAULT_BLOCK_BYTES = 256
+DEFAULT_MAX_BLOCKS = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,16 +67,15 @@ def prompt_bytes(endpoint: str, data: dict[str, Any]) -> bytes:
 
 
 def prefix_blocks(data: bytes, block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[int, ...]:
-    """Chained 64-bit keys of each full block of `data`: key i depends on blocks 0..i."""
+    """Chained keys of each full block of `data`: key i is the CRC-32 of blocks 0..i (continued from key i-1, in
+    C) with i above it, so that only prefixes of the same length can collide (one chance in 2**32)."""
     view = memoryview(data)
     crc = 0
-    adler = 1
     keys = []
-    for start in range(0, len(data) - block_bytes + 1, block_bytes):
-        block = view[start : start + block_bytes]
-        crc = zlib.crc32(block, crc)
-        adler = zlib.adler32(block, adler)
-        keys.append(crc << 32 | adler)
+    crc32 = zlib.crc32
+    for position, start in enumerate(range(0, len(data) - block_bytes + 1, block_bytes)):
+        crc = crc32(view[start : start + block_bytes], crc)
+        keys.append(position << 32 | crc)
     return tuple(keys)
 
 

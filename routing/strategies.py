@@ -176,6 +176,7 @@ class PrefixAware:
 
     def __init__(self, rng: random.Random | None = None, *, config: PrefixConfig | None = None) -> None:
         self.config = config or PrefixConfig()
+        self._rng = rng or random.Random()
         self.index = PrefixIndex(self.config.max_blocks)
         self.on_insert: Callable[[str, tuple[int, ...]], None] | None = None
 
@@ -190,24 +191,26 @@ class PrefixAware:
             if not (loads[b.name] - least > config.balance_abs and loads[b.name] > least * config.balance_rel)
         ]
         blocks = stats.prefix
-        seed = f"{blocks[0]:x}" if blocks else ""
-        chosen: BackendSnap | None = None
-        matches: dict[str, int] = {}
-        if blocks:
-            matches = {b.name: self.index.match(blocks, b.name) for b in eligible}
-            best = max(matches.values())
-            if best and best >= config.min_match * len(blocks):
-                chosen = min(
-                    (b for b in eligible if matches[b.name] == best),
-                    key=lambda b: (loads[b.name], -_hrw_score(seed, b.name)),
-                )
-        if chosen is None:
-            chosen = min(eligible, key=lambda b: (loads[b.name], -_hrw_score(seed, b.name)))
-        if blocks:
-            self.index.observe(chosen.name, matches.get(chosen.name, 0), len(blocks))
-            self.index.insert(chosen.name, blocks)
-            if self.on_insert is not None:
-                self.on_insert(chosen.name, blocks)
+        if not blocks:  # nothing to match (a prompt shorter than a block): the least loaded, ties at random
+            lightest = [b for b in eligible if loads[b.name] == least]
+            return lightest[0] if len(lightest) == 1 else self._rng.choice(lightest)
+        seed = f"{blocks[0]:x}"
+        matches = {b.name: self.index.match(blocks, b.name) for b in eligible}
+        best = max(matches.values())
+        pool = eligible
+        if best and best >= config.min_match * len(blocks):
+            pool = [b for b in eligible if matches[b.name] == best]
+        else:
+            pool = [b for b in eligible if loads[b.name] == least] or eligible
+        if len(pool) == 1:
+            chosen = pool[0]
+        else:
+            lowest = min(loads[b.name] for b in pool)
+            chosen = max((b for b in pool if loads[b.name] == lowest), key=lambda b: _hrw_score(seed, b.name))
+        self.index.observe(chosen.name, matches[chosen.name], len(blocks))
+        self.index.insert(chosen.name, blocks)
+        if self.on_insert is not None:
+            self.on_insert(chosen.name, blocks)
         return chosen
 
     def forget(self, backend: str) -> None:
