@@ -16,8 +16,10 @@ Workloads (bench/prefix_workloads.py): shared documents (questions about a few l
 multi-turn (conversations sent with their whole history), no sharing (unique prompts). Chat completions,
 streamed, temperature 0; TTFT is the time to the first chunk with content. Around every run the engines'
 `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` are read, and the hit rate is the delta's
-ratio. vLLM's CPU build serves no /reset_prefix_cache, so every run starts its prompts with a tag of its own:
-block hashes chain from the first token, so no run can hit another run's cached blocks.
+ratio. Every run starts its prompts with a tag of its own (block hashes chain from the first token, so no run
+can hit another run's cached blocks), and when the engines serve POST /reset_prefix_cache (vLLM started with
+VLLM_SERVER_DEV_MODE=1, as this script starts the pool when it is not up) their caches are emptied before
+every run as well.
 
 Writes a Markdown report (table, targets, placement, command) to bench/results/prefix-<date>.md.
 """
@@ -97,6 +99,30 @@ class Engines:
     model: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     placement: str = ""
+    resettable: bool = False
+    """Whether every engine serves POST /reset_prefix_cache (vLLM: only with VLLM_SERVER_DEV_MODE=1)."""
+
+    def render_served(self) -> bool:
+        """Whether the engines serve POST /v1/chat/completions/render, which vllm-router's cache_aware needs.
+
+        vLLM serves it only with --enable-scale-out (403 otherwise); without it vllm-router 0.1.17 counts every
+        request as `preparation_rejected` and its cache_aware policy never consults its prefix tree.
+        """
+        body = {"model": self.model, "messages": [{"role": "user", "content": "hi"}]}
+        try:
+            return all(
+                httpx.post(f"{url}/v1/chat/completions/render", json=body, timeout=30).status_code == 200
+                for url in self.urls
+            )
+        except httpx.HTTPError:
+            return False
+
+    def reset_caches(self) -> bool:
+        """Empty every engine's prefix cache; False when one of them cannot."""
+        try:
+            return all(httpx.post(f"{url}/reset_prefix_cache", timeout=30).status_code == 200 for url in self.urls)
+        except httpx.HTTPError:
+            return False
 
     def stop(self) -> None:
         """Stop the mocks this script started (the real pool is left running for whoever started it)."""
@@ -109,9 +135,13 @@ def real_engines() -> Engines:
     """The CPU vLLM pool of scripts/real_backend.sh on 18001/18002, started (and installed) when not up."""
     urls = [f"http://127.0.0.1:{port}" for port in REAL_PORTS]
     if not all(_healthy(url) for url in urls):
-        subprocess.run(["bash", "scripts/real_backend.sh", "start"], cwd=ROOT, check=True)
+        # Dev mode serves POST /reset_prefix_cache (runs then start from empty caches, not only untouched blocks).
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+        subprocess.run(["bash", "scripts/real_backend.sh", "start"], cwd=ROOT, env=env, check=True)
     placement = "vLLM A (:18001) on core 0, vLLM B (:18002) on core 1 (VLLM_CPU_OMP_THREADS_BIND)"
-    return Engines(urls, REAL_MODEL, placement=placement)
+    engines = Engines(urls, REAL_MODEL, placement=placement)
+    engines.resettable = engines.reset_caches()
+    return engines
 
 
 def mock_engines(prefill_ms_per_token: float) -> Engines:
@@ -124,6 +154,7 @@ def mock_engines(prefill_ms_per_token: float) -> Engines:
         engines.procs.append(subprocess.Popen(argv, cwd=ROOT))
         engines.urls.append(f"http://127.0.0.1:{port}")
         wait_http(f"{engines.urls[-1]}/health")
+    engines.resettable = engines.reset_caches()
     return engines
 
 
@@ -146,8 +177,8 @@ def ensure_router() -> Path:
 
 
 @contextlib.contextmanager
-def vllm_router(engines: Engines, policy: str) -> Iterator[str]:
-    """Run vllm-router in front of the engines with this policy; yield its URL; stop it."""
+def vllm_router(engines: Engines, policy: str, notes: list[str]) -> Iterator[str]:
+    """Run vllm-router in front of the engines with this policy; yield its URL; note its decisions; stop it."""
     port, metrics_port = free_port(), free_port()
     argv = [str(ensure_router()), "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
     argv += ["--worker-urls", *engines.urls, "--log-level", "warning", "--prometheus-port", str(metrics_port)]
@@ -155,9 +186,33 @@ def vllm_router(engines: Engines, policy: str) -> Iterator[str]:
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
         yield f"http://127.0.0.1:{port}"
+        notes.append(router_decisions(f"http://127.0.0.1:{metrics_port}/metrics"))
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+ROUTER_COUNTERS = (
+    "vllm_router_cache_hits_total",
+    "vllm_router_cache_misses_total",
+    "vllm_router_load_balancing_events_total",
+    "vllm_router_kv_routing_inputs_total",
+)
+
+
+def router_decisions(metrics_url: str) -> str:
+    """vllm-router's own counters of its cache-aware decisions (how often its prefix tree was used at all)."""
+    try:
+        text = httpx.get(metrics_url, timeout=10).text
+    except httpx.HTTPError as exc:
+        return f"metrics unavailable ({exc!r})"
+    found = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ROUTER_COUNTERS:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                found.append(f"`{sample.name}{{{labels}}}` {sample.value:g}")
+    return "; ".join(found) or "no cache-aware decision counters"
 
 
 @dataclass
@@ -230,6 +285,7 @@ class Stack:
     engines: Engines
     one: Platform | None
     two: Platform | None
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def serving(self, system: System) -> Iterator[str]:
@@ -237,7 +293,7 @@ class Stack:
         if system.kind == "single":
             yield self.engines.urls[0]
         elif system.kind == "router":
-            with vllm_router(self.engines, system.policy) as url:
+            with vllm_router(self.engines, system.policy, self.notes.setdefault(system.label, [])) as url:
                 yield url
         else:
             platform = self.one if system.kind == "platform" else self.two
@@ -381,6 +437,8 @@ def warm_up(url: str, model: str) -> None:
 
 def measure(engines: Engines, url: str, workload: Workload, result: RunResult, max_tokens: int) -> RunResult:
     """Run the workload against the URL; the engines' cache counters are read before and after."""
+    if engines.resettable:
+        engines.reset_caches()
     hits0, queries0 = cache_counters(engines.urls)
     asyncio.run(run_workload(url, engines.model, max_tokens, workload, result))
     time.sleep(0.5)  # the counters are updated as outputs are processed; leave a margin
@@ -581,6 +639,9 @@ class Meta:
     tokens: dict[str, int | None] = field(default_factory=dict)
     load: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    resettable: bool = False
+    render: bool = False
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def render(meta: Meta, rows: list[Row], results: list[RunResult]) -> str:
@@ -607,13 +668,25 @@ def render(meta: Meta, rows: list[Row], results: list[RunResult]) -> str:
         "summed over rounds (each round's in brackets). Hit rate: delta of `vllm:prefix_cache_hits_total` / "
         "`vllm:prefix_cache_queries_total` summed over both engines (prompt tokens).",
         "",
+        "Every run's prompts start with a tag of their own (no run can hit another's cached blocks); engine prefix "
+        f"caches also emptied before every run (POST /reset_prefix_cache): {'yes' if meta.resettable else 'no'}. "
+        "Engines serve /v1/chat/completions/render (vllm-router cache_aware tokenizes with it; vLLM "
+        f"--enable-scale-out): {'yes' if meta.render else '**no**: its cache_aware falls back to load balancing'}.",
+        "",
         "| target | figures | met |",
         "|---|---|---|",
         *(f"| {what} | {figures} | {'yes' if ok else '**no**'} |" for what, figures, ok in targets(rows)),
     ]
-    errors = [f"- {r.system} / {r.workload} / round {r.round}: {e}" for r in results for e in r.errors[:3]]
+    errors = [
+        f"- {r.system} / {r.workload} / round {r.round}: {r.failures} failed, first: {r.errors[0]}"
+        for r in results
+        if r.errors
+    ]
     if errors:
-        lines += ["", "Errors (first three per run):", *errors]
+        lines += ["", "Failed requests:", *errors]
+    notes = [f"- {system}: {' | '.join(dict.fromkeys(n))}" for system, n in meta.notes.items() if n]
+    if notes:
+        lines += ["", "vllm-router's own decision counters at the end of each of its runs:", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -672,7 +745,16 @@ def run(args: argparse.Namespace, plan: Plan, meta: Meta) -> list[RunResult]:
             cleanup.callback(two.stop)
         if "router" in kinds:
             ensure_router()
-        return run_rounds(Stack(engines, one, two), plan)
+        stack = Stack(engines, one, two, notes=meta.notes)
+        meta.resettable, meta.render = engines.resettable, engines.render_served()
+        if "router" in kinds and not meta.render:
+            print(
+                "[prefix] WARNING: the engines do not serve /v1/chat/completions/render (vLLM --enable-scale-out): "
+                "vllm-router cache_aware will not use its prefix tree",
+                file=sys.stderr,
+                flush=True,
+            )
+        return run_rounds(stack, plan)
     raise AssertionError("unreachable")  # for type checkers: ExitStack may swallow exceptions
 
 
