@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import orjson
 
+from backends.models import InvalidApiKeyError, bearer_headers
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
 from routing import errors
 from routing.errors import APIError
@@ -333,8 +334,8 @@ class Dispatcher:
         prep = self._prepared.get(backend)
         if prep is None:
             headers = {"content-type": "application/json"}
-            if backend.api_key:
-                headers["authorization"] = f"Bearer {backend.api_key}"
+            # bearer_headers normalises the key, or raises InvalidApiKeyError (naming no secret) for a bad one.
+            headers.update({k.lower(): v for k, v in bearer_headers(backend.api_key).items()})
             timeouts = Timeouts(
                 connect=backend.connect_timeout_s,
                 read=backend.read_timeout_s,
@@ -383,7 +384,12 @@ class Dispatcher:
             if attempt:
                 self.retries += 1
             tried.add(backend.name)
-            prep = self.prepared(backend, registry.version)
+            try:
+                prep = self.prepared(backend, registry.version)
+            except InvalidApiKeyError as exc:  # a key that slipped past validation: that backend alone fails
+                failure = errors.backend_failed(backend.name, "its API key cannot be sent", detail=str(exc))
+                self.done(backend, False, failure.message)
+                continue
             headers = prep.headers | {"x-request-id": request_id}
             started = time.perf_counter()
             try:

@@ -267,3 +267,38 @@ async def test_master_key_sees_backend_name(make_gateway: Callable[..., Gateway]
 
         response = await client.post("/v1/chat/completions", headers=AUTH, json=CHAT)
     assert response.headers["x-router-backend"] == "b1"
+
+
+async def test_budget_holds_when_every_client_leaves_early(gateway: Gateway, mock_vllm: MockServer) -> None:
+    """Given a key with a 2,000-token daily budget, when every client leaves its stream after a few chunks,
+    then each stream is charged the tokens generated up to its last chunk, and the budget stops admission."""
+    key = KeySnap(
+        id=8,
+        name="budget",
+        allowed_models=None,
+        expires_at=None,
+        rpm_limit=None,
+        tpm_limit=None,
+        daily_token_budget=2000,
+    )
+    gateway.keys = RegistryCache.static(KeySnapshot(version=2, by_hash={key_hash(SECRET): key}))
+    mock_vllm.config.token_delay_s = 0.005
+    long_prompt = [{"role": "user", "content": "Tell me a story about " + "a very long road " * 80}]
+    body = {**CHAT, "messages": long_prompt, "stream": True, "max_tokens": 200}
+    statuses = []
+    for _ in range(30):
+        sent = await call(gateway, body, leave_after_chunks=6)
+        statuses.append(status_of(sent))
+        if statuses[-1] == 429:
+            break
+    limiter = gateway.limiter
+    assert isinstance(limiter, CountingLimiter)
+    charged = limiter.settled
+    streamed = [e for e in gateway.usage.events if e.status == 499]  # type: ignore[attr-defined]
+    # each early-leaving stream was charged its prompt and the tokens generated before the client left
+    assert charged and all(c == e.prompt_tokens + e.completion_tokens for c, e in zip(charged, streamed, strict=True))
+    assert all(e.completion_tokens >= 3 for e in streamed)
+    # and the budget held: admission stopped once it was spent, with no more than it granted
+    assert statuses[-1] == 429
+    assert len(charged) < 10
+    assert sum(charged) <= 2000 + 400  # the last admitted stream may overrun by what it consumed
