@@ -227,6 +227,14 @@ class _HeadWatch:
         self.loop.call_later(self.interval_s, self.tick)
 
 
+class EnvBoundedHttpToolsProtocol(BoundedHttpToolsProtocol):
+    """The bounds from the environment at import: for uvicorn's own supervisor, which pickles its configuration
+    (so the protocol must be named by an import string) to workers that inherit the environment."""
+
+    max_head_bytes = int(_env_number("MAX_REQUEST_HEAD_BYTES", DEFAULT_MAX_HEAD_BYTES))
+    head_timeout_s = _env_number("REQUEST_HEAD_TIMEOUT_S", DEFAULT_HEAD_TIMEOUT_S)
+
+
 def bounded_protocol(max_head_bytes: int, head_timeout_s: float) -> type[asyncio.Protocol] | str:
     """The HTTP protocol class for these bounds ("httptools", uvicorn's own, when both are 0)."""
     if max_head_bytes <= 0 and head_timeout_s <= 0:
@@ -420,7 +428,14 @@ def serve(options: ServeOptions, *, shared_socket: bool = False) -> int:
         server.run()
         return 0 if server.started else STARTUP_FAILURE
     if shared_socket or not REUSE_PORT_BALANCES:
-        uvicorn.run(APP, workers=options.workers, **options.uvicorn_kwargs())
+        kwargs = options.uvicorn_kwargs()
+        if not isinstance(kwargs["http"], str):
+            # uvicorn's supervisor pickles the configuration for its spawned workers: a class made at run time
+            # cannot travel, so the workers import EnvBoundedHttpToolsProtocol and read the bounds it inherits.
+            os.environ["MAX_REQUEST_HEAD_BYTES"] = str(options.max_head_bytes)
+            os.environ["REQUEST_HEAD_TIMEOUT_S"] = str(options.head_timeout_s)
+            kwargs["http"] = "llm_platform.serve:EnvBoundedHttpToolsProtocol"
+        uvicorn.run(APP, workers=options.workers, **kwargs)
         return 0
     busy = address_is_free(options.host, options.port)
     if busy is not None:

@@ -50,6 +50,25 @@ def _read_all(conn: socket.socket, timeout_s: float) -> tuple[bytes, bool]:
     return received, True
 
 
+def _one_response(conn: socket.socket) -> bytes:
+    """One complete response (head + Content-Length body) on a keep-alive connection."""
+    conn.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, data
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def _status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
 
@@ -146,10 +165,10 @@ def test_normal_requests_large_bodies_and_idle_keep_alive_still_work(server: Ser
     conn = _connect(server)
     # a normal request
     conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert _status(conn.recv(65536)) == 200
+    assert _status(_one_response(conn)) == 200
     # a legal head of 40 KiB
     conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"b" * 40960 + b"\r\n\r\n")
-    assert _status(conn.recv(65536)) == 200
+    assert _status(_one_response(conn)) == 200
     # a keep-alive connection idle for longer than the head timeout is not closed (the keep-alive timeout rules)
     time.sleep(HEAD_TIMEOUT_S + 1.5)
     # a 1 MiB body sent with its head in one write is not mistaken for a large head
@@ -158,7 +177,20 @@ def test_normal_requests_large_bodies_and_idle_keep_alive_still_work(server: Ser
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    conn.settimeout(10)
-    response = conn.recv(65536)
+    response = _one_response(conn)
     assert _status(response) == 401, response[:300]  # no key: the application answered, not the head limit
     conn.close()
+
+
+def test_uvicorns_own_supervisor_applies_the_bounds_too(tmp_path: Path) -> None:
+    # given SHARED_SOCKET=1: uvicorn's supervisor, which pickles its configuration to the workers it spawns
+    env = {"SHARED_SOCKET": "1", "WEB_CONCURRENCY": "2", "REQUEST_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)}
+    with ServeProcess(log_path=tmp_path / "serve.log", env=env) as server:
+        # when a head stops halfway / then a worker answers 408 within the timeout
+        conn = _connect(server)
+        started = time.monotonic()
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        response, closed = _read_all(conn, HEAD_TIMEOUT_S + 8)
+        conn.close()
+        assert closed and _status(response) == 408, (response[:200], server.log()[-2000:])
+        assert time.monotonic() - started < HEAD_TIMEOUT_S + 2.5
