@@ -62,7 +62,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds allowed to connect, per read (head and between body chunks), to write the request, for a pool slot."""
+    """Seconds allowed: to connect; `read`: for the head in all (FastUpstream: for a body read whole too) and
+    between two reads of a streamed body (httpx: per read throughout); to write the request; for a pool slot."""
 
     connect: float
     read: float
