@@ -113,15 +113,21 @@ class Dispatcher:
         queue_timeout_s: float = 10.0,
         prefix: PrefixConfig | None = None,
         prefix_sync: PrefixSync | None = None,
+        upstream_limits: dict[str, int] | None = None,
     ) -> None:
         self.max_attempts = max(1, max_attempts)
-        # httpx serves https:// backends, background work (metrics scraping) and tests that inject a transport;
-        # plain http:// backends use FastUpstream (asyncio + httptools, ~20 us of CPU a request instead of ~400).
+        # Backends (http:// and https://) are reached through FastUpstream (asyncio + httptools: ~50 us of CPU a
+        # request at c64 against aiohttp's ~185, docs/performance.md), with limits on what a backend may send.
+        # httpx serves background work (metrics scraping) and tests that inject a transport.
         self._httpx = HttpxUpstream(transport=transport, max_connections=max_connections, max_keepalive=max_keepalive)
         self._fast = (
             None
             if transport is not None
-            else FastUpstream(max_connections_per_host=max_connections, max_keepalive_per_host=max_keepalive)
+            else FastUpstream(
+                max_connections_per_host=max_connections,
+                max_keepalive_per_host=max_keepalive,
+                **(upstream_limits or {}),
+            )
         )
         self._strategies: dict[tuple[str, str], Strategy] = {}
         self._prepared: dict[BackendSnap, _Prepared] = {}

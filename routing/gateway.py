@@ -38,8 +38,11 @@ from routing.serializers import (
     ChatCompletionRequestSerializer,
     CompletionRequestSerializer,
     EmbeddingRequestSerializer,
+    RequestLimits,
+    check_counts,
     check_depth,
-    validate_request,
+    parse_json,
+    validate_request_offloaded,
 )
 from routing.sse import StreamState
 from routing.usage import MemoryUsageSink, UsageSink
@@ -139,6 +142,7 @@ class Gateway:
         limiter: RateLimiter | None = None,
         continuous_usage: bool = True,
         expose_backend: bool = False,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.fallback = fallback
         self.registry = registry
@@ -154,6 +158,7 @@ class Gateway:
         self.limiter = limiter
         self.continuous_usage = continuous_usage
         self.expose_backend = expose_backend
+        self.limits = limits if limits is not None else RequestLimits()
         self._models_body: tuple[int, bytes] = (-2, b"")
 
     @classmethod
@@ -185,6 +190,12 @@ class Gateway:
                 balance_abs=settings.ROUTER_PREFIX_BALANCE_ABS,
                 balance_rel=settings.ROUTER_PREFIX_BALANCE_REL,
             ),
+            upstream_limits={
+                "max_header_line_bytes": settings.ROUTER_UPSTREAM_MAX_HEADER_LINE_BYTES,
+                "max_headers": settings.ROUTER_UPSTREAM_MAX_HEADERS,
+                "max_head_bytes": settings.ROUTER_UPSTREAM_MAX_HEAD_BYTES,
+                "max_body_bytes": settings.ROUTER_UPSTREAM_MAX_BODY_BYTES,
+            },
             prefix_sync=(
                 PrefixSync(settings.REDIS_URL, process_id=PROCESS_ID)
                 if settings.REDIS_URL and settings.ROUTER_PREFIX_SYNC
@@ -220,6 +231,7 @@ class Gateway:
             ),
             continuous_usage=settings.ROUTER_STREAM_CONTINUOUS_USAGE,
             expose_backend=settings.ROUTER_EXPOSE_BACKEND,
+            limits=RequestLimits.from_settings(),
         )
 
     # --- ASGI entry -----------------------------------------------------------------------------------------
@@ -437,14 +449,14 @@ class Gateway:
             raise _too_large(self.max_body_bytes)
         raw = await _read_body(receive, self.max_body_bytes)
         try:
-            data = orjson.loads(raw)
+            data = parse_json(raw)
         except orjson.JSONDecodeError:
             raise APIError(
                 400, "We could not parse the JSON body of your request: it is not valid JSON.", code="invalid_json"
             ) from None
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_body")
-        return await self.prepare(endpoint, data, headers=scope["headers"]), len(raw)
+        return await self.prepare(endpoint, data, headers=scope["headers"], size=len(raw)), len(raw)
 
     async def prepare(
         self,
@@ -453,13 +465,19 @@ class Gateway:
         *,
         force_stream: bool = False,
         headers: Sequence[tuple[bytes, bytes]] = (),
+        size: int | None = None,
     ) -> PreparedRequest:
-        """Validate a request body, resolve its model and rewrite the body for the backend (400/404/503 APIError)."""
+        """Validate a request body, resolve its model and rewrite the body for the backend (400/404/503 APIError).
+
+        `size` is the body's length in bytes when known (it decides whether validation runs in a worker thread).
+        """
         if force_stream and endpoint.can_stream:
             data["stream"] = True  # before validation: `stream_options` is valid only on a stream
+        check_counts(data, self.limits)  # list lengths only: before anything walks a list
         if not endpoint.fast_valid(data):
-            # Not the common shape (or invalid): the serializers decide, and name the bad parameter.
-            validate_request(endpoint.serializer, data)
+            # Not the common shape (or invalid): the serializers decide, and name the bad parameter; off the event
+            # loop for a large body.
+            await validate_request_offloaded(endpoint.serializer, data, self.limits, size=size)
         requested: str = data["model"]
         registry = await self._registry()
         model = registry.models.get(requested)
