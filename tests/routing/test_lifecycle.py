@@ -113,11 +113,20 @@ def steps(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Steps:
     return Steps(gateway, monkeypatch)
 
 
-async def call(gateway: Gateway, body: dict[str, Any], *, leave_after_chunks: int | None = None) -> list[dict]:
-    """Drive the gateway's ASGI app directly; the client disconnects after N body messages when asked."""
+async def call(
+    gateway: Gateway,
+    body: dict[str, Any],
+    *,
+    leave_after_chunks: int | None = None,
+    leave_after_s: float | None = None,
+) -> list[dict]:
+    """Drive the gateway's ASGI app directly; the client disconnects after N body messages, or after some seconds,
+    when asked."""
     sent: list[dict] = []
     left = asyncio.Event()
     request_sent = False
+    if leave_after_s is not None:
+        asyncio.get_running_loop().call_later(leave_after_s, left.set)
 
     async def receive() -> dict[str, Any]:
         nonlocal request_sent
@@ -196,6 +205,23 @@ async def test_sse_client_leaving_each_step_once(gateway: Gateway, steps: Steps,
     await call(gateway, {**CHAT, "stream": True}, leave_after_chunks=3)
     assert steps.once_each() == ONCE
     assert gateway.usage.events[-1].status == 499  # type: ignore[attr-defined]
+
+
+async def test_json_client_leaving_releases_the_backend(gateway: Gateway, steps: Steps, mock_vllm: MockServer) -> None:
+    # given a backend that takes 5 s to answer a non-streamed request
+    mock_vllm.config.latency_s = 5.0
+    # when the client disconnects after 0.8 s
+    async with asyncio.timeout(3):
+        sent = await call(gateway, CHAT, leave_after_s=0.8)
+    # then the upstream request is cancelled at once (the backend stops working on it), nothing is sent,
+    # and the request is recorded once as 499 with its slot released (no response object was ever returned)
+    assert sent == []
+    async with asyncio.timeout(2):
+        while mock_vllm.stats.open_requests:
+            await asyncio.sleep(0.02)
+    assert steps.once_each() == {"done": 1, "usage": 1, "settle": 1}
+    assert gateway.usage.events[-1].status == 499  # type: ignore[attr-defined]
+    assert gateway.dispatcher.in_flight["b1"] == 0
 
 
 async def test_no_backend_reached_records_and_settles_once_without_a_slot(gateway: Gateway, steps: Steps) -> None:
