@@ -50,6 +50,7 @@ from multiprocessing.context import SpawnProcess
 from types import FrameType
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -103,6 +104,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+    _limit: int = DEFAULT_MAX_HEAD_BYTES  # max_head_bytes, or no limit for 0 (set with it: bounded_protocol)
 
     # Per connection: the next bytes belong to a request head; when that head started (None: not started, or the
     # connection is idle between keep-alive requests); its bytes so far; answered with an error and closing.
@@ -118,39 +120,48 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             _HeadWatch.ensure(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return  # the answer is written; drop what still comes until the connection closes
-        if not self._in_head:
-            super().data_received(data)
+        if self._in_head:
+            if self._refused:
+                return  # the answer is written; drop what still comes until the connection closes
+            if self._head_since is None:
+                self._head_since = self.loop.time()  # first byte of the next head on a keep-alive connection
+            self._head_bytes += len(data)
+        # HttpToolsProtocol.data_received (uvicorn 0.54), inlined: this runs for every read
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._refused:
+                return  # the parser stopped because of our own 431, already written
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
             return
-        if self._head_since is None:
-            self._head_since = self.loop.time()  # first byte of the next head on a keep-alive connection
-        self._head_bytes += len(data)
-        super().data_received(data)
-        limit = self.max_head_bytes
-        if self._in_head and limit and self._head_bytes > limit and not self.transport.is_closing():
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        # a head still incomplete after this read (a completed one reset the count to 0)
+        if self._head_bytes > self._limit and not self.transport.is_closing():
             self.refuse_head(431)
 
     def on_headers_complete(self) -> None:
-        if self.max_head_bytes and self._head_bytes > self.max_head_bytes:
+        if self._head_bytes > self._limit:
             # the read that completed the head passed the limit: measure the head itself (body bytes excluded)
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-            if size > self.max_head_bytes:
+            if size > self._limit:
                 self.refuse_head(431)
                 raise _HeadRefused  # stops the parser; data_received drops the rest
         self._in_head = False
         self._head_since = None
         self._head_bytes = 0
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
         self._in_head = True  # what comes next on this connection is the next request's head
-
-    def send_400_response(self, msg: str) -> None:
-        if self._refused:
-            return  # the parser stopped because of our own 431, already written
-        super().send_400_response(msg)
 
     def head_overdue(self, now: float) -> bool:
         """Whether a head has been arriving for longer than the timeout (checked by _HeadWatch)."""
@@ -162,6 +173,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self.transport.is_closing():
             return
         self._refused = True
+        self._in_head = True  # data_received then drops whatever comes
         self._head_since = None
         busy = self.cycle is not None and not self.cycle.response_complete
         if busy or (status == 408 and self._head_bytes == 0):
@@ -231,8 +243,9 @@ class EnvBoundedHttpToolsProtocol(BoundedHttpToolsProtocol):
     """The bounds from the environment at import: for uvicorn's own supervisor, which pickles its configuration
     (so the protocol must be named by an import string) to workers that inherit the environment."""
 
-    max_head_bytes = int(_env_number("MAX_REQUEST_HEAD_BYTES", DEFAULT_MAX_HEAD_BYTES))
-    head_timeout_s = _env_number("REQUEST_HEAD_TIMEOUT_S", DEFAULT_HEAD_TIMEOUT_S)
+    max_head_bytes = max(0, int(_env_number("MAX_REQUEST_HEAD_BYTES", DEFAULT_MAX_HEAD_BYTES)))
+    head_timeout_s = max(0.0, _env_number("REQUEST_HEAD_TIMEOUT_S", DEFAULT_HEAD_TIMEOUT_S))
+    _limit = max_head_bytes or sys.maxsize
 
 
 def bounded_protocol(max_head_bytes: int, head_timeout_s: float) -> type[asyncio.Protocol] | str:
@@ -242,7 +255,11 @@ def bounded_protocol(max_head_bytes: int, head_timeout_s: float) -> type[asyncio
     return type(
         "BoundedHttpToolsProtocol",
         (BoundedHttpToolsProtocol,),
-        {"max_head_bytes": max(0, max_head_bytes), "head_timeout_s": max(0.0, head_timeout_s)},
+        {
+            "max_head_bytes": max(0, max_head_bytes),
+            "head_timeout_s": max(0.0, head_timeout_s),
+            "_limit": max_head_bytes if max_head_bytes > 0 else sys.maxsize,
+        },
     )
 
 
@@ -261,6 +278,7 @@ class ServeOptions:
     backlog: int = 2048
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+    _limit: int = DEFAULT_MAX_HEAD_BYTES  # max_head_bytes, or no limit for 0 (set with it: bounded_protocol)
 
     def uvicorn_kwargs(self) -> dict[str, Any]:
         """Settings of every worker: the flags `make run` and the benchmark use, plus the production ones."""
