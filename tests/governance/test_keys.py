@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -73,6 +73,24 @@ def test_command_prints_secret_alone_on_last_line_and_stores_only_a_hash() -> No
     assert (key.rpm_limit, key.tpm_limit) == (60, 1000) and key.expires_at > timezone.now() + timedelta(days=29)
     # no column holds the secret
     assert all(secret not in str(value) for value in ApiKey.objects.values().get().values())
+
+
+@pytest.mark.django_db
+def test_command_reads_a_naive_expiry_as_utc() -> None:
+    # given an ISO date-time without an offset
+    # when the command creates the key
+    call_command(
+        "create_api_key",
+        "--name",
+        "team-b",
+        "--expires",
+        "2031-05-06T07:08:09",
+        stdout=io.StringIO(),
+        stderr=io.StringIO(),
+    )
+    # then the expiry is that instant in UTC (it raised AttributeError on `timezone.UTC` before)
+    expires_at = ApiKey.objects.get(name="team-b").expires_at
+    assert expires_at == datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
 
 
 @pytest.mark.django_db

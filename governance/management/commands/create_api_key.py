@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -22,7 +22,7 @@ def _expiry(value: str) -> datetime:
     parsed = parse_datetime(value)
     if parsed is None:
         raise CommandError(f"--expires: {value!r} is neither an ISO date-time nor a duration like 30d or 12h.")
-    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed, timezone.UTC)
+    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed, UTC)
 
 
 class Command(BaseCommand):
