@@ -356,6 +356,10 @@ _WORK_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddi
 _DEFAULT_PIECES: list[str] = _pieces(DEFAULT_ANSWER)
 _VLLM_VERSION = b'{"version":"0.32.0"}'
 _FINGERPRINT = "vllm-0.32.0-mock"
+_TOKEN_TEXTS_MAX = 65_536
+_FINGERPRINT_TAIL = b',"system_fingerprint":"' + _FINGERPRINT.encode() + b'"}\n\n'
+# Keys vLLM 0.32 puts (null unless asked for) at the top level of every non-streamed chat/completion response.
+_TRANSFER_NULLS: dict[str, None] = {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 
 def _repeat_pieces(base: list[str], n: int) -> list[str]:
@@ -424,7 +428,10 @@ class MockVLLM:
             "/v1/completions": self._completions,
             "/v1/embeddings": self._embeddings,
             "/tokenize": self._tokenize,
+            "/detokenize": self._detokenize,
         }
+        self._token_texts: dict[int, str] = {}
+        """Token id -> text of the tokens /tokenize handed out (bounded), so that /detokenize can invert them."""
         self._control_routes: dict[str, Callable[[bytes, Send], Awaitable[None]]] = {
             "/mock/config": self._mock_set_config,
             "/mock/reset": self._mock_reset,
@@ -501,11 +508,15 @@ class MockVLLM:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 body = None
-                parse_error: _HTTPError | None = _HTTPError(400, f"Invalid JSON body: {exc}")
+                parse_error: _HTTPError | None = _json_error(exc)
             else:
                 parse_error = None
                 if not isinstance(body, dict):
-                    parse_error = _HTTPError(400, "The request body must be a JSON object.")
+                    parse_error = _validation_error(
+                        "body",
+                        "model_attributes_type",
+                        "Input should be a valid dictionary or object to extract fields from",
+                    )
             stats.last_request = body
 
             stream = bool(body.get("stream")) if isinstance(body, dict) else False
@@ -598,6 +609,8 @@ class MockVLLM:
         if model in other:
             api = "Embeddings API" if embedding else "Generation API"
             raise _HTTPError(400, f"The model does not support {api}", param="model")
+        if embedding:  # vLLM's pooling servers name no aliases and no param
+            raise _HTTPError(404, f"The model `{model}` does not exist.")
         raise _HTTPError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.", param="model")
 
     def _max_tokens(self, body: dict[str, Any]) -> int | None:
@@ -629,7 +642,7 @@ class MockVLLM:
         if n is None:
             return 1
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise _HTTPError(400, f"n must be an integer >= 1, got {n!r}.", param="n")
+            raise _HTTPError(400, f"n must be at least 1, got {n!r}.")  # vLLM names no param here
         return n
 
     def _check_length(self, prompt_tokens: int, generative: bool = True) -> int:
@@ -743,7 +756,9 @@ class MockVLLM:
         model = self._check_model(body, embedding=False)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise _HTTPError(400, "`messages` must be a non-empty list of message objects.", param="messages")
+            if messages is None:
+                raise _validation_error("body.messages", "missing", "Field required")
+            raise _validation_error("body.messages", "list_type", "Input should be a non-empty list of message objects")
         max_tokens = self._max_tokens(body)
         n = self._n(body)
         cached = self._prefix_cache_enabled()
@@ -782,6 +797,8 @@ class MockVLLM:
                 "logprobs": None,
                 "finish_reason": plan.finish_reason,
                 "stop_reason": plan.stop_reason,
+                "token_ids": None,
+                "routed_experts": None,
             }
             for i in range(n)
         ]
@@ -795,6 +812,9 @@ class MockVLLM:
             "system_fingerprint": _FINGERPRINT,
             "usage": _usage(reported_prompt, completion_tokens),
             "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "prompt_text": None,
+            **_TRANSFER_NULLS,
         }
         await _send_json(send, 200, orjson.dumps(payload))
         return 200
@@ -840,6 +860,9 @@ class MockVLLM:
                 "finish_reason": plan.finish_reason,
                 "stop_reason": plan.stop_reason,
                 "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "token_ids": None,
+                "routed_experts": None,
             }
             for p_idx, plan in enumerate(plans)
             for i in range(n)
@@ -853,6 +876,7 @@ class MockVLLM:
             "service_tier": None,
             "system_fingerprint": _FINGERPRINT,
             "usage": _usage(reported_prompt, completion_tokens),
+            **_TRANSFER_NULLS,
         }
         await _send_json(send, 200, orjson.dumps(payload))
         return 200
@@ -893,18 +917,30 @@ class MockVLLM:
         if chat:
             for index, _, prompt in choices:
                 data = prefix + index + _ROLE_TAIL
-                await _chunk(send, _with_usage(data, prompt, 0, chat) if continuous else data)
-            head, tail = b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
+                data = _with_usage(data, prompt, 0, chat) if continuous else data
+                await _chunk(send, data[:-3] + _ROLE_EXTRA)
+            head, tail = b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
         else:
-            head, tail = b',"text":', b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+            head = b',"text":'
+            tail = (
+                b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}'
+                b"\n\n"
+            )
         die_after = cfg.die_after_tokens
         delay = cfg.token_delay_s
         longest = max(len(plan.pieces) for plan in plans)
+        # vLLM sends system_fingerprint once, in the stream's last chunk: the usage chunk, else the last finish.
+        trailing = [c for c in choices if not _finish_on_last_token(c[1])]
+        if usage is not None:
+            last = None
+        else:
+            last = trailing[-1] if trailing else [c for c in choices if len(c[1].pieces) == longest][-1]
         sent = 0
         for pos in range(longest):
             if pos and delay > 0:
                 await asyncio.sleep(delay)
-            for index, plan, prompt in choices:
+            for entry in choices:
+                index, plan, prompt = entry
                 pieces = plan.pieces
                 if pos >= len(pieces):
                     continue
@@ -913,6 +949,8 @@ class MockVLLM:
                 content = orjson.dumps(pieces[pos])
                 if pos == len(pieces) - 1 and _finish_on_last_token(plan):
                     data = prefix + index + _finish_tail(plan, chat, content)
+                    if entry is last:
+                        data = data[:-3] + _FINGERPRINT_TAIL
                 else:
                     data = prefix + index + head + content + tail
                 await _chunk(send, _with_usage(data, prompt, pos + 1, chat) if continuous else data)
@@ -921,10 +959,12 @@ class MockVLLM:
                 await asyncio.sleep(0)  # let disconnect watchers and other requests run
         if die_after is not None and sent >= die_after and longest:
             raise MockAbort(_die_message(die_after))
-        for index, plan, prompt in choices:
-            if not _finish_on_last_token(plan):
-                data = prefix + index + _finish_tail(plan, chat, b'""')
-                await _chunk(send, _with_usage(data, prompt, len(plan.pieces), chat) if continuous else data)
+        for entry in trailing:
+            index, plan, prompt = entry
+            data = prefix + index + _finish_tail(plan, chat, b'""')
+            if entry is last:
+                data = data[:-3] + _FINGERPRINT_TAIL
+            await _chunk(send, _with_usage(data, prompt, len(plan.pieces), chat) if continuous else data)
         await self._stream_end(send, prefix, usage)
         return 200
 
@@ -933,7 +973,7 @@ class MockVLLM:
         if usage is not None:
             # prefix ends with '"choices":[{"index":' -> turn it into '"choices":[],"usage":{...}}'
             head = prefix[: -len(b'[{"index":')]
-            await _chunk(send, head + b'[],"usage":' + orjson.dumps(usage) + b"}\n\n")
+            await _chunk(send, head + b'[],"usage":' + orjson.dumps(usage) + _FINGERPRINT_TAIL)
         await send({"type": "http.response.body", "body": _DONE, "more_body": False})
 
     # -- /v1/embeddings --------------------------------------------------------------------------
@@ -968,8 +1008,8 @@ class MockVLLM:
 
     # -- /tokenize -------------------------------------------------------------------------------
 
-    async def _tokenize(self, body: dict[str, Any], send: Send) -> int:
-        """Serve POST /tokenize with either `messages` (chat) or `prompt`."""
+    def _check_any_model(self, body: dict[str, Any]) -> None:
+        """Raise vLLM's 404 when /tokenize or /detokenize names a model that is not served."""
         model = body.get("model")
         cfg = self.config
         served = [*cfg.models, *cfg.embed_models]
@@ -977,6 +1017,11 @@ class MockVLLM:
             raise _HTTPError(
                 404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.", param="model"
             )
+
+    async def _tokenize(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /tokenize with either `messages` (chat) or `prompt`."""
+        self._check_any_model(body)
+        cfg = self.config
         messages = body.get("messages")
         if messages is not None:
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -987,9 +1032,29 @@ class MockVLLM:
             if not isinstance(prompt, str):
                 raise _HTTPError(400, "Either `prompt` (string) or `messages` is required.", param="prompt")
             ids = token_ids(prompt)
+            texts = self._token_texts
+            if len(texts) < _TOKEN_TEXTS_MAX:
+                texts.update(zip(ids, TOKEN_RE.findall(prompt), strict=True))
         await self._generation_delay([])
         payload = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids, "token_strs": None}
         await _send_json(send, 200, orjson.dumps(payload))
+        return 200
+
+    async def _detokenize(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /detokenize: the ids /tokenize gave for a prompt back to text (unknown ids: nothing, as vLLM)."""
+        self._check_any_model(body)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise _HTTPError(
+                400,
+                "1 validation error:\n  {'type': 'list_type', 'loc': 'body.tokens', 'msg': 'Input should be a valid "
+                "list of integers'}",
+                "Bad Request",
+                "body.tokens",
+            )
+        texts = self._token_texts
+        prompt = " ".join(texts[t] for t in tokens if t in texts)
+        await _send_json(send, 200, orjson.dumps({"prompt": prompt}))
         return 200
 
     # -- GET endpoints ---------------------------------------------------------------------------
@@ -1017,7 +1082,7 @@ class MockVLLM:
                 "root": mid,
                 "parent": None,
                 "max_model_len": cfg.max_model_len,
-                "permission": [],
+                "permission": [_permission(self.created)],
             }
             for mid in ids
         ]
@@ -1142,6 +1207,7 @@ _CACHED_BY_SOURCE_HELP = (
 )
 _OTHER_CACHE_SOURCES = ("host", "p2p", "disk", "external_unspecified")
 _ROLE_TAIL = b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+_ROLE_EXTRA = b',"prompt_token_ids":null,"prompt_text":null}\n\n'  # after choices (and usage), as vLLM 0.32
 
 
 def _chunk_prefix(rid: str, obj: str, created: int, model: str) -> bytes:
@@ -1160,8 +1226,37 @@ def _finish_tail(plan: _Plan, chat: bool, content: bytes) -> bytes:
     """Build the end (after the choice index) of a chunk carrying the finish_reason."""
     reason = orjson.dumps(plan.finish_reason) + b',"stop_reason":' + orjson.dumps(plan.stop_reason)
     if chat:
-        return b',"delta":{"content":' + content + b'},"logprobs":null,"finish_reason":' + reason + b"}]}\n\n"
-    return b',"text":' + content + b',"logprobs":null,"finish_reason":' + reason + b"}]}\n\n"
+        return (
+            b',"delta":{"content":'
+            + content
+            + b'},"logprobs":null,"finish_reason":'
+            + reason
+            + b',"token_ids":null}]}\n\n'
+        )
+    return (
+        b',"text":'
+        + content
+        + b',"logprobs":null,"finish_reason":'
+        + reason
+        + b',"prompt_token_ids":null,"token_ids":null}]}\n\n'
+    )
+
+
+def _validation_error(loc: str, kind: str, msg: str) -> _HTTPError:
+    """vLLM's 400 for a request that fails its pydantic model: type "Bad Request", param the field's location."""
+    return _HTTPError(
+        400, f"1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}'}}", "Bad Request", loc
+    )
+
+
+def _json_error(exc: orjson.JSONDecodeError) -> _HTTPError:
+    """vLLM's (FastAPI's) 400 for a body that is not JSON: type "Bad Request", param "body.<offset>"."""
+    loc = f"body.{exc.pos}"
+    message = (
+        f"1 validation error:\n  {{'type': 'json_invalid', 'loc': '{loc}', 'msg': 'JSON decode error', "
+        f"'input': '<dict of 0 items>', 'ctx': {{'error': {exc.msg!r}}}}}"
+    )
+    return _HTTPError(400, message, "Bad Request", loc)
 
 
 def _die_message(tokens: int) -> str:
@@ -1188,8 +1283,8 @@ def _usage_options(body: dict[str, Any]) -> tuple[bool, bool]:
 #   ... the finish chunk has usage too; then the usual final "choices":[],"usage":{...} chunk (no details
 #   key there) and [DONE]. /v1/completions: same place, "usage":{"prompt_tokens":5,"total_tokens":6,
 #   "completion_tokens":1} (no details key), prompt_tokens being the choice's own prompt in a batch.
-# usage follows choices (the role chunk's prompt_token_ids/prompt_text nulls, which this mock does not send
-# anyway, come after it); completion_tokens counts the tokens of THAT choice so far (n=2: 1,1,2,2,...);
+# usage follows choices (the role chunk's prompt_token_ids/prompt_text nulls come after it); completion_tokens
+# counts the tokens of THAT choice so far (n=2: 1,1,2,2,...);
 # continuous_usage_stats without include_usage adds nothing.
 def _with_usage(chunk: bytes, prompt_tokens: int, completion_tokens: int, chat: bool) -> bytes:
     """Append vLLM's continuous usage object to an SSE chunk (replaces its closing '}\\n\\n')."""
@@ -1219,6 +1314,24 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": None,
         "completion_tokens_details": None,
+    }
+
+
+def _permission(created: int) -> dict[str, Any]:
+    """One entry of a /v1/models model's `permission` list, as vLLM fills it."""
+    return {
+        "id": "modelperm-" + _rid(),
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
     }
 
 

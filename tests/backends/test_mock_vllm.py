@@ -226,10 +226,11 @@ async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
 
 
 async def test_bad_requests(client: httpx.AsyncClient) -> None:
-    """Invalid JSON, missing messages and bad max_tokens answer 400 BadRequestError."""
+    """Invalid JSON, missing messages and bad max_tokens answer 400 (JSON: FastAPI's "Bad Request", as vLLM 0.32)."""
     resp = await client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
     assert resp.status_code == 400
-    assert resp.json()["error"]["type"] == "BadRequestError"
+    assert resp.json()["error"]["type"] == "Bad Request"
+    assert resp.json()["error"]["param"] == "body.1"
     assert resp.json()["error"]["code"] == 400
     assert (await client.post(CHAT, json={"model": "mock-chat"})).status_code == 400
     assert (await client.post(CHAT, json=_chat(max_tokens=0))).status_code == 400
