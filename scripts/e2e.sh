@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # scripts/e2e.sh — what `make e2e` runs: the E2E suite (tests/integration, marker e2e) through the platform
-# against a REAL vLLM.
+# against a REAL vLLM, and the contract suite (tests/contract, its e2e half) straight against that vLLM.
 #
 # Two modes:
 #   * local (default): starts the CPU vLLM pool of scripts/real_backend.sh (installs it on first run; cached
@@ -63,7 +63,7 @@ fi
 summary=$(mktemp)
 t_tests=$(date +%s.%N)
 # 9>&-: the lock must not leak into the vLLM servers the failover test restarts (they outlive this script).
-"$PY" -m pytest -m e2e tests/integration tests/backends/checks/test_checks_e2e.py -p no:cacheprovider -rs "$@" 9>&- | tee "$summary"
+"$PY" -m pytest -m e2e tests/contract tests/integration tests/backends/checks/test_checks_e2e.py -p no:cacheprovider -rs "$@" 9>&- | tee "$summary"
 rc=${PIPESTATUS[0]}
 tests_s=$(elapsed "$t_tests")
 
