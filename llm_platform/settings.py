@@ -118,6 +118,7 @@ INSTALLED_APPS = [
     "backends",
     "routing",
     "governance",
+    "batches",
 ]
 
 MIDDLEWARE = [
@@ -194,6 +195,15 @@ WHITENOISE_AUTOREFRESH = DEBUG
 if DEBUG or LOCAL_CHECKOUT:
     STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
 
+# Batch API files (docs/batches.md): local files under BATCH_FILES_DIR by default; any S3-compatible store with
+# BATCH_STORAGE_BACKEND=storages.backends.s3.S3Storage (django-storages) and its AWS_* settings.
+BATCH_STORAGE_BACKEND = os.environ.get("BATCH_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage")
+BATCH_FILES_DIR = Path(os.environ.get("BATCH_FILES_DIR", LOCAL_DIR / "batch-files"))
+STORAGES["batches"] = {
+    "BACKEND": BATCH_STORAGE_BACKEND,
+    "OPTIONS": {"location": str(BATCH_FILES_DIR)} if BATCH_STORAGE_BACKEND.endswith("FileSystemStorage") else {},
+}
+
 REDIS_URL = os.environ.get("REDIS_URL", "")
 
 # Channels: in-process layer by default, Redis when REDIS_URL is set.
@@ -258,6 +268,20 @@ ROUTER_UPSTREAM_MAX_HEAD_BYTES = max(1024, env_int("ROUTER_UPSTREAM_MAX_HEAD_BYT
 ROUTER_UPSTREAM_MAX_BODY_BYTES = max(65536, env_int("ROUTER_UPSTREAM_MAX_BODY_BYTES", 64 * 1024 * 1024))
 # Attempts per request before the first byte reached the client (1 = no retry).
 ROUTER_MAX_ATTEMPTS = env_int("ROUTER_MAX_ATTEMPTS", 2)
+
+# --- Batch API (docs/batches.md) ---------------------------------------------------------------------------
+# Largest uploaded batch file (bytes; larger: 413) and most requests in one file.
+BATCH_MAX_FILE_BYTES = max(1, env_int("BATCH_MAX_FILE_BYTES", 100 * 1024 * 1024))
+BATCH_MAX_LINES = max(1, env_int("BATCH_MAX_LINES", 50_000))
+# Lines of one pool a batch worker runs at once; below live traffic: a line waits while the pool's engines report
+# at least BATCH_BACKOFF_QUEUE_DEPTH waiting requests (0: never), re-checking every BATCH_BACKOFF_S seconds.
+BATCH_MAX_CONCURRENCY_PER_POOL = max(1, env_int("BATCH_MAX_CONCURRENCY_PER_POOL", 2))
+BATCH_BACKOFF_QUEUE_DEPTH = max(0, env_int("BATCH_BACKOFF_QUEUE_DEPTH", 1))
+BATCH_BACKOFF_S = max(0.1, env_float("BATCH_BACKOFF_S", 1.0))
+# A worker's claim on a line (renewed while it runs); a line whose worker died is run again after it lapses.
+BATCH_LINE_LEASE_S = max(1.0, env_float("BATCH_LINE_LEASE_S", 60.0))
+# Celery queue of batch runs (empty: the default queue).
+BATCH_CELERY_QUEUE = os.environ.get("BATCH_CELERY_QUEUE", "")
 # Seconds between SSE keep-alive comments while waiting for a streamed response's first token.
 ROUTER_STREAM_KEEPALIVE_S = env_float("ROUTER_STREAM_KEEPALIVE_S", 5.0)
 # Timeout between two streamed chunks after the first one (seconds); 0 uses the backend's read timeout.

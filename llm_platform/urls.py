@@ -11,7 +11,7 @@ from backends.checks.api import CheckRunViewSet
 from governance.api import UsageView
 from governance.api_keys import ApiKeyViewSet
 
-router = DefaultRouter(trailing_slash="/?")
+router = DefaultRouter(trailing_slash="/?")  # type: ignore[arg-type]  # a regex DRF accepts; the stubs say bool
 router.register("pools", GpuPoolViewSet, basename="pool")
 router.register("backends", BackendViewSet, basename="backend")
 router.register("models", ModelViewSet, basename="model")
@@ -25,6 +25,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/", include(router.urls)),
+    # the Batch API: /v1/files and /v1/batches (the gateway hands these to Django)
+    path("v1/", include("batches.urls")),
 ]
 
 admin.site.site_header = "LLM routing platform"

@@ -242,9 +242,11 @@ class Gateway:
         if kind == "http":
             path: str = scope["path"]
             if path.startswith("/v1/") or path == "/v1":
-                await self._v1(scope, receive, send)
-                return
-            if path == "/healthz":
+                if not path.startswith(("/v1/files", "/v1/batches")) or self.fallback is None:
+                    await self._v1(scope, receive, send)
+                    return
+                # the Batch API (batches/) is served by Django, below
+            elif path == "/healthz":
                 await _send_json(send, 200, b'{"status":"ok"}')
                 return
             if path == "/readyz":
