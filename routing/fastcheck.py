@@ -53,6 +53,9 @@ _SIMPLE = frozenset(
     }
 )
 _MAX_SCALAR_DEPTH_FREE = 32  # unknown (pass-through) values must be shallow, else DRF checks nesting depth
+_PASS_THROUGH_BUDGET = 1024
+"""Containers and items of pass-through values the fast check visits per body before deferring to the serializers,
+which do not walk them (only the depth check does, at C speed): a large one costs the loop no Python-level walk."""
 
 
 def _number(value: Any) -> bool:
@@ -63,14 +66,21 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _shallow(value: Any, depth: int = 0) -> bool:
-    """Whether a pass-through value is small enough in depth that the serializers' depth check would pass."""
-    if depth > _MAX_SCALAR_DEPTH_FREE:
-        return False
-    if isinstance(value, dict):
-        return all(_shallow(v, depth + 1) for v in value.values())
-    if isinstance(value, list):
-        return all(_shallow(v, depth + 1) for v in value)
+def _shallow(value: Any, budget: list[int]) -> bool:
+    """Whether a pass-through value is shallow enough that the serializers' depth check would pass.
+
+    Visits at most `budget[0]` items (shared by the body's values, decremented); False once it is spent.
+    """
+    if not isinstance(value, dict | list):
+        return True
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        budget[0] -= len(children)
+        if budget[0] < 0 or depth > _MAX_SCALAR_DEPTH_FREE:
+            return False
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return True
 
 
@@ -78,6 +88,7 @@ def _common(data: dict[str, Any], declared: frozenset[str]) -> bool:
     model = data.get("model")
     if not isinstance(model, str) or not model or model.strip() != model or "\x00" in model:
         return False
+    budget = [_PASS_THROUGH_BUDGET]
     for key, value in data.items():
         if key in declared:
             if key not in _SIMPLE:
@@ -85,7 +96,7 @@ def _common(data: dict[str, Any], declared: frozenset[str]) -> bool:
             if value is None and key not in {"stream_options"}:
                 return False  # nulls: DRF rules differ per field
             continue
-        if not _shallow(value):
+        if not _shallow(value, budget):
             return False
     for key, (low, high) in _FLOAT_RANGES.items():
         if key in data:
