@@ -8,13 +8,14 @@ REQ_HASH := $(shell cat requirements.txt requirements-dev.txt 2>/dev/null | sha1
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-postgres lint format check e2e real-backend-start real-backend-stop bench bench-quick bench-scaling bench-prefix clean
+.PHONY: help venv run test test-postgres lint typecheck format check e2e real-backend-start real-backend-stop bench bench-quick bench-scaling bench-prefix clean
 
 help:
 	@echo "make run        start web + worker + beat + demo backend (http://127.0.0.1:$${PORT:-8000})"
 	@echo "make test       the fast mock suite (no network, no real backend)"
 	@echo "make e2e        start a real CPU vLLM pool, run the E2E suite through the platform, stop it"
-	@echo "make lint       ruff check + format check + Django checks"
+	@echo "make lint       ruff check + format check + Django checks + import layers (docs/architecture.md)"
+	@echo "make typecheck  mypy with django-stubs and djangorestframework-stubs"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,11 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(PY) manage.py check
 	$(PY) manage.py makemigrations --check --dry-run
+	$(VENV)/bin/lint-imports
+
+# mypy with the Django and DRF plugins on the whole project (docs/architecture.md "Types").
+typecheck: venv
+	$(VENV)/bin/mypy
 
 format: venv
 	$(VENV)/bin/ruff check --fix .
@@ -81,4 +87,4 @@ validate-deploy: venv
 .PHONY: serve validate-deploy
 
 clean:
-	rm -rf $(VENV) .local staticfiles .pytest_cache .ruff_cache
+	rm -rf $(VENV) .local staticfiles .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

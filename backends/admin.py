@@ -13,22 +13,19 @@ from django.utils.safestring import mark_safe
 
 from backends.models import Backend, BackendState, GpuPool, HealthStatus, Model, ModelFallback, validate_base_url
 from backends.services import backend_probe_many, backend_state_set
+from core.admin_ui import badge
 
-STATUS_COLOURS = {
+STATUS_COLOURS: dict[str, str] = {
     HealthStatus.HEALTHY: "#1a7f37",
     HealthStatus.DEGRADED: "#b35900",
     HealthStatus.UNHEALTHY: "#cf222e",
     HealthStatus.UNKNOWN: "#6e7781",
 }
-STATE_COLOURS = {BackendState.ENABLED: "#1a7f37", BackendState.DRAINING: "#b35900", BackendState.DISABLED: "#6e7781"}
-
-
-def _badge(text: str, colour: str) -> str:
-    return format_html(
-        '<span style="background:{};color:#fff;padding:1px 8px;border-radius:9px;font-size:11px">{}</span>',
-        colour,
-        text,
-    )
+STATE_COLOURS: dict[str, str] = {
+    BackendState.ENABLED: "#1a7f37",
+    BackendState.DRAINING: "#b35900",
+    BackendState.DISABLED: "#6e7781",
+}
 
 
 class BackendForm(forms.ModelForm):
@@ -72,14 +69,14 @@ class BackendInline(admin.TabularInline):
 
     @admin.display(description="health")
     def status_badge(self, obj: Backend) -> str:
-        return _badge(obj.get_status_display(), STATUS_COLOURS.get(obj.status, "#6e7781"))
+        return badge(obj.get_status_display(), STATUS_COLOURS.get(obj.status, "#6e7781"))
 
 
-CIRCUIT_COLOURS = {"closed": "#1a7f37", "half_open": "#b35900", "open": "#cf222e"}
+CIRCUIT_COLOURS: dict[str, str] = {"closed": "#1a7f37", "half_open": "#b35900", "open": "#cf222e"}
 
 
 def _runtime() -> dict[str, dict[str, Any]]:
-    from routing.runtime import runtime_stats_collect
+    from backends.runtime import runtime_stats_collect
 
     return runtime_stats_collect()
 
@@ -116,9 +113,9 @@ class GpuPoolAdmin(admin.ModelAdmin):
                     "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
                     "<td>{}</td><td>{}</td></tr>",
                     b.name,
-                    _badge(b.get_state_display(), STATE_COLOURS.get(b.state, "#6e7781")),
-                    _badge(circuit.replace("_", "-"), CIRCUIT_COLOURS.get(circuit, "#6e7781")),
-                    _badge(b.get_status_display(), STATUS_COLOURS.get(b.status, "#6e7781")),
+                    badge(b.get_state_display(), STATE_COLOURS.get(b.state, "#6e7781")),
+                    badge(circuit.replace("_", "-"), CIRCUIT_COLOURS.get(circuit, "#6e7781")),
+                    badge(b.get_status_display(), STATUS_COLOURS.get(b.status, "#6e7781")),
                     live.get("in_flight", 0),
                     _fmt(live.get("vllm_waiting"), "{:g}"),
                     "–" if kv is None else f"{kv * 100:.0f} %",
@@ -190,7 +187,7 @@ class BackendAdmin(admin.ModelAdmin):
     list_filter = ("pool", "state", "status")
     search_fields = ("name", "base_url", "pool__name")
     list_select_related = ("pool",)
-    readonly_fields = (
+    readonly_fields: tuple[str, ...] = (
         "status",
         "last_checked_at",
         "last_error",
@@ -231,14 +228,14 @@ class BackendAdmin(admin.ModelAdmin):
 
     @admin.display(description="state", ordering="state")
     def state_badge(self, obj: Backend) -> str:
-        return _badge(obj.get_state_display(), STATE_COLOURS.get(obj.state, "#6e7781"))
+        return badge(obj.get_state_display(), STATE_COLOURS.get(obj.state, "#6e7781"))
 
     @admin.display(description="health", ordering="status")
     def status_badge(self, obj: Backend) -> str:
-        badge = _badge(obj.get_status_display(), STATUS_COLOURS.get(obj.status, "#6e7781"))
+        pill = badge(obj.get_status_display(), STATUS_COLOURS.get(obj.status, "#6e7781"))
         if obj.last_error:
-            return format_html('{} <span title="{}">ⓘ</span>', badge, obj.last_error)
-        return badge
+            return format_html('{} <span title="{}">ⓘ</span>', pill, obj.last_error)
+        return pill
 
     @admin.action(description="Check health now")
     def check_health(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
@@ -332,7 +329,8 @@ class ModelAdmin(admin.ModelAdmin):
     list_filter = ("kind", "pool", "enabled", ServedFilter)
     search_fields = ("name", "served_name")
     list_select_related = ("pool",)
-    readonly_fields = ("unavailable_reason",)
+    readonly_fields: tuple[str, ...] = ("unavailable_reason",)
+    actions: tuple[str, ...] = ()
     inlines = [ModelFallbackInline]
 
     @admin.display(description="aliases")
@@ -343,13 +341,10 @@ class ModelAdmin(admin.ModelAdmin):
     def served_badge(self, obj: Model) -> str:
         """Whether a backend of the pool lists the model (the health probe's verdict), with the reason if not."""
         if not obj.unavailable_reason:
-            return _badge("served", STATUS_COLOURS[HealthStatus.HEALTHY])
+            return badge("served", STATUS_COLOURS[HealthStatus.HEALTHY])
         return format_html(
-            "{} <small>{}</small>", _badge("not served", STATUS_COLOURS[HealthStatus.UNHEALTHY]), obj.unavailable_reason
+            "{} <small>{}</small>", badge("not served", STATUS_COLOURS[HealthStatus.UNHEALTHY]), obj.unavailable_reason
         )
-
-
-from backends.checks import admin as _checks_admin  # noqa: E402,F401
 
 
 def _ratio(value: object) -> str:

@@ -11,5 +11,14 @@ class BackendsConfig(AppConfig):
     verbose_name = "GPU pools and backends"
 
     def ready(self) -> None:
-        """Connect the signals that bump the registry version on every change."""
+        """Connect the signals that bump the registry version on every change; register the checks' admin pages.
+
+        The checks' admin extends the registry's (backends.admin) and is loaded from here, not from backends.admin,
+        so that the two modules do not import each other (docs/architecture.md).
+        """
         from backends import signals  # noqa: F401
+        from backends.metrics import BackendStateCollector
+        from core.metrics import scrape_collector_register
+
+        scrape_collector_register(name="backends", factory=BackendStateCollector)
+        from backends.checks import admin as checks_admin  # noqa: F401

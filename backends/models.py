@@ -11,6 +11,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
+from backends.validators import validate_name
+
 
 class RoutingStrategy(StrEnum):
     """Names of the routing strategies a pool can use (implemented in routing.strategies)."""
@@ -46,17 +48,6 @@ class ModelKind(models.TextChoices):
     CHAT = "chat", "Chat"
     COMPLETION = "completion", "Completion"
     EMBEDDING = "embedding", "Embedding"
-
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
-
-
-def validate_name(value: str) -> None:
-    """Reject names that would be awkward in URLs, logs and YAML (spaces, control characters)."""
-    if not _NAME_RE.match(value or ""):
-        raise ValidationError(
-            "Use letters, digits and . _ : / @ - only, starting with a letter or digit.", code="invalid_name"
-        )
 
 
 def normalize_base_url(url: str) -> str:

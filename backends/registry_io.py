@@ -469,8 +469,8 @@ class _Importer:
                 )
             elif key in doc and not isinstance(doc[key], list):
                 self.errors.append(f"document: field {key!r}: expected a list, got {_type(doc[key])}")
-        pools_raw = doc.get("pools") if isinstance(doc.get("pools"), list) else []
-        models_raw = doc.get("models") if isinstance(doc.get("models"), list) else []
+        pools_raw: list[Any] = doc.get("pools") if isinstance(doc.get("pools"), list) else []
+        models_raw: list[Any] = doc.get("models") if isinstance(doc.get("models"), list) else []
 
         first_seen: dict[tuple[str, str], str] = {}
 

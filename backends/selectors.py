@@ -84,3 +84,13 @@ def registry_snapshot_build() -> RegistrySnapshot:
     return RegistrySnapshot(
         version=version, models=models, pools=pools, listed_models=tuple(listed), unavailable=unavailable
     )
+
+
+# Written by failed checks (backends.checks), read by the probes (backends.services): kept here, below both.
+CHECKS_ERROR_PREFIX = "Checks failed"
+"""Start of `Backend.last_error` when checks (not a probe) degraded the backend."""
+
+
+def checks_hold_degraded(*, status: str, last_error: str) -> bool:
+    """Whether a backend's status is the degradation written by failed checks (which a passing run lifts)."""
+    return status == HealthStatus.DEGRADED and (last_error or "").startswith(CHECKS_ERROR_PREFIX)

@@ -7,51 +7,12 @@ only on request); read-only fields (health, timestamps) are not configuration an
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from typing import Any, cast
 
-from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import models as db_models
 from rest_framework import serializers
 
 from backends.models import Backend, GpuPool, Model, ModelFallback
-
-
-class _FullCleanMixin:
-    """Run the model's `full_clean()` so the API rejects exactly what admin rejects."""
-
-    def _full_clean(self, instance: db_models.Model) -> None:
-        try:
-            instance.full_clean()
-        except DjangoValidationError as exc:
-            raise serializers.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages) from exc
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        instance = getattr(self, "instance", None)
-        model_class = self.Meta.model  # type: ignore[attr-defined]
-        if instance is None:
-            candidate = model_class(**_plain_attrs(model_class, attrs))
-        else:
-            # A copy of the stored row with the changes applied: partial updates validate the whole row.
-            candidate = copy.copy(instance)
-            for key, value in _plain_attrs(model_class, attrs).items():
-                setattr(candidate, key, value)
-        self._full_clean(candidate)
-        return attrs
-
-
-def _plain_attrs(model_class: type[db_models.Model], attrs: dict[str, Any]) -> dict[str, Any]:
-    """The attrs that are concrete fields (not many-to-many), foreign keys as `<name>_id`."""
-    concrete = {f.name for f in model_class._meta.concrete_fields}
-    plain = {}
-    for key, value in attrs.items():
-        if key not in concrete:
-            continue
-        if isinstance(value, db_models.Model):
-            plain[f"{key}_id"] = value.pk
-        else:
-            plain[key] = value
-    return plain
+from core.drf import FullCleanMixin
 
 
 def model_fallback_names(model: Model) -> list[str]:
@@ -71,7 +32,7 @@ class FallbackPoolsField(serializers.ListField):
         return model_fallback_names(instance)
 
 
-class GpuPoolSerializer(_FullCleanMixin, serializers.ModelSerializer):
+class GpuPoolSerializer(FullCleanMixin, serializers.ModelSerializer):
     """A GPU pool, with each backend's state, health and live routing figures (read-only)."""
 
     backends = serializers.SerializerMethodField()
@@ -95,9 +56,10 @@ class GpuPoolSerializer(_FullCleanMixin, serializers.ModelSerializer):
         """Backends of the pool with state, health, circuit, in-flight, vLLM load and latency."""
         runtime = self.context.get("runtime")
         if runtime is None:
-            from routing.runtime import runtime_stats_collect
+            from backends.runtime import runtime_stats_collect
 
-            runtime = self.context["runtime"] = runtime_stats_collect()
+            runtime = runtime_stats_collect()
+            cast(dict[str, Any], self.context)["runtime"] = runtime  # DRF's context is a dict
         out = []
         for b in pool.backends.all():
             live = runtime.get(b.name, {})
@@ -124,7 +86,7 @@ class GpuPoolSerializer(_FullCleanMixin, serializers.ModelSerializer):
         return out
 
 
-class BackendSerializer(_FullCleanMixin, serializers.ModelSerializer):
+class BackendSerializer(FullCleanMixin, serializers.ModelSerializer):
     """A vLLM backend; the API key is write-only, health fields are read-only."""
 
     pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())
@@ -155,7 +117,7 @@ class BackendSerializer(_FullCleanMixin, serializers.ModelSerializer):
         read_only_fields = ["status", "last_checked_at", "last_error", "last_latency_ms", "created_at", "updated_at"]
 
 
-class ModelSerializer(_FullCleanMixin, serializers.ModelSerializer):
+class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
     """A public model; fallback pools are an ordered list of pool names."""
 
     pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())

@@ -161,7 +161,7 @@ def backend_probe_many(*, backends: Iterable[Backend], timeout_s: float | None =
     with ThreadPoolExecutor(max_workers=min(16, len(rows))) as pool:
         probed = list(pool.map(lambda b: _probe_safely(b, timeout), rows))
     changed, expected_by_pool = _models_served_update(rows, probed)
-    from backends.checks.selectors import checks_hold_degraded
+    from backends.selectors import checks_hold_degraded
 
     now = timezone.now()
     results = []

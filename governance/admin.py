@@ -13,7 +13,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.safestring import SafeString, mark_safe
 
-from backends.admin import _badge
+from core.admin_ui import badge
 from governance import admin_keys  # noqa: F401
 from governance.charts import GREEN, RED, hbars_svg, lines_svg, stacked_bars_svg
 from governance.models import UsageHourly, UsageRecord
@@ -29,7 +29,7 @@ ORANGE, GREY = "#b35900", "#6e7781"
 def status_badge(status: int) -> str:
     """A status code coloured green (2xx), orange (4xx) or red (5xx)."""
     colour = GREEN if status < 400 else (ORANGE if status < 500 else RED)
-    return _badge(str(status), colour)
+    return badge(str(status), colour)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -11,12 +11,12 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from backends.serializers import _FullCleanMixin
+from core.drf import FullCleanMixin
 from governance.models import ApiKey
 from governance.services import api_key_generate, api_key_revoke, api_key_rotate, key_secret_set
 
 
-class ApiKeySerializer(_FullCleanMixin, serializers.ModelSerializer):
+class ApiKeySerializer(FullCleanMixin, serializers.ModelSerializer):
     """An API key: no secret and no hash in any representation; limits validated as in admin."""
 
     owner = serializers.SlugRelatedField(

@@ -1,4 +1,4 @@
-"""Server-side SVG charts of usage (inline markup, no JavaScript), on the frame of the check charts."""
+"""Server-side SVG charts of usage (inline markup, no JavaScript), on the frame of core.svg (as the check charts)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,15 @@ from collections.abc import Sequence
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from backends.checks.charts import (
-    _BOTTOM,
-    _FONT,
-    _RIGHT,
-    BLUE,
-    GREEN,
-    GREY,
-    HEIGHT,
-    RED,
-    WIDTH,
-    _frame,
-    _nice_max,
-    _svg,
-    _x_positions,
-    _y,
-)
+from core.svg import BLUE, GREEN, GREY, HEIGHT, RED, WIDTH
+from core.svg import BOTTOM as _BOTTOM
+from core.svg import FONT as _FONT
+from core.svg import RIGHT as _RIGHT
+from core.svg import frame as _frame
+from core.svg import nice_max as _nice_max
+from core.svg import svg as _svg
+from core.svg import x_positions as _x_positions
+from core.svg import y_at as _y
 
 Series = tuple[str, str, Sequence[float]]  # (name, colour, one value per label)
 

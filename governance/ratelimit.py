@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from core.errors import APIError
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
 from governance.snapshot import KeySnap
-from routing.errors import APIError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ class RateLimiter(Protocol):
 class LocalRateLimiter:
     """Counters in this process (development without Redis, or the fail-open fallback)."""
 
-    def __init__(self, clock: callable = time.time) -> None:  # type: ignore[valid-type]
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._minute: dict[tuple[str, int], list[int]] = {}  # (key bucket, window) -> [requests, tokens]
         self._day: dict[tuple[str, int], int] = {}
@@ -192,7 +196,7 @@ class RedisRateLimiter:
         failure_mode: RedisFailureMode = RedisFailureMode.LOCAL,
         timeout_s: float = 0.25,
         prefix: str = "llm:rl:",
-        clock: callable = time.time,  # type: ignore[valid-type]
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.failure_mode = failure_mode
@@ -202,7 +206,8 @@ class RedisRateLimiter:
         self.local = LocalRateLimiter(clock)
         self._client: object | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._admit = self._settle = None
+        self._admit: AsyncScript | None = None
+        self._settle: AsyncScript | None = None
         self._last_failure_log = 0.0
 
     def _redis(self) -> object:
@@ -218,6 +223,13 @@ class RedisRateLimiter:
             self._client, self._loop = client, loop
         return self._client
 
+    def _scripts(self) -> tuple[AsyncScript, AsyncScript]:
+        """The admission and settle scripts, registered on this event loop's client."""
+        self._redis()
+        if self._admit is None or self._settle is None:
+            raise RuntimeError("rate limit scripts are not registered")
+        return self._admit, self._settle
+
     def _keys(self, key_id: str, window: int, day: int) -> list[str]:
         p = self.prefix
         return [f"{p}{key_id}:m:{window}:r", f"{p}{key_id}:m:{window}:t", f"{p}{key_id}:d:{day}"]
@@ -227,8 +239,8 @@ class RedisRateLimiter:
         now = self._clock()
         window, day, reset_s, day_reset_s = _clock_window(now)
         try:
-            self._redis()
-            allowed, which, requests_used, tokens_used = await self._admit(  # type: ignore[misc]
+            admit, _ = self._scripts()
+            allowed, which, requests_used, tokens_used = await admit(
                 keys=self._keys(key.bucket, window, day),
                 args=[
                     key.rpm_limit or 0,
@@ -267,8 +279,8 @@ class RedisRateLimiter:
             return
         keys = self._keys(reservation.key_id, reservation.window, reservation.day)
         try:
-            self._redis()
-            await self._settle(keys=[keys[1], keys[2]], args=[delta])  # type: ignore[misc]
+            _, settle = self._scripts()
+            await settle(keys=[keys[1], keys[2]], args=[delta])
         except Exception as exc:
             self._log_failure(exc)
 

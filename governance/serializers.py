@@ -72,7 +72,8 @@ class UsageTotalsSerializer(serializers.Serializer):
     """Summed usage."""
 
     requests = serializers.IntegerField()
-    errors = serializers.IntegerField(help_text="Requests answered with a status >= 400.")
+    # A declared field, popped from the class by DRF's metaclass: Serializer.errors stays the property.
+    errors = serializers.IntegerField(help_text="Requests answered with a status >= 400.")  # type: ignore[assignment]
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     total_tokens = serializers.IntegerField()

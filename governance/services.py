@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import F
 
@@ -32,7 +32,7 @@ def api_key_generate() -> str:
 def api_key_create(
     *,
     name: str,
-    owner: AbstractBaseUser | None = None,
+    owner: User | None = None,
     allowed_models: list[str] | None = None,
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,

@@ -19,13 +19,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from django.db import DataError, IntegrityError, transaction
-from django.db.models import Count, Max, Q, Sum
+from django.db.models import Count, Field, Max, Q, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from governance.events import UsageEvent
 from governance.metrics import (
     USAGE_BUFFERED,
     USAGE_DROPPED,
@@ -35,7 +36,6 @@ from governance.metrics import (
     register_live,
 )
 from governance.models import ApiKey, UsageHourly, UsageRecord
-from routing.usage import UsageEvent
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _insert(rows: Sequence[tuple[Any, ...]]) -> None:
 
     meta = UsageRecord._meta
     quote = connection.ops.quote_name
-    columns = ", ".join(quote(meta.get_field(name).column) for name in _COLUMNS)
+    columns = ", ".join(quote(cast(Field, meta.get_field(name)).column) for name in _COLUMNS)
     sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
     adapt = connection.ops.adapt_datetimefield_value
     params = [(adapt(row[0]), *row[1:]) for row in rows]

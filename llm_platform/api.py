@@ -25,7 +25,7 @@ from rest_framework.permissions import SAFE_METHODS, BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from routing.auth import Principal
+from governance.auth import Principal
 
 if TYPE_CHECKING:  # rest_framework.views imports this module while it loads its settings
     from rest_framework.views import APIView

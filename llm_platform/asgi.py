@@ -6,6 +6,7 @@ through Channels' URL router.
 """
 
 import os
+from typing import cast
 
 from django.core.asgi import get_asgi_application
 
@@ -16,10 +17,10 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-from routing.gateway import Gateway  # noqa: E402
+from routing.gateway import ASGIApp, Gateway  # noqa: E402
 from routing.ws import websocket_application  # noqa: E402
 
-gateway = Gateway.from_settings(django_asgi_app)
+gateway = Gateway.from_settings(cast(ASGIApp, django_asgi_app))  # Django's handler is an ASGI app
 
 application = ProtocolTypeRouter(
     {

@@ -239,7 +239,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # First, so that an unauthenticated call gets 401 with WWW-Authenticate: Bearer (not 403).
-        "routing.auth.MasterKeyAuthentication",
+        "governance.auth.MasterKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     # The master key, or a staff session holding the model permission of the action, as in admin (llm_platform/api.py).
@@ -356,7 +356,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",  # Swagger UI's files come from drf-spectacular-sidecar: no CDN
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    "PREPROCESSING_HOOKS": ["governance.openapi.add_gateway_endpoints"],
+    "PREPROCESSING_HOOKS": ["llm_platform.openapi.add_gateway_endpoints"],
     "ENUM_NAME_OVERRIDES": {
         "BackendHealthStatusEnum": "backends.models.HealthStatus",
         "CheckRunStatusEnum": "backends.checks.models.RunStatus",

@@ -460,9 +460,9 @@ class KvEventsHub:
     def sync(self, endpoints: Mapping[str, str | None]) -> None:
         """Subscribe to each backend's endpoint; stop (and forget) backends gone or whose endpoint changed."""
         for name in list(self._tasks):
-            endpoint, task = self._tasks[name]
-            if endpoints.get(name) != endpoint:
-                task.cancel()
+            subscribed, running = self._tasks[name]
+            if endpoints.get(name) != subscribed:
+                running.cancel()
                 del self._tasks[name]
                 self._indexes.pop(name, None)
         for name, endpoint in endpoints.items():

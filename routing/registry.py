@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 from backends.snapshot import RegistrySnapshot
 
@@ -15,7 +15,19 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _db_call(func: Callable[[], T]) -> Callable[[], T]:
+class Snapshot(Protocol):
+    """What a cache holds: an immutable snapshot with the version it was built at (-1: never loaded)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def describe(self) -> str: ...
+
+
+S = TypeVar("S", bound=Snapshot)
+
+
+def db_call(func: Callable[[], T]) -> Callable[[], T]:
     """Wrap a sync ORM call for a worker thread: drop stale connections before and after, as Django does."""
 
     def run() -> T:
@@ -30,7 +42,10 @@ def _db_call(func: Callable[[], T]) -> Callable[[], T]:
     return run
 
 
-class RegistryCache:
+_db_call = db_call  # the former private name (routing.gateway still imports it)
+
+
+class RegistryCache(Generic[S]):
     """Holds the current snapshot (registry or keys); a per-event-loop poller reloads it when the version changes.
 
     The request path only reads `snapshot`; it waits for the database once, for the very first load.
@@ -39,17 +54,18 @@ class RegistryCache:
     def __init__(
         self,
         *,
-        build: Callable[[], RegistrySnapshot],
+        build: Callable[[], S],
         version: Callable[[], int],
         poll_interval_s: float,
         name: str = "registry",
-        empty: Any = None,
+        empty: S | None = None,
     ) -> None:
         self.name = name
-        self._build = _db_call(build)
-        self._version = _db_call(version)
+        self._build = db_call(build)
+        self._version = db_call(version)
         self._poll_interval_s = poll_interval_s
-        self.snapshot = empty if empty is not None else RegistrySnapshot.empty()
+        # Without `empty`, the cache is the backend registry's (RegistryCache[RegistrySnapshot]).
+        self.snapshot: S = empty if empty is not None else cast(S, RegistrySnapshot.empty())
         self.last_error: str = ""
         self.last_refresh_at: float = 0.0
         self._lock: asyncio.Lock | None = None
@@ -57,7 +73,7 @@ class RegistryCache:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def static(cls, snapshot: Any) -> RegistryCache:
+    def static(cls, snapshot: S) -> RegistryCache[S]:
         """A cache that never touches a database (fast tests, benchmarks of the dispatch alone)."""
         cache = cls(build=lambda: snapshot, version=lambda: snapshot.version, poll_interval_s=3600.0)
         cache.snapshot = snapshot
@@ -70,7 +86,7 @@ class RegistryCache:
         """Whether a snapshot was ever loaded."""
         return self.snapshot.version >= 0
 
-    async def get(self) -> RegistrySnapshot:
+    async def get(self) -> S:
         """Return the current snapshot, loading it the first time and keeping the poller alive on this loop."""
         if self._poll_interval_s > 0:
             loop = asyncio.get_running_loop()

@@ -1,48 +1,7 @@
-"""Usage events produced by every /v1 request, handed to a sink off the hot path."""
+"""Usage events of the /v1 requests: defined in governance.events (routing sits above governance), re-exported here."""
 
 from __future__ import annotations
 
-import logging
-from collections import deque
-from dataclasses import dataclass
-from typing import Protocol
+from governance.events import MemoryUsageSink, UsageEvent, UsageSink
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
-    """What one request cost and how it went."""
-
-    request_id: str
-    principal: str
-    key_id: int | None
-    endpoint: str
-    model: str
-    backend: str
-    status: int
-    prompt_tokens: int
-    completion_tokens: int
-    latency_ms: float
-    ttft_ms: float | None
-    stream: bool
-    code: str | None = None  # the error code of a failed request (e.g. rate_limit_exceeded)
-
-
-class UsageSink(Protocol):
-    """Receives usage events; must not block (it runs on the event loop)."""
-
-    def record(self, event: UsageEvent) -> None:
-        """Take one event."""
-        ...
-
-
-class MemoryUsageSink:
-    """Keeps the last events in memory (dev default, tests); the keys issue adds a batched database writer."""
-
-    def __init__(self, maxlen: int = 10_000) -> None:
-        self.events: deque[UsageEvent] = deque(maxlen=maxlen)
-
-    def record(self, event: UsageEvent) -> None:
-        """Append the event (O(1), no I/O)."""
-        self.events.append(event)
+__all__ = ["MemoryUsageSink", "UsageEvent", "UsageSink"]

@@ -16,7 +16,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from backends.admin import STATUS_COLOURS, BackendAdmin, ModelAdmin, _badge
+from backends.admin import STATUS_COLOURS, BackendAdmin, ModelAdmin
 from backends.checks.charts import run_latency_svg, trend_charts_html
 from backends.checks.models import CheckCase, CheckResult, CheckRun, RunStatus, RunTrigger
 from backends.checks.report import run_headline, run_markdown
@@ -30,6 +30,7 @@ from backends.checks.selectors import (
 )
 from backends.checks.services import check_run_start
 from backends.models import Backend, HealthStatus, Model
+from core.admin_ui import badge
 
 PASS_COLOUR = STATUS_COLOURS[HealthStatus.HEALTHY]
 FAIL_COLOUR = STATUS_COLOURS[HealthStatus.UNHEALTHY]
@@ -53,12 +54,12 @@ def result_colour(result: CheckResult) -> str:
 def result_badge(result: CheckResult) -> str:
     """PASS, or FAIL with its cause, as a coloured badge."""
     text = "PASS" if result.passed else f"FAIL · {result.get_cause_display()}"
-    return _badge(text, result_colour(result))
+    return badge(text, result_colour(result))
 
 
 def run_status_badge(run: CheckRun) -> str:
     """The run's status as a coloured badge."""
-    return _badge(run.get_status_display(), RUN_STATUS_COLOURS.get(RunStatus(run.status), "#6e7781"))
+    return badge(run.get_status_display(), RUN_STATUS_COLOURS.get(RunStatus(run.status), "#6e7781"))
 
 
 def _who(request: HttpRequest) -> str:
@@ -239,7 +240,7 @@ class CheckRunAdmin(admin.ModelAdmin):
             return mark_safe('<p style="color:#6e7781">No results yet.</p>')
         table_rows = []
         for row in rows:
-            cells = []
+            cells: list[dict[str, object] | None] = []
             for result in row.cells:
                 if result is None:
                     cells.append(None)
@@ -328,7 +329,7 @@ TRENDS_FIELDSET = f"Checks (last {TREND_RUNS} runs)"
 class _ChecksTrendMixin:
     """Adds a read-only `check_trends` field (server-drawn SVG charts) in its own fieldset on change pages."""
 
-    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> list[tuple[str | None, dict[str, Any]]]:
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         """The parent's fieldsets, plus the trends fieldset on change pages."""
         fieldsets = [
             (name, {**options, "fields": [f for f in options["fields"] if f != "check_trends"]})
@@ -377,7 +378,7 @@ class ModelChecksAdmin(_ChecksTrendMixin, ModelAdmin):
     """The registry's model admin plus check trends and a "Run checks now" action."""
 
     readonly_fields = (*ModelAdmin.readonly_fields, "check_trends")
-    actions = [*(ModelAdmin.actions or []), "run_checks_now"]
+    actions = [*ModelAdmin.actions, "run_checks_now"]
 
     @admin.display(description="trends")
     def check_trends(self, obj: Model) -> SafeString:

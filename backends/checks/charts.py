@@ -10,50 +10,15 @@ from django.utils.safestring import SafeString, mark_safe
 
 from backends.checks.models import CheckResult
 from backends.checks.selectors import TrendPoint
-
-WIDTH = 640
-HEIGHT = 180
-_LEFT, _RIGHT, _TOP, _BOTTOM = 52, 12, 24, 34
-GREEN, ORANGE, RED, GREY, BLUE = "#1a7f37", "#b35900", "#cf222e", "#6e7781", "#0969da"
-_FONT = 'font-family="-apple-system,Segoe UI,Helvetica,Arial,sans-serif" font-size="11"'
-
-
-def _nice_max(value: float) -> float:
-    """A round axis maximum at or above value (1, 2, 2.5, 5 x 10^n)."""
-    if value <= 0:
-        return 1.0
-    exponent = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if value <= step * exponent:
-            return step * exponent
-    return 10 * exponent
-
-
-def _x_positions(count: int) -> tuple[list[float], float]:
-    """Centres of `count` slots across the plot area and the slot width."""
-    plot_w = WIDTH - _LEFT - _RIGHT
-    slot = plot_w / max(count, 1)
-    return [_LEFT + slot * (i + 0.5) for i in range(count)], slot
-
-
-def _y(value: float, top: float) -> float:
-    """Plot y of a value on a 0..top axis."""
-    plot_h = HEIGHT - _TOP - _BOTTOM
-    return _TOP + plot_h * (1 - (value / top if top else 0))
-
-
-def _frame(title: str, ticks: Sequence[tuple[float, str]], top: float) -> list[str]:
-    """Title, horizontal grid lines with labels, and the x axis."""
-    parts = [f'<text x="{_LEFT}" y="15" {_FONT} font-weight="600" fill="#24292f">{escape(title)}</text>']
-    for value, label in ticks:
-        y = _y(value, top)
-        parts.append(
-            f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{WIDTH - _RIGHT}" y2="{y:.1f}" stroke="#d0d7de" stroke-width="1"/>'
-        )
-        parts.append(
-            f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" {_FONT} text-anchor="end" fill="{GREY}">{escape(label)}</text>'
-        )
-    return parts
+from core.svg import BLUE, GREEN, GREY, HEIGHT, ORANGE, RED, WIDTH
+from core.svg import BOTTOM as _BOTTOM
+from core.svg import FONT as _FONT
+from core.svg import RIGHT as _RIGHT
+from core.svg import frame as _frame
+from core.svg import nice_max as _nice_max
+from core.svg import svg as _svg
+from core.svg import x_positions as _x_positions
+from core.svg import y_at as _y
 
 
 def _x_labels(points: Sequence[TrendPoint], xs: Sequence[float]) -> list[str]:
@@ -65,16 +30,6 @@ def _x_labels(points: Sequence[TrendPoint], xs: Sequence[float]) -> list[str]:
         f'<text x="{xs[i]:.1f}" y="{y}" {_FONT} text-anchor="middle" fill="{GREY}">#{points[i].run_id}</text>'
         for i in sorted(shown)
     ]
-
-
-def _svg(parts: list[str], label: str) -> str:
-    """Wrap chart parts in a standalone SVG element."""
-    body = "".join(parts)
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'role="img" aria-label="{escape(label)}" style="background:#fff;border:1px solid #d0d7de;border-radius:6px">'
-        f"{body}</svg>"
-    )
 
 
 def _rate_colour(rate: float) -> str:

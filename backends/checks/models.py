@@ -8,7 +8,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
-from backends.models import validate_name
+from backends.validators import validate_name
 
 ANSWER_MAX_CHARS = 500
 """Stored answers are cut to this many characters."""

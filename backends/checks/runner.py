@@ -184,7 +184,8 @@ def judge(
                 f'finish_reason is "{finish_reason or "none"}", expected "length" (max_tokens={case.max_tokens})',
             )
     elif not answer_matches(case, answer):
-        what = {Expectation.EQUALS: "equal", Expectation.REGEX: "match"}.get(kind, "contain")
+        verbs: dict[str, str] = {Expectation.EQUALS: "equal", Expectation.REGEX: "match"}
+        what = verbs.get(kind, "contain")
         if finish_reason == "length":
             return (
                 CheckCause.TRUNCATED,

@@ -5,15 +5,13 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.db.models import QuerySet
 
 from backends.checks.models import CheckCase, CheckResult, CheckRun
 from backends.checks.runner import BackendTarget, CaseSpec, CheckTarget
-from backends.models import Backend, BackendState, HealthStatus, Model, ModelKind
-
-CHECKS_ERROR_PREFIX = "Checks failed"
-"""Start of `Backend.last_error` when checks (not a probe) degraded the backend."""
+from backends.models import Backend, BackendState, Model, ModelKind
 
 TREND_RUNS = 30
 """Runs shown by the trend charts."""
@@ -21,11 +19,6 @@ TREND_RUNS = 30
 
 class CheckFilterError(ValueError):
     """A run was asked for a model or backend that does not exist."""
-
-
-def checks_hold_degraded(*, status: str, last_error: str) -> bool:
-    """Whether a backend's status is the degradation written by failed checks (which a passing run lifts)."""
-    return status == HealthStatus.DEGRADED and (last_error or "").startswith(CHECKS_ERROR_PREFIX)
 
 
 def case_spec(case: CheckCase) -> CaseSpec:
@@ -166,7 +159,7 @@ def _trend(results: QuerySet[CheckResult], limit: int) -> list[TrendPoint]:
     rows = results.filter(run_id__in=run_ids).values_list(
         "run_id", "outcome", "latency_ms", "ttft_ms", "run__started_at", "run__created_at"
     )
-    grouped: dict[int, list[tuple[object, ...]]] = {}
+    grouped: dict[int, list[tuple[Any, ...]]] = {}
     for row in rows:
         grouped.setdefault(row[0], []).append(row)
     points = []

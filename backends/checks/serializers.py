@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from rest_framework import serializers
 
@@ -101,4 +101,4 @@ class CheckRunDetailSerializer(CheckRunSerializer):
         """The run's results, ordered backend, model, case."""
         from backends.checks.selectors import check_run_results
 
-        return CheckResultSerializer(check_run_results(run=run), many=True).data
+        return cast(list[dict[str, Any]], CheckResultSerializer(check_run_results(run=run), many=True).data)

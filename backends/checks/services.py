@@ -9,6 +9,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import httpx
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -17,18 +18,19 @@ from backends.checks.models import CheckResult, CheckRun, Outcome, RunStatus, Ru
 from backends.checks.report import run_webhook_payload
 from backends.checks.runner import CheckOutcome, run_checks
 from backends.checks.selectors import (
-    CHECKS_ERROR_PREFIX,
     check_filters_validate,
     check_run_results,
     check_targets_build,
-    checks_hold_degraded,
 )
 from backends.models import Backend, HealthStatus
+from backends.selectors import CHECKS_ERROR_PREFIX, checks_hold_degraded
 from backends.services import backend_health_write, registry_version_bump
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+CHECK_TASK_NAME = "backends.run_checks"  # the Celery task of backends.checks.tasks
 
 WEBHOOK_TIMEOUT_S = 10.0
 _FAILURES_IN_LAST_ERROR = 3
@@ -68,10 +70,9 @@ def check_run_start(
 
 def check_run_enqueue(*, run_id: int) -> None:
     """Send a queued run to the worker; a broker failure is recorded on the run instead of raised."""
-    from backends.checks.tasks import run_checks_task
-
     try:
-        run_checks_task.delay(run_id)
+        # The task registered under its name (backends.checks.tasks imports this module, not the other way round).
+        current_app.tasks[CHECK_TASK_NAME].delay(run_id)
     except Exception as exc:  # kombu raises several types when the broker is down
         logger.exception("could not enqueue check run #%s", run_id)
         CheckRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
@@ -188,7 +189,8 @@ def check_backends_update(*, run: CheckRun) -> list[str]:
     """
     by_backend: dict[int, list[CheckResult]] = {}
     for result in check_run_results(run=run).exclude(backend=None):
-        by_backend.setdefault(result.backend_id, []).append(result)
+        if result.backend_id is not None:
+            by_backend.setdefault(result.backend_id, []).append(result)
     changed: list[str] = []
     for backend in Backend.objects.filter(pk__in=by_backend):
         failures = [r for r in by_backend[backend.pk] if not r.passed]

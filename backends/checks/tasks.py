@@ -5,9 +5,9 @@ from __future__ import annotations
 from celery import shared_task
 
 from backends.checks.models import CheckRun, RunTrigger
-from backends.checks.services import check_run_execute, check_run_now
+from backends.checks.services import CHECK_TASK_NAME, check_run_execute, check_run_now
 
-TASK_NAME = "backends.run_checks"
+TASK_NAME = CHECK_TASK_NAME
 
 
 @shared_task(name=TASK_NAME, ignore_result=True)

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import os
 import random
+from typing import Any
 
 import httpx
 import pytest
@@ -53,7 +54,7 @@ async def test_sync_carries_an_insert_to_another_process() -> None:
 def test_two_processes_send_repeated_prefixes_to_the_same_backend() -> None:
     if connection.vendor != "postgresql":
         pytest.skip("needs DATABASE_URL on PostgreSQL (the processes share it)")
-    options = {"models": ["served-chat"], "prefill_ms_per_token": 0.3}
+    options: dict[str, Any] = {"models": ["served-chat"], "prefill_ms_per_token": 0.3}
     with MockServer(**options) as a, MockServer(**options) as b:
         pool = pool_create(name="docs", routing_strategy="prefix_aware")
         backend_create(pool=pool, name="docs-a", base_url=a.url)

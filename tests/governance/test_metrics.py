@@ -17,13 +17,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.mock_vllm import MockConfig, MockVLLM
+from governance.events import UsageEvent
 from governance.metrics import RequestMetrics, render_metrics
 from governance.ratelimit import LocalRateLimiter
 from governance.snapshot import KeySnap, KeySnapshot
 from governance.usage import BatchUsageWriter
 from routing.gateway import Gateway
 from routing.registry import RegistryCache
-from routing.usage import UsageEvent
 from tests.conftest import AUTH
 from tests.factories import backend_create, backend_snap, pool_create, registry_snap
 from tests.routing.conftest import HostRouter
@@ -219,7 +219,7 @@ async def test_protected_by_address_or_token(settings: Any, make_gateway: Callab
 CHILD = textwrap.dedent(
     """
     from governance.metrics import RequestMetrics
-    from routing.usage import UsageEvent
+    from governance.events import UsageEvent
     metrics = RequestMetrics()
     for _ in range(3):
         metrics.observe(UsageEvent("r", "master", None, "chat", "mp-model", "b1", 200, 2, 3, 5.0, 1.0, True))

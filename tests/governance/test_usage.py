@@ -18,6 +18,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from backends.mock_vllm import MockVLLM, await_until
+from governance.events import UsageEvent
 from governance.models import ApiKey, UsageHourly, UsageRecord, key_hash
 from governance.services import api_key_create
 from governance.snapshot import KeySnap, KeySnapshot
@@ -30,7 +31,6 @@ from governance.usage import (
 )
 from routing.gateway import Gateway
 from routing.registry import RegistryCache
-from routing.usage import UsageEvent
 from tests.conftest import AUTH, MASTER_KEY
 from tests.factories import backend_snap, registry_snap
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from tests.live import serve_in_thread
 from tests.routing.conftest import HostRouter
 
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-MODELS = {"models": ["served-chat", "served-text"], "embed_models": ["served-embed"]}
+MODELS: dict[str, Any] = {"models": ["served-chat", "served-text"], "embed_models": ["served-embed"]}
 
 
 class Clock:

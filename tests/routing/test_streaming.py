@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -21,7 +22,7 @@ from tests.live import serve_in_thread
 @pytest.fixture
 def mocks() -> Iterator[tuple[MockServer, MockServer]]:
     """Two mock backends on real sockets."""
-    config = {"models": ["served-chat", "served-text"], "embed_models": ["served-embed"]}
+    config: dict[str, Any] = {"models": ["served-chat", "served-text"], "embed_models": ["served-embed"]}
     with MockServer(**config) as a, MockServer(**config) as b:
         yield a, b
 

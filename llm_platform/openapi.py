@@ -18,7 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from routing.auth import MasterKeyAuthentication
+from governance.auth import MasterKeyAuthentication
 from routing.serializers import (
     ChatCompletionRequestSerializer,
     CompletionRequestSerializer,
@@ -34,7 +34,7 @@ OPS_TAG = "operations"
 class BearerKeyScheme(OpenApiAuthenticationExtension):
     """`Authorization: Bearer <key>`: the master key (management API and /v1) or a client key (/v1)."""
 
-    target_class = "routing.auth.MasterKeyAuthentication"
+    target_class = "governance.auth.MasterKeyAuthentication"
     name = "bearerKey"
 
     def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, str]:
