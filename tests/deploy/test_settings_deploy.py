@@ -47,14 +47,18 @@ def test_check_deploy_is_clean_with_production_variables() -> None:
 
 
 def test_check_deploy_flags_development_defaults() -> None:
-    # the same command with the development defaults reports the problems it exists to catch
-    env = {k: v for k, v in DEPLOY_ENV.items() if k != "DJANGO_DEBUG"}
-    result = _manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    # the same command with debug on (what make run sets) reports the problem it exists to catch
+    result = _manage("check", "--deploy", "--fail-level", "WARNING", env={**DEPLOY_ENV, "DJANGO_DEBUG": "1"})
     assert result.returncode != 0 and "security.W018" in result.stdout + result.stderr
+    # and so it does without DJANGO_SECRET_KEY (a checkout's defaults: plain HTTP, a key of this host's own)
+    env = {k: v for k, v in DEPLOY_ENV.items() if k != "DJANGO_SECRET_KEY"}
+    result = _manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode != 0 and "security.W008" in result.stdout + result.stderr
 
 
 def test_debug_off_refuses_the_development_secret_key() -> None:
-    env = {k: v for k, v in DEPLOY_ENV.items() if k != "DJANGO_SECRET_KEY"}
+    # the key this project once shipped as its development default is public
+    env = {**DEPLOY_ENV, "DJANGO_SECRET_KEY": "dev-insecure-secret-key-change-me-in-production-0123456789"}
     result = _manage("check", env=env)
     assert result.returncode != 0 and "DJANGO_SECRET_KEY" in result.stderr
 
