@@ -28,7 +28,8 @@ ROUTER_METRICS = {
 }
 
 CAPITAL = "In one word, can you provide me the capital of France?"  # SmolLM2 and the mock both stop by themselves
-STORY = "Write a long story about a dragon."  # both go on past 3 tokens: cut by max_tokens ("length")
+STORY = "Write a long story about a dragon."  # both go on past CUT tokens: cut by max_tokens ("length")
+CUT = 6  # max_tokens of the cut cases: enough tokens that a real vLLM under load never merges them all in one chunk
 LONG_PROMPT = "hello " * 2100  # over max_model_len 2048 on both (mock: one token per word; SmolLM2: ~1 per word)
 EMBED_LONG = "hello " * 300  # over the embedding model's 256 tokens (and the mock's 2048 only if configured)
 
@@ -136,7 +137,7 @@ def chat_stop(engine: Engine, http: httpx.Client) -> Observation:
 
 def chat_length(engine: Engine, http: httpx.Client) -> Observation:
     """Non-streamed chat cut by max_tokens: finish_reason "length"."""
-    body = _chat(engine, http, max_tokens=3)
+    body = _chat(engine, http, max_tokens=CUT)
     return _json_obs(http.post(f"{engine.url}/v1/chat/completions", json=body), _choice_values)
 
 
@@ -154,31 +155,31 @@ def chat_stream_stop(engine: Engine, http: httpx.Client) -> Observation:
 
 def chat_stream_length(engine: Engine, http: httpx.Client) -> Observation:
     """Streamed chat cut by max_tokens: the last token's chunk carries finish_reason "length"."""
-    body = _chat(engine, http, max_tokens=3, stream=True, stream_options={"include_usage": True})
+    body = _chat(engine, http, max_tokens=CUT, stream=True, stream_options={"include_usage": True})
     return _stream(engine, http, "/v1/chat/completions", body)
 
 
 def chat_stream_no_usage(engine: Engine, http: httpx.Client) -> Observation:
     """Streamed chat without stream_options: no usage chunk."""
-    return _stream(engine, http, "/v1/chat/completions", _chat(engine, http, max_tokens=3, stream=True))
+    return _stream(engine, http, "/v1/chat/completions", _chat(engine, http, max_tokens=CUT, stream=True))
 
 
 def chat_stream_continuous_usage(engine: Engine, http: httpx.Client) -> Observation:
     """stream_options.continuous_usage_stats: a usage object in every chunk."""
     opts = {"include_usage": True, "continuous_usage_stats": True}
-    body = _chat(engine, http, max_tokens=3, stream=True, stream_options=opts)
+    body = _chat(engine, http, max_tokens=CUT, stream=True, stream_options=opts)
     return _stream(engine, http, "/v1/chat/completions", body)
 
 
 def chat_logprobs(engine: Engine, http: httpx.Client) -> Observation:
     """Non-streamed chat with logprobs: true (vLLM fills choices[].logprobs.content)."""
-    body = _chat(engine, http, max_tokens=3, logprobs=True)
+    body = _chat(engine, http, max_tokens=CUT, logprobs=True)
     return _json_obs(http.post(f"{engine.url}/v1/chat/completions", json=body), _choice_values)
 
 
 def completion(engine: Engine, http: httpx.Client) -> Observation:
     """Non-streamed /v1/completions cut by max_tokens."""
-    body = {"model": engine.model, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}
+    body = {"model": engine.model, "prompt": "Once upon a time", "max_tokens": CUT, "temperature": 0}
     return _json_obs(http.post(f"{engine.url}/v1/completions", json=body), _choice_values)
 
 
@@ -187,7 +188,7 @@ def completion_stream(engine: Engine, http: httpx.Client) -> Observation:
     body = {
         "model": engine.model,
         "prompt": "Once upon a time",
-        "max_tokens": 3,
+        "max_tokens": CUT,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -311,7 +312,7 @@ def error_body_not_object(engine: Engine, http: httpx.Client) -> Observation:
 def error_n_zero(engine: Engine, http: httpx.Client) -> Observation:
     """n 0: 400."""
     return _json_obs(
-        http.post(f"{engine.url}/v1/chat/completions", json=_chat(engine, http, max_tokens=3, n=0)), _error_values
+        http.post(f"{engine.url}/v1/chat/completions", json=_chat(engine, http, max_tokens=CUT, n=0)), _error_values
     )
 
 

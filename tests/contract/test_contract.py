@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.contract.cases import CASES, EMBEDDING_CASES, ROUTER_METRICS, Engine, Observation
+from tests.contract.cases import CASES, CUT, EMBEDDING_CASES, ROUTER_METRICS, Engine, Observation
 from tests.contract.shape import Allowed, diff, unexplained
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -92,11 +92,11 @@ def _usage_ok(usage: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", ["chat_stop", "chat_length", "completion"])
 def test_usage_adds_up(case: str, engine: Engine, http: httpx.Client) -> None:
-    # given a non-streamed generation, when it answers, then total = prompt + completion; max_tokens 3 bounds it
+    # given a non-streamed generation, when it answers, then total = prompt + completion; max_tokens CUT bounds it
     body = observe(case, engine, http).raw
     _usage_ok(body["usage"])
     if body["choices"][0]["finish_reason"] == "length":
-        assert body["usage"]["completion_tokens"] == 3
+        assert body["usage"]["completion_tokens"] == CUT
 
 
 @pytest.mark.parametrize("case", ["chat_stream_stop", "chat_stream_length", "completion_stream"])
@@ -114,9 +114,8 @@ def test_stream_sequence_and_usage_chunk(case: str, engine: Engine, http: httpx.
     _usage_ok(chunks[-1]["usage"])
     finishes = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
     assert len(finishes) == 1, f"one finish_reason per choice, got {finishes}"
-    assert chunks[-1]["usage"]["completion_tokens"] == (
-        3 if finishes == ["length"] else chunks[-1]["usage"]["completion_tokens"]
-    )
+    if finishes == ["length"]:
+        assert chunks[-1]["usage"]["completion_tokens"] == CUT
 
 
 def test_stream_without_include_usage_has_no_usage(engine: Engine, http: httpx.Client) -> None:
@@ -137,7 +136,7 @@ def test_continuous_usage_in_every_chunk(engine: Engine, http: httpx.Client) -> 
     assert len({u["prompt_tokens"] for u in usages}) == 1
     completions = [u["completion_tokens"] for u in usages]
     assert completions[0] == 0 and completions == sorted(completions), completions
-    assert completions[-2] == completions[-1] == 3
+    assert completions[-2] == completions[-1] == CUT
 
 
 def test_tokenize_counts_the_chat_prompt(engine: Engine, http: httpx.Client) -> None:
