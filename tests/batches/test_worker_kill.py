@@ -1,0 +1,68 @@
+"""Durability: a Celery worker killed (SIGKILL) mid-batch; the next worker resumes it, nothing doubled or lost."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from backends.mock_vllm import MockServer
+from batches.models import Batch, BatchLine, LineState
+from tests.batches.conftest import Worker, chat_line, jsonl, wait_for
+from tests.conftest import MASTER_KEY
+from tests.live import PlatformProcess
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LINES = 30
+LEASE_S = 2.0
+
+
+def test_killed_worker_is_resumed_with_each_line_run_exactly_once(
+    mock_server: MockServer, chat_model: Any, batch_env: dict[str, str], start_worker: Callable[..., Worker]
+) -> None:
+    # given a slow backend (0.2 s a request) and a batch of 30 lines on a worker (2 at once, 2 s leases)
+    mock_server.config.latency_s = 0.2
+    knobs = {"BATCH_LINE_LEASE_S": str(LEASE_S), "BATCH_MAX_CONCURRENCY_PER_POOL": "2"}
+    first = start_worker(**knobs)
+    with PlatformProcess(master_key=MASTER_KEY, env=batch_env) as platform:
+        client = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=MASTER_KEY, max_retries=0)
+        uploaded = client.files.create(
+            file=("many.jsonl", io.BytesIO(jsonl([chat_line(f"line-{i:02d}") for i in range(LINES)]))),
+            purpose="batch",
+        )
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        # when the worker is killed outright while lines are in flight at the backend, a third of the way in
+        def in_flight_after_some() -> bool:
+            done = BatchLine.objects.filter(batch_id=batch.id, state=LineState.DONE).count()
+            return done >= LINES // 3 and mock_server.stats.open_requests >= 1
+
+        wait_for(in_flight_after_some, timeout_s=60, what="a third of the lines done, one in flight")
+        first.kill()
+        done_at_kill = BatchLine.objects.filter(batch_id=batch.id, state=LineState.DONE).count()
+        assert done_at_kill < LINES
+        # and a new worker starts once the dead one's leases ran out (beat's periodic resume does the same)
+        time.sleep(LEASE_S + 0.5)
+        start_worker(**knobs)
+        finished = wait_for(
+            lambda: Batch.objects.filter(pk=batch.id, status="completed").first(), timeout_s=90, what="completed"
+        )
+
+        # then every line ran to completion exactly once at the backend, and the output has each line once
+        assert mock_server.stats.completed_requests == LINES
+        assert mock_server.stats.cancelled_requests >= 1  # the line cut by the kill, run again
+        assert (finished.completed, finished.failed, finished.total) == (LINES, 0, LINES)
+        output = client.files.content(finished.output_file_id).content.splitlines()
+        custom_ids = [orjson.loads(line)["custom_id"] for line in output]
+        assert sorted(custom_ids) == [f"line-{i:02d}" for i in range(LINES)]
+        assert all(orjson.loads(line)["response"]["status_code"] == 200 for line in output)
+        rerun = BatchLine.objects.filter(batch_id=batch.id, attempts__gt=1)
+        assert 1 <= rerun.count() <= 4  # only the lines claimed by the dead worker and unfinished
