@@ -80,6 +80,13 @@ bench-scaling: venv
 serve: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/serve.sh
 
+# Fault injection across network namespaces (root): blackholed backend, latency and loss, Redis partition, a backend
+# that stops reading; about 2.5 minutes (docs/testing.md "Fault injection").
+faults: venv
+	PY=$(PY) bash scripts/faults.sh
+
+.PHONY: faults
+
 # Lint and schema-validate deploy/ (compose file, Kubernetes overlays) without a container engine or a cluster.
 validate-deploy: venv
 	VENV_BIN=$(VENV)/bin bash scripts/validate_deploy.sh
