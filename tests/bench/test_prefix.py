@@ -1,0 +1,64 @@
+"""bench/prefix.py's pure parts: seeded workloads, per-run tags, aggregation and the target checks."""
+
+from __future__ import annotations
+
+from bench.prefix import PA, PA2, RR, SINGLE, RunResult, aggregate, tagged, targets
+from bench.prefix_workloads import Sizes, multi_turn, no_sharing, shared_documents
+
+
+def test_workloads_are_reproducible_from_their_seed() -> None:
+    # given the same seed twice and another seed
+    # when the workloads are built
+    # then the same seed gives the same text, the other seed shares no document
+    sizes = Sizes.quick()
+    assert shared_documents(1, sizes) == shared_documents(1, sizes)
+    docs_1 = {c.system for c in shared_documents(1, sizes).conversations}
+    docs_2 = {c.system for c in shared_documents(2, sizes).conversations}
+    assert len(docs_1) == sizes.docs and not docs_1 & docs_2
+
+
+def test_workload_shapes_follow_the_sizes() -> None:
+    # given the quick sizes
+    sizes = Sizes.quick()
+    # when each workload is built
+    shared, chats, unique = shared_documents(3, sizes), multi_turn(3, sizes), no_sharing(3, sizes)
+    # then the request counts and the session keys are as documented
+    assert shared.requests == sizes.docs * sizes.questions_per_doc
+    assert chats.requests == sizes.conversations * sizes.turns
+    assert all(len(c.turns) == sizes.turns for c in chats.conversations)
+    assert len({c.session for c in shared.conversations}) == shared.requests  # every reader on their own
+    assert len({c.system for c in unique.conversations}) == sizes.unique_prompts  # no prompt shared
+
+
+def test_a_tag_starts_every_prompt_of_a_run() -> None:
+    # given a workload
+    workload = shared_documents(4, Sizes.quick())
+    # when it is tagged for a run
+    run = tagged(workload, "run 1 x")
+    # then every system message starts with the tag and nothing else changed
+    assert all(c.system.startswith("[run 1 x] ") for c in run.conversations)
+    assert [c.turns for c in run.conversations] == [c.turns for c in workload.conversations]
+
+
+def _run(system: str, ttft: float, wall_s: float, hits: float, failures: int = 0) -> RunResult:
+    return RunResult(
+        system, "shared documents", 1, 10, ttfts=[ttft] * 10, failures=failures, wall_s=wall_s, hits=hits, queries=100
+    )
+
+
+def test_targets_are_checked_against_the_issue_thresholds() -> None:
+    # given prefix_aware at the single server's hit rate, half round robin's TTFT, 2x its rate; 2 workers close
+    results = [
+        _run(SINGLE, 1.0, 10.0, 70),
+        _run(RR, 4.0, 20.0, 35),
+        _run(PA, 2.0, 10.0, 66),
+        _run(PA2, 2.2, 10.0, 64),
+    ]
+    # when the rows are aggregated and the targets checked
+    checks = {what: ok for what, _, ok in targets(aggregate(results))}
+    # then every target present is met
+    assert checks and all(checks.values()), checks
+    # and one failed request, or a 2-worker TTFT 20 % worse, misses its target
+    results[3] = _run(PA2, 2.4, 10.0, 64, failures=1)
+    missed = [what for what, _, ok in targets(aggregate(results)) if not ok]
+    assert any("2 workers" in m for m in missed) and any("failed" in m for m in missed)
