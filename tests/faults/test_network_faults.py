@@ -77,6 +77,11 @@ def call(url: str, key: str = MASTER_KEY, body: dict[str, Any] = CHAT) -> Outcom
 
 def assert_bounded(outcomes: list[Outcome], deadline_s: float = DEADLINE_S) -> None:
     """Every request ended before its deadline with a 200 or an OpenAI-shaped 5xx (or the limiter's 429)."""
+    by_status: dict[int, list[float]] = {}
+    for o in outcomes:
+        by_status.setdefault(o.status, []).append(o.elapsed)
+    summary = {status: (len(times), round(max(times), 2)) for status, times in sorted(by_status.items())}
+    print(f"status: (count, slowest s) = {summary}, deadline {deadline_s} s")  # shown on failure, or with -s
     for o in outcomes:
         assert o.elapsed <= deadline_s, f"request took {o.elapsed:.2f} s > {deadline_s} s: {o}"
         if o.status == 200:
@@ -141,6 +146,31 @@ def test_a_blackholed_backend_fails_over_within_its_connect_timeout(
     dark.heal()
     assert mock_stats(healthy)["completed_requests"] == 8
     assert mock_stats(dark)["total_requests"] == 0
+
+
+def test_a_backend_blackholed_under_kept_alive_connections_ends_each_request_by_its_deadline(
+    netns: Callable[[int], Netns], healthy: Netns
+) -> None:
+    # given two backends both serving, the router holding a kept-alive connection to each
+    dark = netns(2)
+    dark.spawn_mock(port=PORT)
+    registry(("fx-healthy", healthy), ("fx-dark", dark))
+    with platform() as web:
+        warm = [call(web.url) for _ in range(4)]
+        assert {o.backend for o in warm} == {"fx-healthy", "fx-dark"}
+        # when one of them goes dark (packets dropped, no reset) and requests go on
+        dark.blackhole()
+        outcomes = [call(web.url) for _ in range(6)]
+    # then a request written on the kept-alive connection waits out the read timeout (504; not retried, the
+    # backend may have started it), later ones fail over within the connect timeout; none outlives its deadline
+    assert_bounded(warm + outcomes)
+    timed_out = [o for o in outcomes if o.status != 200]
+    assert all(o.status == 504 and o.body["error"]["code"] == "backend_timeout" for o in timed_out), timed_out
+    assert len(timed_out) <= 1, [(o.status, round(o.elapsed, 2)) for o in outcomes]
+    assert all(o.backend == "fx-healthy" and o.elapsed <= CONNECT_S + MARGIN_S for o in outcomes if o.status == 200)
+    dark.heal()
+    completed = mock_stats(healthy)["completed_requests"] + mock_stats(dark)["completed_requests"]
+    assert completed == sum(1 for o in warm + outcomes if o.status == 200)
 
 
 def test_added_latency_and_loss_keep_every_request_bounded_and_counted(
