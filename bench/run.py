@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 DOCS = ROOT / "docs" / "performance.md"
@@ -63,6 +64,10 @@ TARGET_RSS_MIB = 150.0
 GATE_FRACTION = 0.25
 PROFILE_HZ = 200
 QUIET_CORES = 0.25  # load from other processes above which figures are flagged as noisy
+PEER = "vllm-router"  # the peer measured in the same run (PyPI vllm-router, --policy round_robin)
+TARGET_PEER_CPU_MULTIPLE = 1.5  # platform CPU per request / vllm-router's, shared placement, c64
+PLACEMENTS = ("pinned", "shared")
+ALL_CPUS = sorted(os.sched_getaffinity(0))  # before this script pins itself
 
 
 def log(message: str) -> None:
@@ -225,6 +230,14 @@ def pinned(cpu: int | None, argv: list[str]) -> list[str]:
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
+def set_affinity(pid: int, cpus: list[int]) -> None:
+    """Set the CPU affinity of every thread of a process (threads started later inherit it)."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
 class Stack:
     """The mock and the platform, started like `make run` starts them, in a temporary state directory."""
 
@@ -321,6 +334,8 @@ class Stack:
             ]
         self.web: subprocess.Popen[bytes] | None = None
         self.mock: subprocess.Popen[bytes] | None = None
+        self.router: subprocess.Popen[bytes] | None = None
+        self.router_url = ""
         self.key = MASTER_KEY
         self.key_kind = "master"
 
@@ -391,6 +406,34 @@ class Stack:
         self.web = self._start("platform", pinned(self.placement["platform"], self.web_argv))
         if not wait_http(f"{self.url}/readyz", 60, self.web):
             raise self._fail("the platform did not become ready")
+        if getattr(self.args, "peer", False):
+            self.start_router()
+
+    def start_router(self) -> None:
+        """The peer: vllm-router (--policy round_robin) in front of the same mock, placed like the platform."""
+        from bench.prefix import ensure_router  # its installer: vllm-router pinned, in a venv of its own
+
+        port, metrics_port = free_port(), free_port()
+        argv = [str(ensure_router()), "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin"]
+        argv += ["--worker-urls", self.mock_url, "--log-level", "warning", "--prometheus-port", str(metrics_port)]
+        self.router = self._start("vllm-router", pinned(self.placement["platform"], argv))
+        self.router_url = f"http://127.0.0.1:{port}"
+        if not wait_http(f"{self.router_url}/health", 120, self.router):
+            raise self._fail("vllm-router did not become ready")
+
+    def proxy(self, target: str) -> subprocess.Popen[bytes] | None:
+        """The process measured for a target: the platform's, vllm-router's, or none (direct)."""
+        return {"platform": self.web, PEER: self.router}.get(target)
+
+    def place(self, placement: dict[str, int | None]) -> None:
+        """Move the running processes (every thread) to a placement's CPUs: None is every CPU (shared)."""
+        every = ALL_CPUS
+        cpus = {"mock": placement["mock"], "platform": placement["platform"], PEER: placement["platform"]}
+        for name, proc in self.procs:
+            cpu = cpus.get(name)
+            for pid in process_tree(proc.pid):
+                set_affinity(pid, every if cpu is None else [cpu])
+        self.placement = placement
 
     def stop(self) -> None:
         """SIGTERM the process groups we started, then SIGKILL what is left; remove the state directory."""
@@ -533,6 +576,16 @@ class Bench:
         self.wrk = wrk
         self.mock_config: dict[str, Any] = {}
         self.peak_rss_kib = 0
+        self.placement_name = "shared" if all(v is None for v in placement.values()) else "pinned"
+
+    def place(self, name: str, placement: dict[str, int | None]) -> None:
+        """Switch the running processes, the clients and this script to a placement."""
+        self.stack.place(placement)
+        self.placement = placement
+        self.placement_name = name
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), ALL_CPUS if placement["client"] is None else [placement["client"]])
 
     def configure(self, changes: dict[str, Any]) -> None:
         """Apply mock knobs when they differ from the current ones."""
@@ -549,12 +602,14 @@ class Bench:
         stack.alive()
         self.configure(scenario.mock_config)
         cpu = self.placement["client"] if client_cpu is None else client_cpu
-        url, key = (stack.mock_url, "") if target == "direct" else (stack.url, stack.key)
+        url, key = {"direct": (stack.mock_url, ""), PEER: (stack.router_url, "")}.get(target, (stack.url, stack.key))
         assert stack.web is not None and stack.mock is not None
         web_tree = process_tree(stack.web.pid)
         mock_tree = process_tree(stack.mock.pid)
+        proxy = stack.proxy(target)
+        proxy_tree = process_tree(proxy.pid) if proxy is not None else []
         before = stack.mock_drained()
-        web_cpu0, mock_cpu0 = cpu_seconds(web_tree), cpu_seconds(mock_tree)
+        web_cpu0, mock_cpu0, proxy_cpu0 = cpu_seconds(web_tree), cpu_seconds(mock_tree), cpu_seconds(proxy_tree)
         busy0, kids0, self0 = system_busy_s(), rusage_s(resource.RUSAGE_CHILDREN), rusage_s(resource.RUSAGE_SELF)
         wall0 = time.monotonic()
         with RssSampler(web_tree) as sampler:
@@ -566,9 +621,11 @@ class Bench:
         wall = time.monotonic() - wall0
         web_cpu = cpu_seconds(web_tree) - web_cpu0
         mock_cpu = cpu_seconds(mock_tree) - mock_cpu0
+        proxy_cpu = cpu_seconds(proxy_tree) - proxy_cpu0
         client_cpu = rusage_s(resource.RUSAGE_CHILDREN) - kids0
         self_cpu = rusage_s(resource.RUSAGE_SELF) - self0
-        other = system_busy_s() - busy0 - web_cpu - mock_cpu - client_cpu - self_cpu
+        router_cpu = proxy_cpu if target == PEER else 0.0
+        other = system_busy_s() - busy0 - web_cpu - mock_cpu - router_cpu - client_cpu - self_cpu
         self.peak_rss_kib = max(self.peak_rss_kib, sampler.peak_kib)
         backend = after["total_requests"] - before["total_requests"]
         answered = client["answered"]
@@ -591,6 +648,7 @@ class Bench:
             "kind": scenario.kind,
             "concurrency": scenario.concurrency,
             "target": target,
+            "placement": self.placement_name,
             "duration_s": duration,
             "wall_s": wall,
             "client": client,
@@ -602,6 +660,10 @@ class Bench:
             "rejected": rejected,
             "platform_cpu_s": web_cpu,
             "platform_cpu_ms_per_request": web_cpu * 1000 / answered if answered and target == "platform" else None,
+            # CPU of the measured proxy's process tree (the platform's or vllm-router's) per answered request.
+            "proxy_cpu_s": proxy_cpu,
+            "proxy_cpu_ms_per_request": proxy_cpu * 1000 / answered if answered and proxy is not None else None,
+            "proxy_core_util": proxy_cpu / window,
             # Utilisations over the measuring window (the drain margin after it is mostly idle).
             "platform_core_util": web_cpu / window,
             "mock_core_util": mock_cpu / window,
@@ -622,10 +684,11 @@ class Bench:
             detail = f"{run['rate']:9.0f} req/s  p50 {client['latency_ms']['p50']:7.2f} ms"
         else:
             detail = f"ttft {run['ttft_ms'] or 0:6.2f} ms  total {run['total_ms'] or 0:7.2f} ms"
-        cpu_text = f"  cpu {run['platform_cpu_ms_per_request']:.3f} ms/req" if target == "platform" else ""
+        cpu_ms = run["proxy_cpu_ms_per_request"]
+        cpu_text = f"  cpu {cpu_ms:.3f} ms/req" if cpu_ms is not None else ""
         log(
-            f"{scenario.name:<11} {target:<8} {detail}{cpu_text}  sent {client['sent']} answered {answered} "
-            f"backend {backend}  other load {run['other_load_cores']:.2f} cores{flag}"
+            f"[{self.placement_name}] {scenario.name:<11} {target:<11} {detail}{cpu_text}  sent {client['sent']} "
+            f"answered {answered} backend {backend}  other load {run['other_load_cores']:.2f} cores{flag}"
         )
         return run
 
@@ -647,8 +710,10 @@ def summarize(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
         if not mine:
             continue
         entry: dict[str, Any] = {"kind": scenario.kind, "concurrency": scenario.concurrency}
-        for target in ("direct", "platform"):
+        for target in ("direct", "platform", PEER):
             side = [r for r in mine if r["target"] == target]
+            if not side:
+                continue
             figures: dict[str, Any] = {
                 "rounds": len(side),
                 "rate": median([r["rate"] for r in side]),
@@ -664,27 +729,57 @@ def summarize(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
             else:
                 figures["ttft_ms"] = median([r["ttft_ms"] for r in side])
                 figures["total_ms"] = median([r["total_ms"] for r in side])
-            if target == "platform":
-                figures["cpu_ms_per_request"] = median([r["platform_cpu_ms_per_request"] for r in side])
+            if target != "direct":
+                figures["cpu_ms_per_request"] = median([r.get("proxy_cpu_ms_per_request") for r in side])
+                figures["proxy_core_util"] = median([r.get("proxy_core_util") for r in side])
                 figures["platform_core_util"] = median([r["platform_core_util"] for r in side])
                 figures["mock_core_util"] = median([r["mock_core_util"] for r in side])
                 figures["client_core_util"] = median([r["client_core_util"] for r in side])
             entry[target] = figures
-        pairs = [
-            (d, p)
-            for rnd in range(rounds)
-            for d in mine
-            for p in mine
-            if d["round"] == p["round"] == rnd and d["target"] == "direct" and p["target"] == "platform"
-        ]
+        pairs = _pairs(mine, rounds, "direct", "platform")
         entry["rate_ratio"] = median([p["rate"] / d["rate"] for d, p in pairs if d["rate"]])
         if scenario.kind == "stream":
             entry["total_ratio"] = median([p["total_ms"] / d["total_ms"] for d, p in pairs if d["total_ms"]])
             entry["ttft_delta_ms"] = median(
                 [p["ttft_ms"] - d["ttft_ms"] for d, p in pairs if d["ttft_ms"] is not None and p["ttft_ms"] is not None]
             )
+        if PEER in entry:
+            # The peer, paired with the direct run and with the platform's run of the same round.
+            peer_pairs = _pairs(mine, rounds, "direct", PEER)
+            entry["peer_rate_ratio"] = median([p["rate"] / d["rate"] for d, p in peer_pairs if d["rate"]])
+            entry["cpu_multiple"] = median(
+                [
+                    p["proxy_cpu_ms_per_request"] / v["proxy_cpu_ms_per_request"]
+                    for p, v in _pairs(mine, rounds, "platform", PEER)
+                    if p["proxy_cpu_ms_per_request"] and v["proxy_cpu_ms_per_request"]
+                ]
+            )
+            if scenario.kind == "stream":
+                entry["peer_total_ratio"] = median(
+                    [p["total_ms"] / d["total_ms"] for d, p in peer_pairs if d["total_ms"]]
+                )
+                entry["peer_ttft_delta_ms"] = median(
+                    [
+                        p["ttft_ms"] - d["ttft_ms"]
+                        for d, p in peer_pairs
+                        if d["ttft_ms"] is not None and p["ttft_ms"] is not None
+                    ]
+                )
         summary[scenario.name] = entry
     return summary
+
+
+def _pairs(
+    runs: list[dict[str, Any]], rounds: int, first: str, second: str
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The (first, second) target runs of the same round."""
+    return [
+        (a, b)
+        for rnd in range(rounds)
+        for a in runs
+        for b in runs
+        if a["round"] == b["round"] == rnd and a["target"] == first and b["target"] == second
+    ]
 
 
 def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -705,7 +800,20 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
         return {"target": name, "goal": target, "measured": measured, "met": ok}
 
     counts = "equal" if not mismatches else f"{mismatches} run(s) differ"
+    peer = []
+    for name, summary_of in report.get("summaries", {}).items():
+        multiple = summary_of.get("chat c64", {}).get("cpu_multiple")
+        if multiple is not None:
+            peer.append(
+                item(
+                    f"Platform CPU per request / vllm-router's (c64, {name})",
+                    f"<= {TARGET_PEER_CPU_MULTIPLE}x",
+                    f"{multiple:.2f}x",
+                    multiple <= TARGET_PEER_CPU_MULTIPLE,
+                )
+            )
     return [
+        *peer,
         item(
             "Throughput, non-streaming c64",
             f">= {TARGET_RATE_C64:,.0f} req/s",
@@ -834,6 +942,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_num(p['total_ms'], '{:.1f}')} | {_num(entry['total_ratio'], '{:.3f}')} "
             f"| {_num(p['cpu_ms_per_request'], '{:.3f}')} | {d['errors'] + p['errors']} | {_counts(d, p)} |"
         )
+    lines += peer_tables(report)
     lines += ["", "| Target | Goal | Measured | Met |", "|---|---|---|---|"]
     for t in report["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
@@ -870,6 +979,44 @@ def markdown(report: dict[str, Any]) -> str:
         links = ", ".join(f"[{n}](perf/{Path(e['svg']).name})" for n, e in profiles.items())
         lines += ["", f"Flame graphs: {links}."]
     return "\n".join(lines)
+
+
+def peer_tables(report: dict[str, Any]) -> list[str]:
+    """The platform and vllm-router side by side, per placement: rates against direct, CPU per request."""
+    summaries = {n: s for n, s in report.get("summaries", {}).items() if any(PEER in e for e in s.values())}
+    if not summaries:
+        return []
+    lines = [
+        "",
+        f"| Peer: {PEER} (round_robin), same mock, same run | Placement | Direct req/s | Platform / direct "
+        f"| {PEER} / direct | Platform CPU ms/req | {PEER} CPU ms/req | CPU multiple | Platform TTFT delta ms "
+        f"| {PEER} TTFT delta ms | Errors | Counts |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, summary in summaries.items():
+        for scenario, entry in summary.items():
+            if PEER not in entry:
+                continue
+            d, p, v = entry["direct"], entry["platform"], entry[PEER]
+            stream = entry["kind"] == "stream"
+            counts = "equal" if d["counts_equal"] and p["counts_equal"] and v["counts_equal"] else "**differ**"
+            lines.append(
+                f"| {scenario} | {name} | {_num(d['rate'], '{:,.0f}')} | {_num(entry['rate_ratio'], '{:.2f}')} "
+                f"| {_num(entry['peer_rate_ratio'], '{:.2f}')} | {_num(p['cpu_ms_per_request'], '{:.3f}')} "
+                f"| {_num(v['cpu_ms_per_request'], '{:.3f}')} | {_num(entry['cpu_multiple'], '{:.2f}x')} "
+                f"| {_num(entry.get('ttft_delta_ms') if stream else None, '{:+.2f}')} "
+                f"| {_num(entry.get('peer_ttft_delta_ms') if stream else None, '{:+.2f}')} "
+                f"| {d['errors'] + p['errors'] + v['errors']} | {counts} |"
+            )
+    lines += [
+        "",
+        "Pinned: the mock and the clients on one core, the platform (or vllm-router) alone on the other. Shared: "
+        "nothing pinned, all of them on both cores. CPU per request is the proxy's process tree (/proc utime + "
+        "stime, every thread) over the run, divided by the answered requests; the multiple is the median of the "
+        "per-round platform / vllm-router ratios; ratios against direct are paired with the direct run of the "
+        "same round and placement.",
+    ]
+    return lines
 
 
 def _counts(d: dict[str, Any], p: dict[str, Any]) -> str:
@@ -1075,6 +1222,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--stream-client", choices=("raw", "httpx"), default="raw")
     parser.add_argument(
+        "--placement",
+        choices=("pinned", "shared", "both"),
+        help="pinned: mock and clients on one core, the proxy alone on the other; shared: nothing pinned; both: "
+        "the two alternately in every round (default both; quick: pinned)",
+    )
+    parser.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        help=f"also measure {PEER} (round_robin) on the same mock in the same runs (default on; quick: off)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -1129,9 +1287,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary state directory and logs")
     args = parser.parse_args(argv)
+    args.placement = args.placement or ("pinned" if args.quick else "both")
+    args.peer = (not args.quick) if args.peer is None else args.peer
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.duration = args.duration or (1.0 if args.quick else 8.0)
-    args.stream_duration = args.stream_duration or (1.0 if args.quick else 8.0)
+    # Both placements and the peer triple the runs: shorter runs keep a full bench near 10 minutes.
+    runs_s = 1.0 if args.quick else (5.0 if args.placement == "both" and args.peer else 8.0)
+    args.duration = args.duration or runs_s
+    args.stream_duration = args.stream_duration or runs_s
     args.label = args.label or ("quick" if args.quick else "latest")
     if args.out is None and args.quick and args.label == "quick":
         args.out = RESULTS / "quick.json.tmp"  # the guard's result is not kept in git
@@ -1160,12 +1322,41 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def round_runs(
+    args: argparse.Namespace,
+    bench: Bench,
+    rnd: int,
+    order: list[str],
+    runs: list[dict[str, Any]],
+    discarded: list[dict[str, Any]],
+) -> None:
+    """One round in the current placement: every scenario, every target in this round's order."""
+    for scenario in SCENARIOS:
+        duration = args.duration if scenario.kind == "chat" else args.stream_duration
+        for target in order:
+            run = bench.measure(scenario, target, duration)
+            for _ in range(args.retry_noisy):
+                if not run["noisy"]:
+                    break
+                discarded.append(run)
+                log("noisy run (other processes were busy): measuring it again")
+                wait_quiet(args.wait_quiet or 30.0, 1.0)
+                run = bench.measure(scenario, target, duration)
+            run["round"] = rnd
+            runs.append(run)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start, warm up, measure, report."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the mock and the platform on SIGTERM too
     wrk = ensure_wrk()
-    placement = placement_from(args)
+    pinned_placement = placement_from(args)
+    shared: dict[str, int | None] = {"mock": None, "platform": None, "client": None}
+    wanted = PLACEMENTS if args.placement == "both" else (args.placement,)
+    placements = {name: pinned_placement if name == "pinned" else shared for name in wanted}
+    first = next(iter(placements))
+    placement = placements[first]
     if placement["client"] is not None:
         os.sched_setaffinity(0, {placement["client"]})  # keep this script off the platform's core
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -1201,22 +1392,17 @@ def main(argv: list[str] | None = None) -> int:
         ceiling["note"] = "wrk on the platform's (idle) core, the mock alone on its own core"
         runs: list[dict[str, Any]] = []
         discarded: list[dict[str, Any]] = []
+        targets = ["direct", "platform", *([PEER] if args.peer else [])]
         for rnd in range(args.rounds):
-            order = ("direct", "platform") if rnd % 2 == 0 else ("platform", "direct")
-            log(f"round {rnd + 1}/{args.rounds} ({' then '.join(order)})")
-            for scenario in SCENARIOS:
-                duration = args.duration if scenario.kind == "chat" else args.stream_duration
-                for target in order:
-                    run = bench.measure(scenario, target, duration)
-                    for _ in range(args.retry_noisy):
-                        if not run["noisy"]:
-                            break
-                        discarded.append(run)
-                        log("noisy run (other processes were busy): measuring it again")
-                        wait_quiet(args.wait_quiet or 30.0, 1.0)
-                        run = bench.measure(scenario, target, duration)
-                    run["round"] = rnd
-                    runs.append(run)
+            # Alternate who goes first: rotate the targets each round (two targets: swap them).
+            order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+            for name in placements if rnd % 2 == 0 else list(reversed(placements)):
+                if len(placements) > 1 or name != bench.placement_name:
+                    bench.place(name, placements[name])
+                log(f"round {rnd + 1}/{args.rounds}, {name} ({' then '.join(order)})")
+                round_runs(args, bench, rnd, order, runs, discarded)
+        if len(placements) > 1:
+            bench.place(first, placements[first])
         time.sleep(0.5 if args.quick else 2.0)
         memory = {
             "rss_after_start_mib": rss_after_start / 1024,
@@ -1228,6 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
         profiled = profile(bench, args.profile, args.label) if args.profile else {}
         web_argv = stack.web_argv
         key_kind = stack.key_kind
+        router_argv = next((p.args for n, p in stack.procs if n == PEER), None)
     report: dict[str, Any] = {
         "label": args.label,
         "mode": "quick" if args.quick else "full",
@@ -1258,7 +1445,10 @@ def main(argv: list[str] | None = None) -> int:
         "idle_cpu_ms_per_s": idle_cpu_ms_per_s,
         "runs": runs,
         "discarded_noisy_runs": discarded,
-        "summary": summarize(runs, args.rounds),
+        "summary": summarize([r for r in runs if r["placement"] == first], args.rounds),
+        "summaries": {name: summarize([r for r in runs if r["placement"] == name], args.rounds) for name in placements},
+        "placements": placements,
+        "peer": {"name": PEER, "argv": router_argv} if args.peer else None,
         "other_load_cores": median([r["other_load_cores"] for r in runs]) or 0.0,
         "other_load_before_cores": load_before,
         "gate_reference": {"file": str(args.reference), "c64_rate_ratio": reference},
