@@ -87,6 +87,12 @@ faults: venv
 
 .PHONY: faults
 
+# Fuzz every operation of /api/schema/ against a live server (fixed seed, bounded); fails on any 5xx (docs/testing.md).
+schemathesis: venv
+	PYTHON=$(PY) bash scripts/schemathesis.sh
+
+.PHONY: schemathesis
+
 # Lint and schema-validate deploy/ (compose file, Kubernetes overlays) without a container engine or a cluster.
 validate-deploy: venv
 	VENV_BIN=$(VENV)/bin bash scripts/validate_deploy.sh
