@@ -13,6 +13,7 @@
 #   ST_PHASES        schemathesis phases (examples,coverage,fuzzing,stateful: all)
 #   DATABASE_URL     run on another database instead, e.g. the PostgreSQL test database
 #   PYTHON           the interpreter with the requirements (.venv/bin/python)
+# Arguments go to `schemathesis run`, e.g. `bash scripts/schemathesis.sh --include-path-regex '^/api/usage'`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,7 +78,8 @@ status=0
   --request-timeout 20 \
   --workers 1 \
   --no-color \
-  --report junit --report-junit-path "$STATE/junit.xml" || status=$?
+  --report junit --report-junit-path "$STATE/junit.xml" \
+  "$@" || status=$?
 
 if [[ $status -ne 0 ]]; then
   log "server errors found; the server's log (last 80 lines):"
