@@ -12,6 +12,8 @@ PY="${PY:-.venv/bin/python}"
 cleanup() {
   local ns
   for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^llmfx-/ {print $1}'); do
+    # the servers the tests started in it (a namespace outlives its deletion while a process is inside)
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
   done
   for link in fx1h fx2h fx3h; do ip link del "$link" 2>/dev/null || true; done
@@ -35,4 +37,4 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 cleanup
 # bounded as a whole: the suite takes about 2.5 minutes on a busy 2-core machine
-timeout -k 10 "${FAULTS_TIMEOUT_S:-420}" "$PY" -m pytest tests/faults -m faults -p no:cacheprovider -rs "$@"
+timeout -k 30 "${FAULTS_TIMEOUT_S:-420}" "$PY" -m pytest tests/faults -m faults -p no:cacheprovider -rs "$@"

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.faults.netns import Netns, cleanup_leftovers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _teardown_on_sigterm() -> Iterator[None]:
+    """SIGTERM (scripts/faults.sh's overall time limit) stops the run like Ctrl-C: fixtures still tear down, so
+    the platform process, the servers in the namespaces and the namespaces themselves are all removed."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture
