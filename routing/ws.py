@@ -29,18 +29,32 @@ from routing.auth import Principal, bearer_token
 from routing.errors import APIError
 from routing.exchange import Lifecycle, stream_state
 from routing.gateway import ENDPOINTS, ASGIApp, Endpoint, Gateway, Receive, Scope, Send
+from routing.serializers import parse_json
 from routing.sse import sse_data
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED = 4401
 """Close code after a missing or invalid key (4000-4999 are free for applications; 4401 mirrors HTTP 401)."""
+CLOSE_TOO_BIG = 1009
+"""Close code for a frame over the pre-authentication limit (RFC 6455: message too big)."""
 WS_ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS.values() if e.can_stream}
 """Endpoints a `request` message may name: the streaming ones, by their public name."""
 MAX_ID_LENGTH = 200
 NOT_AUTHENTICATED = 'Not authenticated: send {"type": "auth", "api_key": "<key>"} first.'
 
 RequestId = str | int
+
+
+class PendingSockets:
+    """How many sockets of one application (one per process) are accepted but not yet authenticated, and the cap."""
+
+    __slots__ = ("count", "limit", "logged_at")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.logged_at = -1e9
 
 
 # --- the consumer -------------------------------------------------------------------------------------------------
@@ -52,15 +66,26 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
     # Not a configured layer, so `get_channel_layer()` gives None: no per-connection channel (nor Redis polling).
     channel_layer_alias = "routing.ws:no-layer"
 
-    def __init__(self, *, gateway: Gateway, auth_timeout_s: float = 10.0, max_requests: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        gateway: Gateway,
+        pending: PendingSockets,
+        auth_timeout_s: float = 5.0,
+        preauth_max_bytes: int = 8192,
+        max_requests: int = 32,
+    ) -> None:
         super().__init__()
         self.gateway = gateway
+        self.pending = pending
         self.auth_timeout_s = auth_timeout_s
+        self.preauth_max_bytes = preauth_max_bytes
         self.max_requests = max_requests
         self.principal: Principal | None = None
         self.running: dict[RequestId, asyncio.Task[None]] = {}
         self.closing = False
         self._auth_timer: asyncio.Task[None] | None = None
+        self._counted_pending = False
 
     # --- Channels hooks -----------------------------------------------------------------------------------------
 
@@ -72,27 +97,43 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
         await handler(message)
 
     async def connect(self) -> None:
-        """Accept; authenticate from the header now, else wait (bounded) for an `auth` message."""
-        await self.accept()
+        """Accept; authenticate from the header now, else wait (bounded) for an `auth` message.
+
+        A socket without a key in its handshake is pending until its `auth` message: at most `pending.limit` such
+        sockets at once, beyond which the handshake is refused (503 where the server can answer HTTP, else 403).
+        """
         authorization = _header(self.scope, b"authorization")
         if authorization is not None:
+            await self.accept()
             try:
                 self.principal = await self.gateway.authenticate(bearer_token(authorization))
             except APIError as exc:
                 await self._reject(exc)
             return
+        if self.pending.count >= self.pending.limit:
+            await self._refuse_busy()
+            return
+        self.pending.count += 1
+        self._counted_pending = True
+        await self.accept()
         if self.auth_timeout_s > 0:
             self._auth_timer = asyncio.create_task(self._auth_deadline())
 
     async def disconnect(self, code: int) -> None:
         """Cancel every running request (closing their upstream responses) and the auth timer."""
         self.closing = True
+        self._leave_pending()
         await self._cancel_all()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         """Decode one frame as a JSON object; answer malformed frames with an error instead of dropping the socket."""
         if self.closing:
             return
+        if self.principal is None:
+            size = len(text_data) if text_data is not None else len(bytes_data or b"")
+            if size > self.preauth_max_bytes:
+                await self._close_too_big(size)
+                return
         if text_data is None:
             await self._send_error(
                 None, errors.bad_request("Binary frames are not supported: send JSON text.", code="unsupported_frame")
@@ -109,7 +150,7 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
             )
             return
         try:
-            content = orjson.loads(text_data)
+            content = parse_json(text_data)
         except orjson.JSONDecodeError:
             await self._send_error(None, errors.bad_request("The message is not valid JSON.", code="invalid_json"))
             return
@@ -159,6 +200,7 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
         except APIError as exc:
             await self._reject(exc)
             return
+        self._leave_pending()
         if self._auth_timer is not None:
             self._auth_timer.cancel()
             self._auth_timer = None
@@ -173,9 +215,54 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
         """Report the auth error, then close with 4401; later frames are ignored."""
         self.closing = True
         self.principal = None
+        self._leave_pending()
         await self._cancel_all()  # a failed re-authentication ends what the previous key started
         await self._send_error(None, exc)
         await self.close(code=CLOSE_UNAUTHORIZED, reason=exc.message[:120])
+
+    def _leave_pending(self) -> None:
+        """Give back this socket's pending slot (authenticated, rejected or gone); once."""
+        if self._counted_pending:
+            self._counted_pending = False
+            self.pending.count -= 1
+
+    async def _refuse_busy(self) -> None:
+        """Refuse the handshake: too many sockets are waiting to authenticate."""
+        now = time.monotonic()
+        if now - self.pending.logged_at >= 10:  # at most one line per 10 s, however many are refused
+            self.pending.logged_at = now
+            logger.warning("websocket handshakes refused: %d sockets already wait to authenticate", self.pending.count)
+        if "websocket.http.response" not in self.scope.get("extensions", {}):
+            await self.close()  # the server answers the handshake with 403
+            return
+        error = APIError(
+            503,
+            "Too many WebSocket connections are waiting to authenticate; retry shortly.",
+            type="server_error",
+            code="too_many_pending_sockets",
+        )
+        body = error.body()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        # base_send: the consumer's own send() takes text or bytes for a frame
+        await self.base_send(
+            {"type": "websocket.http.response.start", "status": 503, "headers": [*headers, (b"retry-after", b"1")]}
+        )
+        await self.base_send({"type": "websocket.http.response.body", "body": body})
+
+    async def _close_too_big(self, size: int) -> None:
+        """Report a frame over the pre-authentication limit, then close with 1009; later frames are ignored."""
+        self.closing = True
+        self._leave_pending()
+        await self._cancel_all()
+        await self._send_error(
+            None,
+            APIError(
+                413,
+                f"A message before authentication may be at most {self.preauth_max_bytes} bytes; this one is {size}.",
+                code="request_too_large",
+            ),
+        )
+        await self.close(code=CLOSE_TOO_BIG)
 
     async def _cancel_all(self) -> None:
         """Cancel the running requests and the auth timer; wait for their cleanup (upstream closed, usage recorded)."""
@@ -353,11 +440,20 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
 # --- routing ------------------------------------------------------------------------------------------------------
 
 
-def websocket_application(gateway: Gateway, **options: Any) -> ASGIApp:
-    """The Channels app for ProtocolTypeRouter's "websocket" key: `/v1/ws`; other paths are refused."""
+def websocket_application(gateway: Gateway, *, max_pending: int | None = None, **options: Any) -> ASGIApp:
+    """The Channels app for ProtocolTypeRouter's "websocket" key: `/v1/ws`; other paths are refused.
+
+    Pre-authentication bounds not given come from settings (`ROUTER_WS_*`); the pending-socket count is shared by
+    the application's connections, so one application per process bounds the process.
+    """
+    from django.conf import settings
+
+    options.setdefault("auth_timeout_s", settings.ROUTER_WS_AUTH_TIMEOUT_S)
+    options.setdefault("preauth_max_bytes", settings.ROUTER_WS_PREAUTH_MAX_BYTES)
+    pending = PendingSockets(max_pending if max_pending is not None else settings.ROUTER_WS_MAX_PENDING)
     return URLRouter(
         [
-            path("v1/ws", ChatSocketConsumer.as_asgi(gateway=gateway, **options)),
+            path("v1/ws", ChatSocketConsumer.as_asgi(gateway=gateway, pending=pending, **options)),
             re_path(r"", _refuse_unknown_path),
         ]
     )
