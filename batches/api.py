@@ -12,7 +12,9 @@ from typing import Any
 from django.conf import settings
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 from django.http import HttpResponse
-from rest_framework import exceptions
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import exceptions, serializers
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -25,6 +27,29 @@ from core.errors import APIError
 from governance.auth import Principal
 
 logger = logging.getLogger(__name__)
+
+TAG = "Batch API (/v1/files, /v1/batches)"
+FILE_ID = OpenApiParameter("file_id", str, OpenApiParameter.PATH)
+BATCH_ID = OpenApiParameter("batch_id", str, OpenApiParameter.PATH)
+UPLOAD = inline_serializer(
+    "BatchFileUpload",
+    {"file": serializers.FileField(), "purpose": serializers.ChoiceField(choices=["batch"])},
+)
+BATCH_CREATE = inline_serializer(
+    "BatchCreate",
+    {
+        "input_file_id": serializers.CharField(),
+        "endpoint": serializers.ChoiceField(choices=["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+        "completion_window": serializers.ChoiceField(choices=["24h"]),
+        "metadata": serializers.DictField(child=serializers.CharField(), required=False),
+    },
+)
+
+
+def _doc(summary: str, **kwargs: Any) -> Any:
+    kwargs.setdefault("responses", {200: OpenApiTypes.OBJECT})
+    kwargs.setdefault("request", None)
+    return extend_schema(summary=summary, tags=[TAG], **kwargs)
 
 
 def _epoch(moment: Any) -> int | None:
@@ -163,11 +188,17 @@ def _too_large() -> APIError:
 class FilesView(OpenAIView):
     parser_classes = [MultiPartParser, FormParser]
 
+    @_doc("List the key's files", operation_id="files_list", parameters=[OpenApiParameter("purpose", str)])
     def get(self, request: Request) -> Response:
         purpose = request.query_params.get("purpose")
         files = selectors.file_list_for(principal=self.principal, purpose=purpose, limit=_limit(request, 10_000))
         return Response({"object": "list", "data": [file_object(f) for f in files], "has_more": False})
 
+    @_doc(
+        "Upload a batch file (JSONL, validated line by line)",
+        operation_id="files_create",
+        request={"multipart/form-data": UPLOAD},
+    )
     def post(self, request: Request) -> Response:
         limit = settings.BATCH_MAX_FILE_BYTES
         try:
@@ -214,12 +245,14 @@ def _limit(request: Request, maximum: int, default: int | None = None) -> int:
 
 
 class FileView(OpenAIView):
+    @_doc("Retrieve a file", operation_id="files_retrieve", parameters=[FILE_ID])
     def get(self, request: Request, file_id: str) -> Response:
         file = selectors.file_get_for(principal=self.principal, file_id=file_id)
         if file is None:
             raise _not_found("file", file_id)
         return Response(file_object(file))
 
+    @_doc("Delete a file", operation_id="files_delete", parameters=[FILE_ID])
     def delete(self, request: Request, file_id: str) -> Response:
         file = selectors.file_get_for(principal=self.principal, file_id=file_id)
         if file is None:
@@ -229,6 +262,7 @@ class FileView(OpenAIView):
 
 
 class FileContentView(OpenAIView):
+    @_doc("A file's content", operation_id="files_content", parameters=[FILE_ID], responses={200: OpenApiTypes.BINARY})
     def get(self, request: Request, file_id: str) -> HttpResponse:
         file = selectors.file_get_for(principal=self.principal, file_id=file_id)
         if file is None:
@@ -237,6 +271,11 @@ class FileContentView(OpenAIView):
 
 
 class BatchesView(OpenAIView):
+    @_doc(
+        "List the key's batches",
+        operation_id="batches_list",
+        parameters=[OpenApiParameter("after", str), OpenApiParameter("limit", int)],
+    )
     def get(self, request: Request) -> Response:
         limit = _limit(request, 100, default=20)
         batches = selectors.batch_list_for(
@@ -253,6 +292,7 @@ class BatchesView(OpenAIView):
             }
         )
 
+    @_doc("Create a batch", operation_id="batches_create", request=BATCH_CREATE)
     def post(self, request: Request) -> Response:
         data = request.data
         if not isinstance(data, dict):
@@ -274,6 +314,7 @@ class BatchesView(OpenAIView):
 
 
 class BatchView(OpenAIView):
+    @_doc("Retrieve a batch", operation_id="batches_retrieve", parameters=[BATCH_ID])
     def get(self, request: Request, batch_id: str) -> Response:
         batch = selectors.batch_get_for(principal=self.principal, batch_id=batch_id)
         if batch is None:
@@ -282,6 +323,7 @@ class BatchView(OpenAIView):
 
 
 class BatchCancelView(OpenAIView):
+    @_doc("Cancel a batch", operation_id="batches_cancel", parameters=[BATCH_ID])
     def post(self, request: Request, batch_id: str) -> Response:
         batch = selectors.batch_get_for(principal=self.principal, batch_id=batch_id)
         if batch is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from django.contrib.auth.models import AnonymousUser
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.permissions import BasePermission
@@ -62,3 +63,17 @@ class HasKey(BasePermission):
 
     def has_permission(self, request: Request, view: object) -> bool:
         return isinstance(request.auth, Principal)
+
+
+class BearerKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """OpenAPI: the same bearer scheme as the rest of the API."""
+
+    target_class = "batches.auth.BearerKeyAuthentication"
+    name = "clientBearerKey"
+
+    def get_security_definition(self, auto_schema: object) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The master key (`ROUTER_MASTER_KEY`), or on /v1 a client API key (`sk-llm-...`).",
+        }
