@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from django import forms
 from django.contrib import admin, messages
@@ -187,7 +187,7 @@ class BackendAdmin(admin.ModelAdmin):
     list_filter = ("pool", "state", "status")
     search_fields = ("name", "base_url", "pool__name")
     list_select_related = ("pool",)
-    readonly_fields: tuple[str, ...] = (
+    readonly_fields: ClassVar[tuple[str, ...]] = (
         "status",
         "last_checked_at",
         "last_error",
@@ -329,8 +329,8 @@ class ModelAdmin(admin.ModelAdmin):
     list_filter = ("kind", "pool", "enabled", ServedFilter)
     search_fields = ("name", "served_name")
     list_select_related = ("pool",)
-    readonly_fields: tuple[str, ...] = ("unavailable_reason",)
-    actions: tuple[str, ...] = ()
+    readonly_fields: ClassVar[tuple[str, ...]] = ("unavailable_reason",)
+    actions: list[str] = []
     inlines = [ModelFallbackInline]
 
     @admin.display(description="aliases")

@@ -16,7 +16,10 @@ class BackendsConfig(AppConfig):
         The checks' admin extends the registry's (backends.admin) and is loaded from here, not from backends.admin,
         so that the two modules do not import each other (docs/architecture.md).
         """
-        from backends import signals  # noqa: F401
+        from backends import (
+            signals,  # noqa: F401
+            tasks,  # noqa: F401 - registers the Celery tasks that checks.services queues by name
+        )
         from backends.metrics import BackendStateCollector
         from core.metrics import scrape_collector_register
 

@@ -469,8 +469,9 @@ class _Importer:
                 )
             elif key in doc and not isinstance(doc[key], list):
                 self.errors.append(f"document: field {key!r}: expected a list, got {_type(doc[key])}")
-        pools_raw: list[Any] = doc.get("pools") if isinstance(doc.get("pools"), list) else []
-        models_raw: list[Any] = doc.get("models") if isinstance(doc.get("models"), list) else []
+        pools_doc, models_doc = doc.get("pools"), doc.get("models")
+        pools_raw: list[Any] = pools_doc if isinstance(pools_doc, list) else []
+        models_raw: list[Any] = models_doc if isinstance(models_doc, list) else []
 
         first_seen: dict[tuple[str, str], str] = {}
 

@@ -186,16 +186,16 @@ def main() -> int:
             time.sleep(1.2)  # registry reload
             asyncio.run(_load(base, key, 4, 1.0, timeout_s))  # warm-up
             time.sleep(0.5)
-            idle = _rss_mib(web.pid)  # type: ignore[union-attr]
+            idle = _rss_mib(web.pid)
             before = httpx.get(f"{mock_url}/mock/stats", timeout=5).json()["total_requests"]
             if use_wrk:
                 result = _wrk(base, key, concurrency, args.seconds, timeout_s)
             else:
                 result = asyncio.run(_load(base, key, concurrency, args.seconds, timeout_s))
-            peak = _rss_mib(web.pid)  # type: ignore[union-attr]
+            peak = _rss_mib(web.pid)
             time.sleep(3.0)  # the slow backend's requests were closed by the platform; let the mock notice
             stats = httpx.get(f"{mock_url}/mock/stats", timeout=5).json()
-            after = _rss_mib(web.pid)  # type: ignore[union-attr]
+            after = _rss_mib(web.pid)
             reached = stats["total_requests"] - before
             statuses = result["statuses"]
             expected_reached = statuses.get(200, 0) + statuses.get(504, 0)

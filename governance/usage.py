@@ -272,7 +272,7 @@ def _insert(rows: Sequence[tuple[Any, ...]]) -> None:
 
     meta = UsageRecord._meta
     quote = connection.ops.quote_name
-    columns = ", ".join(quote(cast(Field, meta.get_field(name)).column) for name in _COLUMNS)
+    columns = ", ".join(quote(str(cast(Field, meta.get_field(name)).column)) for name in _COLUMNS)
     sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
     adapt = connection.ops.adapt_datetimefield_value
     params = [(adapt(row[0]), *row[1:]) for row in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -10,10 +11,10 @@ import httpx
 import pytest
 
 from backends.mock_vllm import MockConfig, MockVLLM
+from governance.events import MemoryUsageSink, UsageEvent
 from routing.dispatch import Dispatcher
 from routing.gateway import Gateway
 from routing.registry import RegistryCache
-from routing.usage import MemoryUsageSink
 from tests.factories import backend_snap, registry_snap
 
 MASTER_KEY = "test-master-key"
@@ -35,6 +36,12 @@ def _reseed_after_flush(sender: Any, apps: Any = None, **kwargs: Any) -> None:
         from django.apps import apps
     schedule.create_schedule(apps, None)
     checks.seed(apps, None)
+
+
+def usage_events(gateway: Gateway) -> deque[UsageEvent]:
+    """The usage events a test gateway recorded (its sink is the MemoryUsageSink of make_gateway)."""
+    assert isinstance(gateway.usage, MemoryUsageSink)
+    return gateway.usage.events
 
 
 @pytest.fixture(scope="session", autouse=True)

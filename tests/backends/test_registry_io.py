@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db.models import Model as DjangoModel
 
 from backends.models import Backend, GpuPool, Model, ModelFallback
 from backends.registry_io import (
@@ -390,7 +391,7 @@ IMPLIED_BY_NESTING: dict[type, set[str]] = {
 REGISTRY_MODELS = (GpuPool, Backend, Model, ModelFallback)
 
 
-def _config_fields(model: type) -> list[Any]:
+def _config_fields(model: type[DjangoModel]) -> list[Any]:
     """The model's own fields (many-to-many included, reverse relations not) that are configuration."""
     return [
         f
@@ -413,6 +414,7 @@ def _state() -> dict[str, dict[str, dict[str, Any]]]:
     state: dict[str, dict[str, dict[str, Any]]] = {}
     for model in REGISTRY_MODELS:
         rows = state.setdefault(model.__name__, {})
+        row: Any  # a row of any of the four registry models
         for row in model.objects.all():
             key = f"{row.model.name}->{row.pool.name}" if model is ModelFallback else row.name
             rows[key] = {f.name: _value(row, f) for f in _config_fields(model)}

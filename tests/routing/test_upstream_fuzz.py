@@ -28,7 +28,12 @@ from routing.upstream import (
     UpstreamTooLarge,
 )
 
-LIMITS = {"max_header_line_bytes": 200, "max_headers": 12, "max_head_bytes": 1024, "max_body_bytes": 2048}
+LIMITS: dict[str, Any] = {
+    "max_header_line_bytes": 200,
+    "max_headers": 12,
+    "max_head_bytes": 1024,
+    "max_body_bytes": 2048,
+}
 TIMEOUTS = Timeouts(connect=5.0, read=5.0, write=5.0, pool=5.0)
 BOUND = 8.0  # seconds for one example: every answer here needs no timeout, so reaching this is a hang
 REASONS = {200: b"OK", 201: b"Created", 400: b"Bad Request", 404: b"Not Found", 500: b"Error", 503: b"Unavailable"}
@@ -216,7 +221,7 @@ def check(case: Case, run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
         assert got == outcome, f"expected {outcome!r:.200}, got {got!r:.200}"
     else:
         assert isinstance(got, UpstreamError), f"expected {outcome}, got {got!r:.200}"
-        assert isinstance(got, outcome), f"expected {outcome}, got {got!r}"  # type: ignore[arg-type]
+        assert isinstance(got, outcome), f"expected {outcome}, got {got!r}"
 
 
 FUZZ = settings(

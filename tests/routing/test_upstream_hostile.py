@@ -26,7 +26,7 @@ from routing.upstream import (
 )
 
 SHORT = Timeouts(connect=2.0, read=0.5, write=2.0, pool=2.0)
-LIMITS: dict[str, int] = {
+LIMITS: dict[str, Any] = {
     "max_header_line_bytes": 256,
     "max_headers": 16,
     "max_head_bytes": 2048,

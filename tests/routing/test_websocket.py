@@ -13,7 +13,7 @@ from channels.testing import WebsocketCommunicator
 from backends.mock_vllm import MockServer, await_until
 from routing.gateway import Gateway
 from routing.ws import CLOSE_UNAUTHORIZED, websocket_application
-from tests.conftest import AUTH, MASTER_KEY
+from tests.conftest import AUTH, MASTER_KEY, usage_events
 from tests.factories import backend_snap, registry_snap
 
 AUTH_HEADERS = [(b"authorization", f"Bearer {MASTER_KEY}".encode())]
@@ -100,7 +100,7 @@ async def test_header_auth_streams_chunks_then_done(gateway: Gateway, server: Mo
     assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + 1
     assert server.stats.last_request["model"] == "served-chat"
     assert server.stats.last_request["stream"] is True
-    event = gateway.usage.events[-1]
+    event = usage_events(gateway)[-1]
     assert (event.status, event.stream, event.endpoint, event.model, event.backend) == (
         200,
         True,
@@ -125,7 +125,7 @@ async def test_first_message_auth(gateway: Gateway) -> None:
         messages = await collect(ws, {7})
     assert messages[-1]["type"] == "done"
     assert {m["data"]["model"] for m in messages[:-1]} == {"text-model"}
-    assert gateway.usage.events[-1].endpoint == "completions"
+    assert usage_events(gateway)[-1].endpoint == "completions"
 
 
 @pytest.mark.parametrize("by_header", [True, False])
@@ -139,7 +139,7 @@ async def test_bad_key_closes_4401(gateway: Gateway, by_header: bool) -> None:
         closed = await ws.receive_output()
         assert closed["type"] == "websocket.close"
         assert closed["code"] == CLOSE_UNAUTHORIZED
-    assert not gateway.usage.events
+    assert not usage_events(gateway)
 
 
 async def test_auth_times_out(gateway: Gateway) -> None:
@@ -160,7 +160,7 @@ async def test_two_concurrent_requests_interleave(gateway: Gateway, server: Mock
     order = [m["id"] for m in messages if m["type"] == "chunk"]
     assert order.index("b") < len(order) - 1 - order[::-1].index("a")  # b started before a ended: interleaved
     assert len(text_of(messages, "a").split()) == len(text_of(messages, "b").split()) == 12
-    assert [e.status for e in gateway.usage.events] == [200, 200]
+    assert [e.status for e in usage_events(gateway)] == [200, 200]
     assert server.stats.completed_requests == 2
 
 
@@ -175,7 +175,7 @@ async def test_cancel_stops_the_request_and_the_upstream(gateway: Gateway, serve
         assert all(m["type"] == "chunk" for m in messages[:-1])
         assert await await_until(lambda: server.stats.open_requests == 0, timeout=1.0)
         assert server.stats.cancelled_requests == 1
-        assert gateway.usage.events[-1].status == 499
+        assert usage_events(gateway)[-1].status == 499
         await ws.send_json_to({"type": "cancel", "id": "long"})  # no longer running: a no-op
         assert await ws.receive_nothing(timeout=0.02)
         await ws.send_json_to(chat("long"))  # the id is free again
@@ -191,7 +191,7 @@ async def test_disconnect_cancels_running_requests(gateway: Gateway, server: Moc
             streaming.add((await ws.receive_json_from())["id"])
         await ws.disconnect()
     assert await await_until(lambda: server.stats.open_requests == 0, timeout=1.0)
-    assert sorted(e.status for e in gateway.usage.events) == [499, 499]
+    assert sorted(e.status for e in usage_events(gateway)) == [499, 499]
 
 
 async def test_validation_error_matches_http(gateway: Gateway) -> None:
@@ -234,7 +234,7 @@ async def test_backend_error_is_passed_through(gateway: Gateway, server: MockSer
         await ws.send_json_to(chat("e"))
         error = await ws.receive_json_from()
     assert (error["type"], error["status"], error["error"]["message"]) == ("error", 400, "bad things")
-    assert gateway.usage.events[-1].status == 400
+    assert usage_events(gateway)[-1].status == 400
 
 
 async def test_malformed_messages_get_errors(gateway: Gateway) -> None:
@@ -290,7 +290,7 @@ async def test_broken_upstream_stream_ends_with_502(gateway: Gateway, server: Mo
     assert messages[-1]["type"] == "error"
     assert (messages[-1]["status"], messages[-1]["error"]["code"]) == (502, "backend_error")
     assert [m["type"] for m in messages[:-1]] == ["chunk"] * 4  # the role chunk and 3 tokens
-    assert gateway.usage.events[-1].status == 502
+    assert usage_events(gateway)[-1].status == 502
 
 
 async def test_failed_reauthentication_cancels_and_closes(gateway: Gateway, server: MockServer) -> None:
@@ -303,4 +303,4 @@ async def test_failed_reauthentication_cancels_and_closes(gateway: Gateway, serv
         assert '"status":401' in last["text"]
         assert message["code"] == CLOSE_UNAUTHORIZED
         assert await await_until(lambda: server.stats.open_requests == 0, timeout=1.0)
-    assert (gateway.usage.events[-1].status, gateway.usage.events[-1].principal) == (499, "master")
+    assert (usage_events(gateway)[-1].status, usage_events(gateway)[-1].principal) == (499, "master")

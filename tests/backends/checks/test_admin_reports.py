@@ -112,7 +112,7 @@ def test_run_checks_now_action_on_backends_and_models(
             {"action": "run_checks_now", "_selected_action": [fleet.model.pk]},
         )
     latest = CheckRun.objects.first()
-    assert latest.model_names == ["chat-model"] and latest.total == 2
+    assert latest is not None and latest.model_names == ["chat-model"] and latest.total == 2
 
 
 def test_backend_and_model_pages_show_trend_charts(

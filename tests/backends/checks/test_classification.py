@@ -39,7 +39,7 @@ def test_streamed_answer_passes_with_time_to_first_token(fleet: Fleet, only_case
     fleet.add("b1", latency_s=0.05)
     result = _run_one(fleet)
     assert result.outcome == "pass" and result.answer == "Paris"
-    assert result.ttft_ms is not None and 40 <= result.ttft_ms <= result.latency_ms
+    assert result.ttft_ms is not None and result.latency_ms is not None and 40 <= result.ttft_ms <= result.latency_ms
     assert result.prompt_tokens is not None  # usage requested with stream_options.include_usage
     assert fleet.mocks["b1"].stats.last_request["stream_options"] == {"include_usage": True}
 

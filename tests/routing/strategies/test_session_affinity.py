@@ -5,7 +5,7 @@ from routing.strategies import RoutingStats, SessionAffinity
 from tests.factories import backend_snap
 
 
-def _route(backends, keys):  # type: ignore[no-untyped-def]
+def _route(backends, keys):
     strategy = SessionAffinity()
     return {k: strategy.select(backends, RoutingStats(affinity_key=k)).name for k in keys}
 
