@@ -189,6 +189,7 @@ launch() {
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
   VLLM_CACHE_ROOT=$CACHE_DIR/vllm-cache \
   VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_OMP_THREADS_BIND=$core \
+  VLLM_SERVER_DEV_MODE=${VLLM_SERVER_DEV_MODE:-1} \
     setsid bash -c 'echo $$ > "$0"; exec "$@"' "$(pid_file "$port")" \
       "$PY" -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port "$port" "$@" \
       </dev/null >"$lf" 2>&1 &
@@ -288,8 +289,11 @@ cmd_start() {
   # --enforce-eager skips torch.compile / graph capture (~20 s start for one chat server
   # instead of ~80 s). The pooling server compiles too without it (+15-25 s measured, and
   # the AOT compile cache failed to reload on the next start), so it gets the flag as well.
+  # --enable-scale-out serves /v1/chat/completions/render, through which vllm-router's cache_aware policy
+  # tokenizes (bench/prefix.py compares with it); VLLM_SERVER_DEV_MODE=1 serves /reset_prefix_cache, used
+  # between benchmark runs. Both are for this local test pool only.
   local chat_args=(--model "$CHAT_MODEL_DIR" --served-model-name "$CHAT_MODEL_NAME"
-                   --max-model-len 2048 --enforce-eager)
+                   --max-model-len 2048 --enforce-eager --enable-scale-out)
   if ! { start_one "$PORT_A" "$CORE_A" "${chat_args[@]}" &&
           start_one "$PORT_B" "$CORE_B" "${chat_args[@]}" &&
           start_one "$PORT_EMBED" "$CORE_EMBED" --model "$emb" \
