@@ -78,7 +78,7 @@ def sql_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, str
     seen: list[tuple[int, str]] = []
     execute, executemany = CursorWrapper.execute, CursorWrapper.executemany
 
-    def logged_execute(self: CursorWrapper, sql: str, params: object = None) -> object:
+    def logged_execute(self: CursorWrapper, sql: str, params: Any = None) -> object:
         seen.append((threading.get_ident(), sql))
         return execute(self, sql, params)
 

@@ -260,6 +260,7 @@ async def test_hub_follows_a_publisher_through_an_engine_restart(zctx):
     hub = KvEventsHub(max_blocks=100, config=FAST, context=zctx)
     hub.sync({"gpu-a": pub.endpoint})
     index = hub.index("gpu-a")
+    assert index is not None
     try:
         # when the engine stores A+B (re-sent until the subscription is up: ZMQ drops messages before it is)
         seq = 0
@@ -300,6 +301,7 @@ async def test_a_dropped_connection_forgets_the_engines_blocks(zctx):
     hub = KvEventsHub(max_blocks=100, config=FAST, context=zctx)
     hub.sync({"gpu-a": pub.endpoint})
     index = hub.index("gpu-a")
+    assert index is not None
     try:
         seq = 0
         while index.matched_blocks(keys_of(A)) < 1:
@@ -347,6 +349,7 @@ async def test_subscriber_survives_garbage_on_the_wire(zctx):
     hub = KvEventsHub(max_blocks=100, config=FAST, context=zctx)
     hub.sync({"gpu-a": pub.endpoint})
     index = hub.index("gpu-a")
+    assert index is not None
     try:
         seq = 0
         while index.matched_blocks(keys_of(A)) < 1:

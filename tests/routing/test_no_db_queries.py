@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ def query_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     statements: list[str] = []
     original = CursorWrapper.execute
 
-    def execute(self: CursorWrapper, sql: str, params: object = None) -> object:
+    def execute(self: CursorWrapper, sql: str, params: Any = None) -> object:
         statements.append(sql)
         return original(self, sql, params)
 

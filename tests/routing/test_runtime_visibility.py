@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -119,7 +120,7 @@ def test_prefix_index_and_engine_hit_rate_are_visible(admin_client: Client) -> N
 
         asyncio.run(route_and_scrape())
 
-    stats = dispatcher.runtime_stats()[name]
+    stats: dict[str, Any] = dispatcher.runtime_stats()[name]
     assert stats["prefix_index_blocks"] > 0 and stats["prefix_estimated_hit_ratio"] == pytest.approx(2 / 3)
     assert 0 < stats["engine_prefix_cache_hit_rate"] < 1
     page = admin_client.get(reverse("admin:backends_gpupool_change", args=[pool.pk])).content.decode()
