@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -177,7 +177,7 @@ def bench_upstream(n: int = 6400) -> None:
                 time.sleep(0.1)
         if len(cpus) > 1:
             os.sched_setaffinity(0, {cpus[1]})
-        clients: list[tuple[str, Callable[[int], Awaitable[float]]]] = [
+        clients: list[tuple[str, Callable[[int], Coroutine[Any, Any, float]]]] = [
             ("httpx 0.28 AsyncClient", lambda c: _httpx(url, c, n, "httpx")),
         ]
         try:
@@ -189,7 +189,7 @@ def bench_upstream(n: int = 6400) -> None:
         print("upstream client, one non-streaming chat request to the mock (CPU per request):")
         print(f"  {'client':<30} {'c1':>9} {'c16':>9} {'c64':>9}")
         for name, run in clients:
-            figures = [uvloop.run(run(c)) for c in (1, 16, 64)]
+            figures: list[float] = [uvloop.run(run(c)) for c in (1, 16, 64)]
             print(f"  {name:<30} " + " ".join(f"{f:7.0f}us" for f in figures))
     finally:
         mock.terminate()

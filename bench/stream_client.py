@@ -22,6 +22,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        runner: Callable[[Coroutine[Any, Any, Any]], Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is in requirements.txt
         runner = asyncio.run
     report = runner(run(args))

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cpus = sorted(os.sched_getaffinity(0))
     mock, url = start_mock(cpus)
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         if len(cpus) > 1:
             os.sched_setaffinity(0, {cpus[1]})
