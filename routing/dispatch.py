@@ -113,7 +113,7 @@ class Dispatcher:
         queue_timeout_s: float = 10.0,
         prefix: PrefixConfig | None = None,
         prefix_sync: PrefixSync | None = None,
-        upstream_limits: dict[str, int] | None = None,
+        upstream_limits: dict[str, Any] | None = None,
     ) -> None:
         self.max_attempts = max(1, max_attempts)
         # Backends (http:// and https://) are reached through FastUpstream (asyncio + httptools: ~50 us of CPU a

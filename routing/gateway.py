@@ -709,11 +709,11 @@ async def _until_disconnect(work: Awaitable[T], receive: Receive) -> T:
 async def _database_reachable() -> bool:
     from django.db import connection
 
-    from routing.registry import _db_call
+    from routing.registry import db_call
 
     def check() -> bool:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             return cursor.fetchone() == (1,)
 
-    return await asyncio.to_thread(_db_call(check))
+    return await asyncio.to_thread(db_call(check))

@@ -42,7 +42,6 @@ def db_call(func: Callable[[], T]) -> Callable[[], T]:
     return run
 
 
-_db_call = db_call  # the former private name (routing.gateway still imports it)
 
 
 class RegistryCache(Generic[S]):
