@@ -203,10 +203,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         if self._refused:
             self.transport.close()
-        return super().eof_received()
+        super().eof_received()
 
 
 class _HeadRefused(Exception):

@@ -1071,8 +1071,8 @@ class FastUpstream:
         """The pool of target on the running loop (pools of another, dead, loop are dropped)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            for pool in self._pools.values():
-                pool.close_all()
+            for stale in self._pools.values():
+                stale.close_all()
             self._pools = {}
             self._loop = loop
         pool = self._pools.get(target.key)
