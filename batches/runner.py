@@ -185,7 +185,9 @@ class BatchRunner:
                         if exc.status != 429 or str(exc.code) not in LIMIT_CODES:
                             raise
                         await self._wait(_retry_after(exc))
-                if self.stop.is_set() and lc.response is None:
+                if self.stop.is_set() and lc.response is None:  # never sent: given back, nothing to record
+                    if lc.reservation is not None and lc.limiter is not None:
+                        await lc.limiter.settle(lc.reservation, 0)
                     await sync_to_async(services.line_release)(line=line)
                     return
                 if response.status_code != 200:
