@@ -16,7 +16,8 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeGuard
 
 import orjson
 from channels.consumer import get_handler_name
@@ -28,7 +29,7 @@ from routing import errors
 from routing.auth import Principal, bearer_token
 from routing.errors import APIError
 from routing.exchange import Lifecycle, stream_state
-from routing.gateway import ENDPOINTS, ASGIApp, Endpoint, Gateway, Receive, Scope, Send
+from routing.gateway import ENDPOINTS, Endpoint, Gateway, Receive, Scope, Send
 from routing.serializers import parse_json
 from routing.sse import sse_data
 
@@ -232,7 +233,8 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
         if now - self.pending.logged_at >= 10:  # at most one line per 10 s, however many are refused
             self.pending.logged_at = now
             logger.warning("websocket handshakes refused: %d sockets already wait to authenticate", self.pending.count)
-        if "websocket.http.response" not in self.scope.get("extensions", {}):
+        extensions: dict[str, Any] = self.scope.get("extensions") or {}
+        if "websocket.http.response" not in extensions:
             await self.close()  # the server answers the handshake with 403
             return
         error = APIError(
@@ -242,12 +244,15 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
             code="too_many_pending_sockets",
         )
         body = error.body()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers: list[tuple[bytes, bytes]] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"),
+        ]
         # base_send: the consumer's own send() takes text or bytes for a frame
-        await self.base_send(
-            {"type": "websocket.http.response.start", "status": 503, "headers": [*headers, (b"retry-after", b"1")]}
-        )
-        await self.base_send({"type": "websocket.http.response.body", "body": body})
+        start: dict[str, Any] = {"type": "websocket.http.response.start", "status": 503, "headers": headers}
+        await self.base_send(start)  # type: ignore[arg-type]
+        await self.base_send({"type": "websocket.http.response.body", "body": body})  # type: ignore[arg-type]
 
     async def _close_too_big(self, size: int) -> None:
         """Report a frame over the pre-authentication limit, then close with 1009; later frames are ignored."""
@@ -440,7 +445,7 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
 # --- routing ------------------------------------------------------------------------------------------------------
 
 
-def websocket_application(gateway: Gateway, *, max_pending: int | None = None, **options: Any) -> ASGIApp:
+def websocket_application(gateway: Gateway, *, max_pending: int | None = None, **options: Any) -> URLRouter:
     """The Channels app for ProtocolTypeRouter's "websocket" key: `/v1/ws`; other paths are refused.
 
     Pre-authentication bounds not given come from settings (`ROUTER_WS_*`); the pending-socket count is shared by
@@ -453,8 +458,9 @@ def websocket_application(gateway: Gateway, *, max_pending: int | None = None, *
     pending = PendingSockets(max_pending if max_pending is not None else settings.ROUTER_WS_MAX_PENDING)
     return URLRouter(
         [
-            path("v1/ws", ChatSocketConsumer.as_asgi(gateway=gateway, pending=pending, **options)),
-            re_path(r"", _refuse_unknown_path),
+            # Django's stubs know views, not ASGI apps, in URL patterns
+            path("v1/ws", ChatSocketConsumer.as_asgi(gateway=gateway, pending=pending, **options)),  # type: ignore[arg-type, list-item]
+            re_path(r"", _refuse_unknown_path),  # type: ignore[arg-type, list-item]
         ]
     )
 
@@ -472,14 +478,14 @@ async def _refuse_unknown_path(scope: Scope, receive: Receive, send: Send) -> No
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def _header(scope: Mapping[str, Any], name: bytes) -> bytes | None:
     for key, value in scope.get("headers", ()):
         if key == name:
             return value
     return None
 
 
-def _valid_id(value: Any) -> bool:
+def _valid_id(value: Any) -> TypeGuard[str | int]:
     if isinstance(value, str):
         return 0 < len(value) <= MAX_ID_LENGTH
     return isinstance(value, int) and not isinstance(value, bool)
