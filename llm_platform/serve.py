@@ -295,6 +295,9 @@ class ServeOptions:
             "log_level": self.log_level,
             "access_log": self.access_log,
             "backlog": self.backlog,
+            # A WebSocket frame is never larger than a request body (the consumer checks both, tighter before
+            # authentication); without this uvicorn reads frames of up to 16 MiB before the app sees them.
+            "ws_max_size": _env_int("ROUTER_MAX_BODY_BYTES", 4 * 1024 * 1024) + 64 * 1024,
         }
 
     def uvicorn_config(self) -> uvicorn.Config:
@@ -521,3 +524,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable, or the default when unset or not an integer."""
+    try:
+        return int(os.environ.get(name, ""))
+    except ValueError:
+        return default
