@@ -87,6 +87,13 @@ faults: venv
 
 .PHONY: faults
 
+# The image of deploy/Dockerfile built with podman on a local Debian base and run here (root): migrate, web with two
+# workers, worker, beat, SDK smoke checks, SIGTERM during a stream (docs/deploy.md "Container image").
+container-smoke: venv
+	PY=$(PY) bash scripts/container_smoke.sh
+
+.PHONY: container-smoke
+
 # Fuzz every operation of /api/schema/ against a live server (fixed seed, bounded); fails on any 5xx (docs/testing.md).
 schemathesis: venv
 	PYTHON=$(PY) bash scripts/schemathesis.sh
