@@ -255,7 +255,7 @@ def test_dockerfile_runs_the_same_steps_as_make_run() -> None:
         assert option in serve, option
     config = ServeOptions().uvicorn_config()
     assert (config.app, config.loop, config.lifespan) == ("llm_platform.asgi:application", "uvloop", "on")
-    assert issubclass(config.http, BoundedHttpToolsProtocol)
+    assert isinstance(config.http, type) and issubclass(config.http, BoundedHttpToolsProtocol)
     # the roles: migrate and Celery as `make run` runs them
     assert '"manage.py", "migrate", "--noinput"' in run and "python manage.py migrate --noinput" in entrypoint
     assert '"celery", "-A", "llm_platform", "worker"' in run

@@ -122,7 +122,7 @@ def test_command_line_options() -> None:
     config = options.uvicorn_config()
     assert (config.loop, config.lifespan, config.timeout_graceful_shutdown) == ("uvloop", "on", 5)
     # uvicorn's httptools protocol with the request-head bounds (tests/deploy/test_request_head_limits.py)
-    assert issubclass(config.http, BoundedHttpToolsProtocol)
+    assert isinstance(config.http, type) and issubclass(config.http, BoundedHttpToolsProtocol)
     assert (config.http.max_head_bytes, config.http.head_timeout_s) == (65536, 10.0)
     assert parse_args(["--shared-socket"])[1] is True
 

@@ -134,7 +134,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], within_s: float = 20.0) -
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}: {err}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}: {err}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -149,7 +149,7 @@ def wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], within_s: floa
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             socket.create_connection((host, port), timeout=1).close()
             return

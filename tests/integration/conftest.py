@@ -129,7 +129,7 @@ def e2e_config() -> E2EConfig:
     for url in urls[1:]:
         _pick_model(url, _listed_models(url, headers), model, "VLLM_MODEL_NAME")
     max_len = entry.get("max_model_len")
-    embed_url = (_env_urls("VLLM_EMBED_URL") or [None])[0]
+    embed_url = next(iter(_env_urls("VLLM_EMBED_URL")), None)
     embed_model = None
     if embed_url:
         wanted_embed = os.environ.get("VLLM_EMBED_MODEL_NAME", "").strip() or None
@@ -184,7 +184,7 @@ def django_db_setup(
     verbosity = request.config.option.verbose
     keepdb = django_db_keepdb and not django_db_createdb
     with django_db_blocker.unblock():
-        config = setup_databases(verbosity=verbosity, interactive=False, aliases={"default"}, keepdb=keepdb)
+        config = setup_databases(verbosity=verbosity, interactive=False, aliases={"default"}, keepdb=keepdb)  # type: ignore[arg-type]  # django-stubs: Mapping, Django: any collection
     yield
     if not django_db_keepdb:
         with django_db_blocker.unblock():

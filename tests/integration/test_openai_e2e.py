@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletionChunk
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from tests.integration.conftest import SLOW_READ_TIMEOUT_S, E2EConfig, E2ERegistry, LatencyLog, Timing
 from tests.live import PlatformProcess
@@ -22,7 +22,7 @@ LONG_ANSWER = "Count from one to one hundred in words, separated by commas."
 SEED = 1234
 
 
-def _messages(text: str) -> list[dict[str, str]]:
+def _messages(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
@@ -88,7 +88,7 @@ def test_capital_of_france(
     assert "paris" in answer.lower(), f"no 'Paris' in the answer at temperature {temperature}: {answer!r}"
 
 
-def _tokenize(backend_http: httpx.Client, model: str, messages: list[dict[str, str]]) -> int:
+def _tokenize(backend_http: httpx.Client, model: str, messages: list[ChatCompletionMessageParam]) -> int:
     response = backend_http.post("/tokenize", json={"model": model, "messages": messages})
     assert response.status_code == 200, f"backend /tokenize answered {response.status_code}: {response.text[:300]}"
     return int(response.json()["count"])
@@ -103,7 +103,10 @@ def test_prompt_tokens_equal_backend_tokenize(
     latency: LatencyLog,
     stream: bool,
 ) -> None:
-    messages = [{"role": "system", "content": "You are a concise assistant."}, *_messages(CAPITAL)]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "You are a concise assistant."},
+        *_messages(CAPITAL),
+    ]
     # given the backend's own count of the prompt (chat template applied, generation prompt added)
     expected = _tokenize(backend_http, e2e_config.model, messages)
     # when the same messages go through the platform
