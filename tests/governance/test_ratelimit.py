@@ -143,7 +143,8 @@ async def test_redis_limiter_is_exact_under_concurrency_and_settles() -> None:
     assert sum(results) == 10
     client = redis.Redis.from_url(REDIS_URL)
     window = int(time.time() // 60)
-    assert int(client.get(f"{limiters[0].prefix}{key.id}:m:{window}:t")) == 70  # settled to 10 x 7
+    settled = client.get(f"{limiters[0].prefix}{key.id}:m:{window}:t")
+    assert settled is not None and int(settled) == 70  # settled to 10 x 7
 
 
 @pytest.mark.services

@@ -416,11 +416,13 @@ def test_admin_usage_pages_render_for_staff(admin_client: Client, client: Client
         (now - timedelta(minutes=5), "master", "m2", 200, 3, 4, 20.0),
     )
     usage_rollup(since=now - timedelta(days=2))
+    record = UsageRecord.objects.first()
+    assert record is not None
     for url in (
         "/admin/governance/usagerecord/",
         "/admin/governance/usagerecord/?status__exact=502",
         "/admin/governance/usagehourly/",
-        f"/admin/governance/usagerecord/{UsageRecord.objects.first().pk}/change/",
+        f"/admin/governance/usagerecord/{record.pk}/change/",
     ):
         page = admin_client.get(url)
         assert page.status_code == 200, url

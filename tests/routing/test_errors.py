@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -550,7 +550,7 @@ async def test_backend_400_on_a_stream_passes_through_as_json(gateway_client: Cl
 async def test_backend_4xx_without_openai_shape_is_wrapped(make_gateway: Callable[..., Gateway]) -> None:
     """A backend 4xx whose body is not an OpenAI error is wrapped into one, keeping its status."""
 
-    async def plain_422(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def plain_422(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 422, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": b"unprocessable, says the backend"})
 

@@ -254,6 +254,8 @@ def valid_requests(draw: st.DrawFn, path: str) -> dict[str, Any]:
                 },
             )
         )
+    required: dict[str, st.SearchStrategy[Any]]
+    optional: dict[str, st.SearchStrategy[Any]]
     if path == CHAT:
         required = {"model": st.just("chat-model"), "messages": valid_messages}
         optional = {
@@ -275,7 +277,7 @@ def valid_requests(draw: st.DrawFn, path: str) -> dict[str, Any]:
             "best_of": st.integers(1, 4) | st.none(),
             "suffix": free_text | st.none(),
         }
-    body = draw(st.fixed_dictionaries(required, optional=optional))
+    body: dict[str, Any] = draw(st.fixed_dictionaries(required, optional=optional))
     if body.get("stream") is True and draw(st.booleans()):
         body["stream_options"] = draw(stream_options | st.none())
     return body

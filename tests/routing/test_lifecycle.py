@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -136,10 +136,10 @@ async def call(
         await left.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         if left.is_set():
             raise OSError("client gone")
-        sent.append(message)
+        sent.append(dict(message))
         chunks = sum(1 for m in sent if m["type"] == "http.response.body" and m.get("body"))
         if leave_after_chunks is not None and chunks >= leave_after_chunks:
             left.set()

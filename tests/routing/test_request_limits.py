@@ -14,7 +14,7 @@ from backends.mock_vllm import MockVLLM
 from routing.fastcheck import fast_valid_chat
 from routing.gateway import Gateway
 from routing.serializers import OFFLOAD_BYTES, RequestLimits, validate_request_offloaded
-from tests.conftest import AUTH
+from tests.conftest import AUTH, usage_events
 from tests.factories import backend_snap, registry_snap
 from tests.routing.conftest import assert_openai_error
 
@@ -108,7 +108,7 @@ async def test_default_limits_refuse_the_issue_bodies(gateway_client: tuple[http
     # then both are refused by their counts, and a usage record says so
     assert_openai_error(tools, 400, type="invalid_request_error", param="tools", code="array_above_max_length")
     assert_openai_error(messages, 400, type="invalid_request_error", param="messages", code="array_above_max_length")
-    assert [e.status for e in gateway.usage.events] == [400, 400]
+    assert [e.status for e in usage_events(gateway)] == [400, 400]
 
 
 def test_default_limits_are_the_documented_ones() -> None:

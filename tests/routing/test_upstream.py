@@ -620,7 +620,7 @@ async def test_slow_consumer_is_flow_controlled(upstream: UpstreamClient) -> Non
 
     async def flood(_: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
-        for _ in range(size // len(piece)):
+        for _piece in range(size // len(piece)):
             writer.write(piece)
         await asyncio.sleep(0.3)
         pending.append(writer.transport.get_write_buffer_size())
