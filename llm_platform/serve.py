@@ -305,6 +305,14 @@ class ServeOptions:
         return uvicorn.Config(APP, **self.uvicorn_kwargs())
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable, or the default when unset or not an integer."""
+    try:
+        return int(os.environ.get(name, ""))
+    except ValueError:
+        return default
+
+
 def _family(host: str) -> socket.AddressFamily:
     """IPv6 for an address with a colon, else IPv4 (as uvicorn decides)."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -524,11 +532,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _env_int(name: str, default: int) -> int:
-    """An integer environment variable, or the default when unset or not an integer."""
-    try:
-        return int(os.environ.get(name, ""))
-    except ValueError:
-        return default
