@@ -131,7 +131,13 @@ class OpenAIView(APIView):
 
     def handle_exception(self, exc: Exception) -> Response:
         if isinstance(exc, APIError):
-            return _error(exc.status, exc.message, type_=exc.type, code=exc.code and str(exc.code), param=exc.param)
+            return _error(
+                exc.status,
+                exc.message,
+                type_=exc.type,
+                code=None if exc.code is None else str(exc.code),
+                param=exc.param,
+            )
         if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
             message = (
                 "Missing API key: send 'Authorization: Bearer <key>'."
@@ -211,7 +217,7 @@ class FilesView(OpenAIView):
         request._request.upload_handlers = [handler]
         try:
             upload = request.FILES.get("file")
-            purpose = request.data.get("purpose")
+            purpose = request.POST.get("purpose")
         except exceptions.ParseError as exc:
             raise APIError(400, f"Could not read the upload: {exc.detail}", code="invalid_body") from None
         if handler.exceeded:

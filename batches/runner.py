@@ -150,7 +150,10 @@ class BatchRunner:
         if pool_snap is None:
             return False
         stats = self.gateway.dispatcher.runtime_stats()
-        waiting = sum(float(stats.get(b.name, {}).get("vllm_waiting") or 0) for b in pool_snap.backends)
+        waiting = 0.0
+        for backend in pool_snap.backends:
+            value = stats.get(backend.name, {}).get("vllm_waiting")
+            waiting += float(value) if isinstance(value, int | float) else 0.0
         return waiting >= self.busy_waiting > 0
 
     async def _wait(self, seconds: float) -> bool:

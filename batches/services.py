@@ -177,8 +177,10 @@ def batch_enqueue(*, batch_id: str) -> None:
     """Send the batch to a Celery worker (the BATCH_CELERY_QUEUE queue, else the default one)."""
     from batches.tasks import batch_run_task
 
-    queue = settings.BATCH_CELERY_QUEUE or None
-    batch_run_task.apply_async((batch_id,), queue=queue)
+    if settings.BATCH_CELERY_QUEUE:
+        batch_run_task.apply_async((batch_id,), queue=settings.BATCH_CELERY_QUEUE)
+    else:
+        batch_run_task.apply_async((batch_id,))
 
 
 def batch_cancel(*, batch: Batch) -> Batch:
@@ -340,7 +342,7 @@ def batch_finalize(*, batch_id: str, final: str) -> Batch | None:
     return Batch.objects.get(pk=batch_id)
 
 
-FINAL_TIMESTAMPS = {
+FINAL_TIMESTAMPS: dict[str, str] = {
     BatchStatus.COMPLETED: "completed_at",
     BatchStatus.CANCELLED: "cancelled_at",
     BatchStatus.EXPIRED: "expired_at",
