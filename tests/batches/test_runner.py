@@ -96,8 +96,10 @@ def test_lines_run_through_the_lifecycle_with_usage_per_line(
     assert results["ghost"]["response"]["body"]["error"]["code"] == "model_not_found"
     assert results["big"]["response"]["status_code"] == 400
     assert (batch.completed, batch.failed, batch.status) == (1, 2, "completed")
+    assert batch.output_file is not None and batch.error_file is not None
     assert batch.output_file.lines == 1 and batch.error_file.lines == 2
     # and each line became one usage record of the key, as live traffic does; the batch sums its tokens
+    assert principal.key is not None
     records = UsageRecord.objects.filter(key_id=principal.key.id)
     assert sorted(records.values_list("status", flat=True)) == [200, 400, 404]
     good = BatchLine.objects.get(batch=batch, custom_id="good")
@@ -216,10 +218,11 @@ def test_a_batch_of_a_revoked_key_fails(
     batch = _batch(principal, [chat_line("a")], django_capture_on_commit_callbacks)
     from governance.models import ApiKey
 
+    assert principal.key is not None
     api_key_revoke(key=ApiKey.objects.get(pk=principal.key.id))
     assert asyncio.run(_run(batch)) == "failed"
     batch.refresh_from_db()
-    assert batch.errors["data"][0]["code"] == "invalid_api_key"
+    assert batch.errors is not None and batch.errors["data"][0]["code"] == "invalid_api_key"
     assert mock_server.stats.total_requests == 0
 
 

@@ -48,7 +48,8 @@ def test_sdk_round_trip_files_batches_output(
             completion_window="24h",
             metadata={"job": "nightly"},
         )
-        assert batch.status == "in_progress" and batch.request_counts.total == 3
+        assert batch.status == "in_progress" and batch.request_counts is not None
+        assert batch.request_counts.total == 3
         done = _poll(client, batch.id, until={"completed", "failed", "expired", "cancelled"})
         # then it completed with every line in the output file, in the OpenAI result shape
         assert done.status == "completed", done
