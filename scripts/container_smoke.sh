@@ -15,7 +15,7 @@
 #
 # Environment (default): CS_IMAGE (localhost/llm-platform:ci), CS_BASE_IMAGE (localhost/python:3.11-slim-bookworm),
 # CS_DB (llm_container_ci), CS_PG (postgres://postgres@127.0.0.1:5432), CS_REDIS (redis://127.0.0.1:6379/5),
-# CS_PORT (a free port), CS_REBUILD_BASE=1 rebuilds the base image.
+# CS_PORT (a free port), CS_GRACE_S (30), CS_REBUILD_BASE=1 rebuilds the base image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,7 +26,8 @@ DB=${CS_DB:-llm_container_ci}
 PG=${CS_PG:-postgres://postgres@127.0.0.1:5432}
 REDIS=${CS_REDIS:-redis://127.0.0.1:6379/5}
 NAME=llm-cs-$$
-STOP_TIMEOUT_S=40  # > GRACEFUL_TIMEOUT_S below: podman sends SIGKILL only after this
+GRACE_S=${CS_GRACE_S:-30}  # web's GRACEFUL_TIMEOUT_S; CS_GRACE_S=1 cuts the long stream: the run must then fail
+STOP_TIMEOUT_S=$((GRACE_S + 10))  # podman sends SIGKILL only after this
 t0=$SECONDS
 
 log() { printf '[container-smoke %3ds] %s\n' $((SECONDS - t0)) "$*" >&2; }
@@ -104,6 +105,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Containers of an earlier run that was killed before its cleanup (its process is gone): removed.
+for c in $(podman ps -a --filter "name=^llm-cs-[0-9]+-" --format '{{.Names}}'); do
+  owner=${c#llm-cs-}
+  owner=${owner%%-*}
+  kill -0 "$owner" 2>/dev/null || { log "removing $c, left by an earlier run"; podman rm -f -t 5 "$c" >/dev/null; }
+done
+
 log "fresh database $DB, Redis ${REDIS##*/} flushed"
 psql "$PG/postgres" -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" >/dev/null
 "$PY" -c 'import sys, redis; redis.Redis.from_url(sys.argv[1]).flushdb()' "$REDIS"
@@ -172,7 +180,7 @@ key=$(run apikey --rm -- manage create_api_key --name container-smoke 2>/dev/nul
 [[ $key == *?????????????* ]] || die "create_api_key printed no key"
 
 log "web (2 workers) on :$PORT, worker, beat"
-run web -d -e WEB_CONCURRENCY=2 -e GRACEFUL_TIMEOUT_S=30 -- web >/dev/null
+run web -d -e WEB_CONCURRENCY=2 -e GRACEFUL_TIMEOUT_S="$GRACE_S" -- web >/dev/null
 run worker -d -- worker >/dev/null
 run beat -d -- beat >/dev/null
 wait_http "http://127.0.0.1:$PORT/readyz" 90 "$NAME-web"
