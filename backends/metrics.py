@@ -13,6 +13,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from backends.models import Backend, BackendState, HealthStatus
 from backends.runtime import runtime_stats_collect
+from core.db import db_call
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +103,13 @@ class BackendStateCollector:
 
 def _backend_rows() -> list[tuple[str, str, str, str]]:
     """(name, pool, state, status) of every backend, or nothing when the database is unreachable."""
-    from django.db import close_old_connections
-
-    close_old_connections()
     try:
-        return list(Backend.objects.order_by("name").values_list("name", "pool__name", "state", "status"))
+        return db_call(
+            lambda: list(Backend.objects.order_by("name").values_list("name", "pool__name", "state", "status"))
+        )()
     except Exception as exc:
         logger.warning("metrics: cannot read backends: %s", exc)
         return []
-    finally:
-        close_old_connections()
 
 
 def _health_families(rows: list[tuple[str, str, str, str]]) -> Iterable[Metric]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from asyncio.events import _get_running_loop
@@ -26,6 +27,7 @@ from django.db.models import Count, Field, Max, Q, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from core.db import db_call
 from governance.events import UsageEvent
 from governance.metrics import (
     USAGE_BUFFERED,
@@ -144,7 +146,7 @@ class BatchUsageWriter:
         batch = list(self._buffer)
         self._buffer = deque(maxlen=self.buffer_max)
         try:
-            written = await asyncio.to_thread(_db_call(self._write, batch))
+            written = await asyncio.to_thread(db_call(functools.partial(self._write, batch)))
         except Exception as exc:
             self._requeue(batch, exc)
             return 0
@@ -204,21 +206,6 @@ class BatchUsageWriter:
         self.written += written
         USAGE_WRITTEN.inc(written)
         return written
-
-
-def _db_call(func: Callable[[Sequence[Entry]], int], batch: Sequence[Entry]) -> Callable[[], int]:
-    """Run a write in a worker thread the way Django does: stale connections dropped before and after."""
-
-    def run() -> int:
-        from django.db import close_old_connections
-
-        close_old_connections()
-        try:
-            return func(batch)
-        finally:
-            close_old_connections()
-
-    return run
 
 
 # --- services (writes) --------------------------------------------------------------------------------------

@@ -709,7 +709,7 @@ async def _until_disconnect(work: Awaitable[T], receive: Receive) -> T:
 async def _database_reachable() -> bool:
     from django.db import connection
 
-    from routing.registry import db_call
+    from core.db import db_call
 
     def check() -> bool:
         with connection.cursor() as cursor:

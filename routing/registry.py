@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
 from backends.snapshot import RegistrySnapshot
+from core.db import db_call
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +27,7 @@ class Snapshot(Protocol):
 
 S = TypeVar("S", bound=Snapshot)
 
-
-def db_call(func: Callable[[], T]) -> Callable[[], T]:
-    """Wrap a sync ORM call for a worker thread: drop stale connections before and after, as Django does."""
-
-    def run() -> T:
-        from django.db import close_old_connections
-
-        close_old_connections()
-        try:
-            return func()
-        finally:
-            close_old_connections()
-
-    return run
-
-
+__all__ = ["RegistryCache", "Snapshot", "db_call"]
 
 
 class RegistryCache(Generic[S]):
