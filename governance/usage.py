@@ -196,17 +196,6 @@ class BatchUsageWriter:
         self._task = None
         await self.aflush()
 
-    def flush_sync(self) -> int:
-        """Write every buffered event from synchronous code (management commands, tests outside a loop)."""
-        if not self._buffer:
-            return 0
-        batch = list(self._buffer)
-        self._buffer.clear()
-        written = self._write(batch)
-        self.written += written
-        USAGE_WRITTEN.inc(written)
-        return written
-
 
 # --- services (writes) --------------------------------------------------------------------------------------
 
@@ -378,11 +367,6 @@ class UsageRow:
     def mean_latency_ms(self) -> float | None:
         """Mean latency of the requests (None without requests)."""
         return round(self.latency_ms_sum / self.requests, 2) if self.requests else None
-
-    @property
-    def error_rate(self) -> float:
-        """Share of requests answered with a status >= 400."""
-        return self.errors / self.requests if self.requests else 0.0
 
     def add(self, requests: int, errors: int, prompt: int, completion: int, latency: float) -> None:
         """Accumulate one source row."""

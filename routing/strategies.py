@@ -73,7 +73,7 @@ class RoundRobin:
 
     needs: frozenset[str] = frozenset()
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self) -> None:
         self._turn = itertools.count()
 
     def select(self, candidates: Sequence[BackendSnap], stats: RoutingStats) -> BackendSnap:
@@ -229,7 +229,7 @@ def _hrw_score(key: str, backend: str) -> int:
 
 
 _FACTORIES: dict[RoutingStrategy, Callable[..., Strategy]] = {
-    RoutingStrategy.ROUND_ROBIN: RoundRobin,
+    RoutingStrategy.ROUND_ROBIN: lambda rng: RoundRobin(),
     RoutingStrategy.WEIGHTED: Weighted,
     RoutingStrategy.LEAST_OUTSTANDING: LeastOutstanding,
     RoutingStrategy.KV_CACHE_AWARE: KvCacheAware,

@@ -352,7 +352,6 @@ _SSE_HEADERS = [
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _DONE = b"data: [DONE]\n\n"
 _EMPTY_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
-_WORK_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"})
 _DEFAULT_PIECES: list[str] = _pieces(DEFAULT_ANSWER)
 _VLLM_VERSION = b'{"version":"0.32.0"}'
 _FINGERPRINT = "vllm-0.32.0-mock"
