@@ -958,8 +958,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"During the through-platform c64 runs the platform core was {_num(c64.get('platform_core_util'), '{:.0%}')}"
         f" busy, the mock {_num(c64.get('mock_core_util'), '{:.0%}')} and the client "
         f"{_num(c64.get('client_core_util'), '{:.0%}')} of a core.",
-        f"- Placement: mock on CPU {place['mock']}, platform on CPU {place['platform']}, clients (wrk, stream "
-        f"client) and this script on CPU {place['client']}. Load from other processes on the machine: "
+        f"- Placement{' of the tables above' if len(report.get('placements', {})) > 1 else ''}: "
+        + (
+            "nothing pinned (shared). "
+            if place["platform"] is None
+            else f"mock on CPU {place['mock']}, platform on CPU {place['platform']}, clients (wrk, stream "
+            f"client) and this script on CPU {place['client']}. "
+        )
+        + f"Load from other processes on the machine: "
         f"{report['other_load_before_cores']:.2f} cores before the start, {report['other_load_cores']:.2f} during "
         f"the runs (median); {sum(r['noisy'] for r in report['runs'])} of {len(report['runs'])} runs above "
         f"{QUIET_CORES} cores (noisy), {len(report.get('discarded_noisy_runs', []))} noisy run(s) measured again.",
@@ -1437,7 +1443,7 @@ def main(argv: list[str] | None = None) -> int:
             "stream_token_delay_s": STREAM_TOKEN_DELAY_S,
             "stream_client": args.stream_client,
             "client_key": key_kind,
-            "platform_argv": ["taskset", "-c", str(placement["platform"]), *web_argv[1:]],
+            "platform_argv": [*pinned(placement["platform"], ["python"]), *web_argv[1:]],
             "extra_env": args.env,
         },
         "mock_ceiling": ceiling,
