@@ -14,7 +14,7 @@ help:
 	@echo "make run        start web + worker + beat + demo backend (http://127.0.0.1:$${PORT:-8000})"
 	@echo "make test       the fast mock suite (no network, no real backend)"
 	@echo "make e2e        start a real CPU vLLM pool, run the E2E suite through the platform, stop it"
-	@echo "make lint       ruff check + format check + Django checks + import layers (docs/architecture.md)"
+	@echo "make lint       ruff, Django checks, import layers and mypy (docs/architecture.md)"
 	@echo "make typecheck  mypy with django-stubs and djangorestframework-stubs"
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -41,6 +41,7 @@ lint: venv
 	$(PY) manage.py check
 	$(PY) manage.py makemigrations --check --dry-run
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # mypy with the Django and DRF plugins on the whole project (docs/architecture.md "Types").
 typecheck: venv
@@ -67,7 +68,7 @@ bench-quick: venv
 	$(PY) bench/run.py --quick
 
 # Prefix-cache routing (issue 13): the CPU vLLM pool of scripts/real_backend.sh (started if not up) and vllm-router
-# (installed on first use in its own venv); about 40 minutes. BENCH_PREFIX_ARGS=--quick (1 short round) or --mock.
+# (installed on first use in its own venv); 1-1.5 h on a shared machine. BENCH_PREFIX_ARGS=--quick (1 short round) or --mock.
 bench-prefix: venv
 	$(PY) bench/prefix.py $(BENCH_PREFIX_ARGS)
 

@@ -622,10 +622,10 @@ class Bench:
         web_cpu = cpu_seconds(web_tree) - web_cpu0
         mock_cpu = cpu_seconds(mock_tree) - mock_cpu0
         proxy_cpu = cpu_seconds(proxy_tree) - proxy_cpu0
-        client_cpu = rusage_s(resource.RUSAGE_CHILDREN) - kids0
+        client_cpu_s = rusage_s(resource.RUSAGE_CHILDREN) - kids0
         self_cpu = rusage_s(resource.RUSAGE_SELF) - self0
         router_cpu = proxy_cpu if target == PEER else 0.0
-        other = system_busy_s() - busy0 - web_cpu - mock_cpu - router_cpu - client_cpu - self_cpu
+        other = system_busy_s() - busy0 - web_cpu - mock_cpu - router_cpu - client_cpu_s - self_cpu
         self.peak_rss_kib = max(self.peak_rss_kib, sampler.peak_kib)
         backend = after["total_requests"] - before["total_requests"]
         answered = client["answered"]
@@ -667,7 +667,7 @@ class Bench:
             # Utilisations over the measuring window (the drain margin after it is mostly idle).
             "platform_core_util": web_cpu / window,
             "mock_core_util": mock_cpu / window,
-            "client_core_util": client_cpu / window,
+            "client_core_util": client_cpu_s / window,
             "other_load_cores": max(0.0, other) / wall,
             "noisy": max(0.0, other) / wall > QUIET_CORES,
             "platform_rss_peak_mib": sampler.peak_kib / 1024,
@@ -730,8 +730,8 @@ def summarize(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
                 figures["ttft_ms"] = median([r["ttft_ms"] for r in side])
                 figures["total_ms"] = median([r["total_ms"] for r in side])
             if target != "direct":
-                figures["cpu_ms_per_request"] = median([r.get("proxy_cpu_ms_per_request") for r in side])
-                figures["proxy_core_util"] = median([r.get("proxy_core_util") for r in side])
+                figures["cpu_ms_per_request"] = median([r.get("proxy_cpu_ms_per_request") or 0.0 for r in side])
+                figures["proxy_core_util"] = median([r.get("proxy_core_util") or 0.0 for r in side])
                 figures["platform_core_util"] = median([r["platform_core_util"] for r in side])
                 figures["mock_core_util"] = median([r["mock_core_util"] for r in side])
                 figures["client_core_util"] = median([r["client_core_util"] for r in side])

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -307,7 +307,7 @@ class Gateway:
 
     async def _v1(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()  # a random 128-bit id, without uuid4's formatting cost
         path: str = scope["path"]
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -366,7 +366,7 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
 
     async def _run(self, rid: RequestId, endpoint: Endpoint, body: dict[str, Any], principal: Principal) -> None:
         """One request, as its own task: prepare, stream, and end with exactly one `done` or `error`."""
-        lc = self.gateway.lifecycle(endpoint, uuid.uuid4().hex, time.perf_counter(), principal)
+        lc = self.gateway.lifecycle(endpoint, os.urandom(16).hex(), time.perf_counter(), principal)
         error: BaseException | None = None
         try:
             prepared = await self.gateway.prepare(endpoint, body, force_stream=True)
