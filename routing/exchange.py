@@ -40,6 +40,8 @@ CLIENT_GONE = 499
 MAX_TRUSTED_TOKENS = 100_000_000
 """A token count above this (or negative, or not an integer) from a backend is not trusted."""
 UNTRUSTED_USAGE = "untrusted_usage"
+MISSING_USAGE = "missing_usage"
+"""Codes on the usage record of a 200 whose backend sent usage that cannot be trusted, or none at all."""
 
 
 class ClientGone(Exception):
@@ -325,6 +327,8 @@ class Lifecycle:
         code = self.code
         if self.usage_untrusted and code is None:
             code = UNTRUSTED_USAGE
+        elif code is None and self.status == 200 and self.backend is not None and not self.usage_seen:
+            code = MISSING_USAGE  # asked for usage, got none: charged the reservation
         self.usage_sink.record(
             UsageEvent(
                 request_id=self.request_id,
