@@ -4,7 +4,7 @@ and never break the answer already sent (issue 14 item 3)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -29,7 +29,7 @@ class LyingBackend:
     def __init__(self, usage: Any) -> None:
         self.usage = usage
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         body = b""
         while True:
             message = await receive()
