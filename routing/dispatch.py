@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import orjson
 
 from backends.models import InvalidApiKeyError, bearer_headers
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
@@ -479,24 +478,4 @@ async def _error_detail(response: UpstreamResponse) -> str:
         return f"unreadable body ({errors.describe(exc)})"
     finally:
         await response.aclose()
-    return error_message_from(raw, response.status_code)
-
-
-def error_message_from(raw: bytes, status: int) -> str:
-    """The `error.message` of an OpenAI/vLLM error body, or its text, or the status."""
-    try:
-        data = orjson.loads(raw)
-        if isinstance(data, dict):
-            err = data.get("error", data)
-            if isinstance(err, dict) and isinstance(err.get("message"), str):
-                return err["message"]
-            if isinstance(err, str):
-                return err
-            if isinstance(data.get("message"), str):
-                return data["message"]
-            if isinstance(data.get("detail"), str):
-                return data["detail"]
-    except orjson.JSONDecodeError:
-        pass
-    text = raw[:500].decode("utf-8", "replace").strip()
-    return text or f"HTTP {status} with an empty body"
+    return errors.error_message_from(raw, response.status_code)

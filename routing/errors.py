@@ -86,25 +86,31 @@ def backend_timeout(backend: str, timeout_s: float, what: str = "respond") -> AP
 
 def passthrough(raw: bytes, status: int) -> APIError:
     """A backend's own 4xx answer for the client: OpenAI-shaped bodies pass as they are, others are wrapped."""
-    error: dict[str, object] | None = None
-    message = ""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        error = data["error"]
-        message = error.get("message") if isinstance(error.get("message"), str) else ""  # type: ignore[assignment]
-    if not message:
-        message = _message_of(data, raw, status)
-    return PassthroughError(raw, status, message, error)
+    error = data["error"] if isinstance(data, dict) and isinstance(data.get("error"), dict) else None
+    return PassthroughError(raw, status, error_message_from(raw, status), error)
 
 
-def _message_of(data: object, raw: bytes, status: int) -> str:
-    if isinstance(data, dict):
-        for field in ("message", "detail", "error"):
-            if isinstance(data.get(field), str):
-                return data[field]
+def error_message_from(raw: bytes, status: int) -> str:
+    """The `error.message` of an OpenAI/vLLM error body, else its `message` or `detail`, else its text (with
+    addresses removed), else the status."""
+    try:
+        data = orjson.loads(raw)
+        if isinstance(data, dict):
+            err = data.get("error", data)
+            if isinstance(err, dict) and isinstance(err.get("message"), str) and err["message"]:
+                return err["message"]
+            if isinstance(err, str):
+                return err
+            if isinstance(data.get("message"), str):
+                return data["message"]
+            if isinstance(data.get("detail"), str):
+                return data["detail"]
+    except orjson.JSONDecodeError:
+        pass
     text = raw[:500].decode("utf-8", "replace").strip()
     return strip_addresses(text) if text else f"HTTP {status} with an empty body"
 

@@ -24,7 +24,7 @@ from backends.snapshot import BackendSnap
 from governance.ratelimit import RateLimiter, Reservation, estimate_tokens_size
 from routing import errors
 from routing.auth import Principal
-from routing.dispatch import Dispatcher, error_message_from
+from routing.dispatch import Dispatcher
 from routing.errors import APIError
 from routing.sse import StreamState
 from routing.upstream import UpstreamError, UpstreamReadTimeout, UpstreamResponse
@@ -217,7 +217,7 @@ class Lifecycle:
         self.verdict(status < 500, f"HTTP {status}")
         if 400 <= status < 500:
             return errors.passthrough(raw, status)
-        return errors.backend_failed(backend.name, f"HTTP {status}: {error_message_from(raw, status)}")
+        return errors.backend_failed(backend.name, f"HTTP {status}: {errors.error_message_from(raw, status)}")
 
     async def next_chunk(self, upstream: AsyncIterator[bytes], idle_timeout_s: float = 0.0) -> bytes:
         """The next streamed chunk; a silence past the idle timeout (0: none) or the backend's read timeout is a
