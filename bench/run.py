@@ -26,7 +26,6 @@ import platform as pyplatform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from core.procs import free_port, uvicorn_argv, wait_http  # noqa: E402
+
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 DOCS = ROOT / "docs" / "performance.md"
@@ -199,29 +201,6 @@ def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 5.0
         return json.loads(response.read() or b"null")
 
 
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> bool:
-    """Poll a URL until it answers 200, the process exits, or the time is up."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # --- processes ------------------------------------------------------------------------------------------------
 
 
@@ -264,23 +243,7 @@ class Stack:
         for item in args.env:
             name, _, value = item.partition("=")
             self.env[name] = value
-        self.web_argv = [
-            PY,
-            "-m",
-            "uvicorn",
-            "llm_platform.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--lifespan",
-            "on",
-            "--no-access-log",
-        ]
+        self.web_argv = uvicorn_argv(self.port, python=PY)
         workers = getattr(args, "workers", 1)
         if workers > 1 or getattr(args, "production_server", False):
             # Several workers: the production server (llm_platform/serve.py, as `make serve` runs it).

@@ -5,26 +5,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 PY = sys.executable
+
+from core import procs  # noqa: E402
+from core.procs import uvicorn_argv  # noqa: E402
 
 
 def wait_http(url: str, timeout_s: float = 30.0) -> None:
     """Poll until the URL answers 200, or raise."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+    if not procs.wait_http(url, timeout_s):
+        raise RuntimeError(f"{url} did not come up")
 
 
 def platform_env(state: Path, master_key: str, **extra: str) -> dict[str, str]:
@@ -48,21 +42,7 @@ def start_platform(
     for url in mock_urls:
         setup += ["--mock-url", url]
     subprocess.run(setup, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    argv = [
-        PY,
-        "-m",
-        "uvicorn",
-        "llm_platform.asgi:application",
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        log_level,
-    ]
+    argv = uvicorn_argv(port, log_level=log_level, python=PY)
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
     web = subprocess.Popen(argv, cwd=ROOT, env=env)

@@ -23,12 +23,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.procs import wait_http  # noqa: E402
+
 PY = sys.executable
 LOCAL = Path(os.environ.get("LOCAL_STATE_DIR", ROOT / ".local"))
 
@@ -52,22 +54,6 @@ def master_key() -> str:
     path.chmod(0o600)
     log(f"generated a master key in {path} (untracked)")
     return key
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
-    """Poll a URL until it answers 200, the process dies, or the time is up."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    return False
 
 
 PR_SET_PDEATHSIG = 1

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
 from django.db import connection
 
 from backends.mock_vllm import MockServer, free_port
+from core.procs import stop_process, uvicorn_argv, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,49 +48,22 @@ class PlatformProcess:
 
     def start(self) -> PlatformProcess:
         """Start uvicorn and wait until /healthz answers."""
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "llm_platform.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--lifespan",
-            "on",
-            "--log-level",
-            "warning",
-        ]
-        if self._workers > 1:
-            argv += ["--workers", str(self._workers)]
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=self._env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"platform process exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("platform process did not become ready within 30 s")
+        self.proc = subprocess.Popen(
+            uvicorn_argv(self.port, log_level="warning", workers=self._workers), cwd=ROOT, env=self._env
+        )
+        if not wait_http(f"{self.url}/readyz", 30, self.proc, interval_s=0.05):
+            code = self.proc.poll()
+            self.stop()
+            raise RuntimeError(
+                f"platform process exited with {code}"
+                if code is not None
+                else "platform process did not become ready within 30 s"
+            )
+        return self
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> PlatformProcess:
         return self.start()

@@ -24,15 +24,9 @@ from typing import Any
 import uvicorn
 
 from backends.mock_vllm.app import MockConfig, MockStats, MockVLLM
+from core.procs import free_port
 
 __all__ = ["MockServer", "await_until", "free_port", "wait_until"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on host right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 2.0, interval: float = 0.002) -> bool:

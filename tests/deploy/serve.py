@@ -7,13 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 
-import httpx
-
 from backends.mock_vllm import free_port
+from core.procs import stop_process, wait_http
 from tests.conftest import MASTER_KEY
 from tests.live import ROOT, test_database_url
 
@@ -65,16 +63,10 @@ class ServeProcess:
     def start(self, timeout_s: float = 60.0) -> ServeProcess:
         """Start the command and wait until /readyz answers 200."""
         self.proc = self.launch()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve.sh exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        if wait_http(f"{self.url}/readyz", timeout_s, self.proc, interval_s=0.05):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"serve.sh exited with {self.proc.returncode}:\n{self.log()}")
         self.stop()
         raise RuntimeError(f"serve.sh did not become ready in {timeout_s} s:\n{self.log()}")
 
@@ -92,12 +84,7 @@ class ServeProcess:
         """SIGTERM, then SIGKILL after 15 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, grace_s=15)
 
     def log(self) -> str:
         """Everything the process printed so far."""
