@@ -166,7 +166,7 @@ class BatchRunner:
         gateway = self.gateway
         endpoint = ENDPOINTS[self.endpoint]
         request_id = uuid.uuid4().hex
-        lc = gateway.lifecycle(endpoint, request_id, time.perf_counter(), self.principal)
+        lc = gateway.lifecycle(endpoint, request_id, time.perf_counter(), self.principal, transport="batch")
         error: APIError | None = None
         result: dict[str, Any] | None = None
         data = dict(line.body)

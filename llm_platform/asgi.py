@@ -18,9 +18,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from core import telemetry  # noqa: E402
 from routing.gateway import ASGIApp, Gateway  # noqa: E402
 from routing.ws import websocket_application  # noqa: E402
 
+telemetry.configure()  # OpenTelemetry tracing, when the OTEL_* variables ask for it (docs/operations.md)
 gateway = Gateway.from_settings(cast(ASGIApp, django_asgi_app))  # Django's handler is an ASGI app
 
 application = ProtocolTypeRouter(

@@ -312,6 +312,9 @@ ROUTER_PREFIX_BALANCE_REL = env_float("ROUTER_PREFIX_BALANCE_REL", 1.5)
 ROUTER_PREFIX_SYNC = env_bool("ROUTER_PREFIX_SYNC", True)
 # Send `x-router-backend` (the backend's name) to every client key, not only to the master key.
 ROUTER_EXPOSE_BACKEND = env_bool("ROUTER_EXPOSE_BACKEND", False)
+# OpenTelemetry tracing is set up from the standard OTEL_* variables (core/telemetry.py, docs/operations.md). With
+# this on, request spans also carry the prompt (messages / prompt / input, cut to 16 KiB): off by default.
+ROUTER_TRACE_CAPTURE_PROMPTS = env_bool("ROUTER_TRACE_CAPTURE_PROMPTS", False)
 # Passive health: consecutive failures (connect errors, timeouts, 5xx) that open a backend's circuit, and the
 # cool-down before one trial request is let through.
 ROUTER_CIRCUIT_FAILURES = env_int("ROUTER_CIRCUIT_FAILURES", 3)

@@ -13,7 +13,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -93,6 +93,17 @@ class RequestContext:
 
 
 NO_CONTEXT = RequestContext()
+
+
+class AttemptObserver(Protocol):
+    """Told of the queue and of each upstream attempt (routing.tracing.RequestTrace, while tracing is on)."""
+
+    def queued(self) -> None:
+        """Every usable backend is at its limit: the request starts waiting for a slot."""
+
+    def attempt(self, backend: BackendSnap, registry: RegistrySnapshot, previous: APIError | None) -> dict[str, str]:
+        """An attempt on `backend` starts (after `previous`, the last one's failure); returns headers to send."""
+        ...
 
 
 class Dispatcher:
@@ -259,6 +270,7 @@ class Dispatcher:
         registry: RegistrySnapshot,
         exclude: set[str],
         context: RequestContext = NO_CONTEXT,
+        observer: AttemptObserver | None = None,
     ) -> BackendSnap | None:
         """Take a backend for one attempt: wait in the bounded queue while every usable one is at its limit.
 
@@ -280,6 +292,8 @@ class Dispatcher:
                     self.rejected_capacity += 1
                     raise errors.capacity_exceeded(model.name, queue_full=True)
                 deadline = now + self.queue_timeout_s
+                if observer is not None:
+                    observer.queued()
             remaining = deadline - now
             if remaining <= 0:
                 self.rejected_capacity += 1
@@ -369,12 +383,14 @@ class Dispatcher:
         request_id: str,
         stream: bool,
         context: RequestContext = NO_CONTEXT,
+        observer: AttemptObserver | None = None,
     ) -> tuple[UpstreamResponse, BackendSnap]:
         """Send the request; on connect errors and 502/503 (nothing sent to the client yet) retry on another
         backend, within the attempt limit and the retry budget.
 
         Returns the response (its body unread when `stream`; the caller closes it) and the backend, whose slot
-        stays taken: the caller calls `done(backend, ok)` when the exchange is over.
+        stays taken: the caller calls `done(backend, ok)` when the exchange is over. An `observer` (tracing) is
+        told of the queue and of every attempt, and adds its headers (`traceparent`) to each.
         """
         tried: set[str] = set()
         failure: APIError | None = None
@@ -383,12 +399,13 @@ class Dispatcher:
             if attempt and not self.retry_budget.try_retry():
                 logger.warning("retry budget exhausted; not retrying request %s", request_id)
                 break
-            backend = await self.acquire(model, registry, tried, context)
+            backend = await self.acquire(model, registry, tried, context, observer)
             if backend is None:
                 break
             if attempt:
                 self.retries += 1
             tried.add(backend.name)
+            traced = observer.attempt(backend, registry, failure) if observer is not None else None
             try:
                 prep = self.prepared(backend, registry.version)
             except InvalidApiKeyError as exc:  # a key that slipped past validation: that backend alone fails
@@ -396,6 +413,8 @@ class Dispatcher:
                 self.done(backend, False, failure.message)
                 continue
             headers = prep.headers | {"x-request-id": request_id}
+            if traced:
+                headers.update(traced)
             started = time.perf_counter()
             try:
                 response = await prep.upstream.send(

@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from backends.snapshot import BackendSnap
+from core import telemetry
 from governance.ratelimit import RateLimiter, Reservation, estimate_tokens_size
 from routing import errors
 from routing.auth import Principal
 from routing.dispatch import Dispatcher
 from routing.errors import APIError
 from routing.sse import StreamState
+from routing.tracing import RequestTrace
 from routing.upstream import UpstreamError, UpstreamReadTimeout, UpstreamResponse
 from routing.usage import UsageEvent, UsageSink
 
@@ -93,6 +95,7 @@ class Lifecycle:
         "status",
         "stream",
         "streamed_events",
+        "trace",
         "ttft_ms",
         "usage_seen",
         "usage_sink",
@@ -109,6 +112,8 @@ class Lifecycle:
         request_id: str,
         started: float,
         principal: Principal | None = None,
+        headers: Sequence[tuple[bytes, bytes]] | None = None,
+        transport: str = "http",
     ) -> None:
         self.dispatcher = dispatcher
         self.usage_sink = usage_sink
@@ -133,6 +138,14 @@ class Lifecycle:
         self._verdict_given = False
         self._closed = False
         self._finished = False
+        # The request's spans (routing.tracing), continuing the client's `traceparent` in `headers`; None while
+        # tracing is off (core.telemetry.TRACING), and then no span object is made.
+        self.trace = RequestTrace(endpoint, transport, headers) if telemetry.TRACING else None
+
+    @property
+    def trace_id(self) -> str | None:
+        """The request's trace id (32 hex digits) when it is traced and sampled, else None."""
+        return self.trace.trace_id if self.trace is not None else None
 
     # --- admission ----------------------------------------------------------------------------------------------
 
@@ -144,6 +157,8 @@ class Lifecycle:
         self.prepared = prepared
         self.stream = prepared.stream
         principal = self.principal
+        if self.trace is not None:
+            self.trace.request(prepared, principal, self.request_id)
         key = principal.key if principal is not None else None
         if key is None:
             return ()
@@ -151,7 +166,8 @@ class Lifecycle:
             raise errors.model_not_found(prepared.requested)
         if not key.limited or self.limiter is None:
             return ()
-        self.reservation = await self.limiter.admit(key, estimate_tokens_size(body_size, prepared.data))
+        check = self.limiter.admit(key, estimate_tokens_size(body_size, prepared.data))
+        self.reservation = await (check if self.trace is None else self.trace.admission(check))
         return self.reservation.headers()
 
     @property
@@ -173,18 +189,27 @@ class Lifecycle:
         """
         prepared = self.prepared
         assert prepared is not None, "admit() comes first"
-        response, backend = await self.dispatcher.send(
-            path=prepared.endpoint.upstream_path,
-            body=prepared.body,
-            model=prepared.model,
-            registry=prepared.registry,
-            request_id=self.request_id,
-            stream=prepared.stream,
-            context=prepared.context,
-        )
+        trace = self.trace
+        try:
+            response, backend = await self.dispatcher.send(
+                path=prepared.endpoint.upstream_path,
+                body=prepared.body,
+                model=prepared.model,
+                registry=prepared.registry,
+                request_id=self.request_id,
+                stream=prepared.stream,
+                context=prepared.context,
+                observer=trace,
+            )
+        except BaseException as exc:
+            if trace is not None:
+                trace.send_failed(exc)
+            raise
         self.backend = backend
         self.response = response
         self.status = response.status_code
+        if trace is not None:
+            trace.answered(backend, response.status_code, prepared.stream)
         return response
 
     def verdict(self, ok: bool | None, reason: str = "") -> None:
@@ -246,6 +271,8 @@ class Lifecycle:
         """The stream is over (whichever way): take its last usage and the count of events relayed."""
         self.take_usage(state.usage())
         self.streamed_events = state.events
+        if self.trace is not None:
+            self.trace.stream_ended(state.events)
 
     # --- what the transport saw ---------------------------------------------------------------------------------
 
@@ -272,6 +299,8 @@ class Lifecycle:
         """Note the time to the first streamed bytes."""
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000.0
+            if self.trace is not None:
+                self.trace.first_token(self.ttft_ms)
 
     def tokens_to_charge(self) -> int:
         """Tokens to settle the reservation with: the backend's trusted usage, else what was reserved.
@@ -308,6 +337,20 @@ class Lifecycle:
                 await self.limiter.settle(self.reservation, self.tokens_to_charge())
             except Exception:
                 logger.warning("settling the rate-limit reservation failed (request %s)", self.request_id)
+        if self.trace is not None:
+            self._end_trace(self.trace)
+
+    def _end_trace(self, trace: RequestTrace) -> None:
+        prepared = self.prepared
+        trusted = self.usage_seen and not self.usage_untrusted
+        trace.finish(
+            status=self.status,
+            code=self.code,
+            response_model=prepared.model.served_name if prepared is not None and self.backend is not None else None,
+            input_tokens=self.prompt_tokens,
+            output_tokens=self.completion_tokens,
+            usage_seen=trusted,
+        )
 
     def _status_from(self, error: BaseException | None) -> None:
         if error is None:

@@ -21,6 +21,7 @@ import orjson
 from rest_framework import serializers
 
 from backends.snapshot import ModelSnap, RegistrySnapshot
+from core import telemetry
 from governance.metrics import metrics_endpoint
 from governance.ratelimit import LocalRateLimiter, RateLimiter, RedisFailureMode, RedisRateLimiter
 from governance.snapshot import KeySnapshot
@@ -45,6 +46,7 @@ from routing.serializers import (
     validate_request_offloaded,
 )
 from routing.sse import StreamState
+from routing.tracing import configure_capture
 from routing.usage import MemoryUsageSink, UsageSink
 
 logger = logging.getLogger(__name__)
@@ -170,6 +172,7 @@ class Gateway:
         from governance.selectors import key_registry_version_get, key_snapshot_build
         from governance.usage import BatchUsageWriter
 
+        configure_capture(settings.ROUTER_TRACE_CAPTURE_PROMPTS)
         dispatcher = Dispatcher(
             max_attempts=settings.ROUTER_MAX_ATTEMPTS,
             max_connections=settings.ROUTER_MAX_CONNECTIONS,
@@ -278,6 +281,8 @@ class Gateway:
                     await self.publisher.aclose()
                 await self.registry.aclose()
                 await self.dispatcher.aclose()
+                if telemetry.TRACING:  # the spans still buffered, before the process exits
+                    await asyncio.to_thread(telemetry.force_flush)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -383,9 +388,20 @@ class Gateway:
         await _send_json(send, 200, body)
 
     def lifecycle(
-        self, endpoint: Endpoint, request_id: str, started: float, principal: Principal | None = None
+        self,
+        endpoint: Endpoint,
+        request_id: str,
+        started: float,
+        principal: Principal | None = None,
+        *,
+        headers: Sequence[tuple[bytes, bytes]] | None = None,
+        transport: str = "http",
     ) -> Lifecycle:
-        """A new request lifecycle bound to this gateway's dispatcher, usage sink and rate limiter."""
+        """A new request lifecycle bound to this gateway's dispatcher, usage sink and rate limiter.
+
+        `headers` are the client's (a W3C `traceparent` among them continues the client's trace) and `transport`
+        names the request's span ("http", "websocket", "batch"); both matter only while tracing is on.
+        """
         return Lifecycle(
             dispatcher=self.dispatcher,
             usage_sink=self.usage,
@@ -394,6 +410,8 @@ class Gateway:
             request_id=request_id,
             started=started,
             principal=principal,
+            headers=headers,
+            transport=transport,
         )
 
     async def _registry(self) -> RegistrySnapshot:
@@ -414,7 +432,7 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, request_id: str, started: float
     ) -> None:
         """A completion-style request: one lifecycle, whose `finish` records it whatever happens."""
-        lc = self.lifecycle(endpoint, request_id, started)
+        lc = self.lifecycle(endpoint, request_id, started, headers=scope["headers"])
         error: BaseException | None = None
         try:
             lc.principal = await self._authenticate(scope)

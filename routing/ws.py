@@ -366,7 +366,14 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
 
     async def _run(self, rid: RequestId, endpoint: Endpoint, body: dict[str, Any], principal: Principal) -> None:
         """One request, as its own task: prepare, stream, and end with exactly one `done` or `error`."""
-        lc = self.gateway.lifecycle(endpoint, os.urandom(16).hex(), time.perf_counter(), principal)
+        lc = self.gateway.lifecycle(
+            endpoint,
+            os.urandom(16).hex(),
+            time.perf_counter(),
+            principal,
+            headers=self.scope["headers"],
+            transport="websocket",
+        )
         error: BaseException | None = None
         try:
             prepared = await self.gateway.prepare(endpoint, body, force_stream=True)

@@ -18,6 +18,8 @@
 #   start          install + convert if needed, then start the pool and wait for /health
 #   stop           stop every server this script started (by recorded PID / process group)
 #   stop-one PORT  stop only the server on PORT (e.g. to exercise failover)
+#   start-chat PORT  start one more chat server on PORT (e.g. with REAL_BACKEND_OTLP_ENDPOINT, for the tracing
+#                  E2E test), leaving the pool alone; stop it with stop-one PORT
 #   status         show which servers are running
 #   env            print `export ...` lines for the platform:  eval "$(scripts/real_backend.sh env)"
 #   smoke          one chat call + one embeddings call; fails unless "Paris" / 384 dims
@@ -32,6 +34,10 @@
 #   REAL_BACKEND_START_TIMEOUT  seconds to wait for each /health   (default 300)
 #   VLLM_MODEL_NAME          served name of the chat model         (default smollm2)
 #   VLLM_CPU_KVCACHE_SPACE   KV cache GiB per server               (default 1)
+#   REAL_BACKEND_OTLP_ENDPOINT  opt-in: chat servers started by this call export OpenTelemetry traces to this
+#                            OTLP/HTTP URL (e.g. http://127.0.0.1:4318/v1/traces): vLLM's --otlp-traces-endpoint,
+#                            with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf (vLLM's default is gRPC). vLLM
+#                            then continues the `traceparent` the platform sends (its `llm_request` span).
 set -euo pipefail
 
 # --------------------------------------------------------------------------- configuration
@@ -292,8 +298,7 @@ cmd_start() {
   # --enable-scale-out serves /v1/chat/completions/render, through which vllm-router's cache_aware policy
   # tokenizes (bench/prefix.py compares with it); VLLM_SERVER_DEV_MODE=1 serves /reset_prefix_cache, used
   # between benchmark runs. Both are for this local test pool only.
-  local chat_args=(--model "$CHAT_MODEL_DIR" --served-model-name "$CHAT_MODEL_NAME"
-                   --max-model-len 2048 --enforce-eager --enable-scale-out)
+  local chat_args; chat_args_into chat_args
   if ! { start_one "$PORT_A" "$CORE_A" "${chat_args[@]}" &&
           start_one "$PORT_B" "$CORE_B" "${chat_args[@]}" &&
           start_one "$PORT_EMBED" "$CORE_EMBED" --model "$emb" \
@@ -312,6 +317,32 @@ cmd_start() {
   trap - INT TERM
   log "start: pool ready in $((SECONDS - t0)) s"
   cmd_status
+}
+
+# chat_args_into NAME — the chat server's vLLM arguments into the array NAME (with the opt-in OTLP endpoint).
+chat_args_into() {
+  local -n out=$1
+  out=(--model "$CHAT_MODEL_DIR" --served-model-name "$CHAT_MODEL_NAME"
+       --max-model-len 2048 --enforce-eager --enable-scale-out)
+  if [[ -n ${REAL_BACKEND_OTLP_ENDPOINT:-} ]]; then
+    out+=(--otlp-traces-endpoint "$REAL_BACKEND_OTLP_ENDPOINT")
+    export OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=${OTEL_EXPORTER_OTLP_TRACES_PROTOCOL:-http/protobuf}
+  fi
+}
+
+# start-chat PORT — one more chat server (not part of the pool's status/env), e.g. a traced one for a test.
+cmd_start_chat() {
+  [[ ${1:-} =~ ^[0-9]+$ ]] || die "usage: $0 start-chat PORT"
+  local port=$1
+  cmd_install
+  cmd_convert
+  mkdir -p "$RUN_DIR"
+  local t0=$SECONDS chat_args
+  chat_args_into chat_args
+  trap 'log "start interrupted"; cleanup_failed_start; exit 130' INT TERM
+  start_one "$port" "$CORE_A" "${chat_args[@]}" || { cleanup_failed_start; die "start failed"; }
+  wait_healthy "$port" "$t0" || { cleanup_failed_start; die "start failed"; }
+  trap - INT TERM
 }
 
 # --------------------------------------------------------------------- stop / status / env
@@ -391,6 +422,7 @@ case ${1:-} in
   start)    cmd_start ;;
   stop)     cmd_stop ;;
   stop-one) cmd_stop_one "${2:-}" ;;
+  start-chat) cmd_start_chat "${2:-}" ;;
   status)   cmd_status ;;
   env)      cmd_env ;;
   smoke)    cmd_smoke ;;
