@@ -18,6 +18,7 @@ Nothing here runs while tracing is off: the Lifecycle holds None instead of a Re
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -151,15 +152,15 @@ class RequestTrace:
         span = self._child("router.admission", self.root)
         try:
             reservation = await check
+            if span.is_recording():
+                span.set_attribute("router.ratelimit.reserved_tokens", reservation.reserved_tokens)
+            return reservation
         except BaseException as exc:
             if span.is_recording():
                 span.set_status(Status(StatusCode.ERROR, reason_of(exc)))
             raise
         finally:
             span.end()
-        if span.is_recording():
-            span.set_attribute("router.ratelimit.reserved_tokens", reservation.reserved_tokens)
-        return reservation
 
     # --- the dispatcher's observer (routing.dispatch.AttemptObserver) -------------------------------------------
 
@@ -241,8 +242,9 @@ class RequestTrace:
     def send_failed(self, error: BaseException) -> None:
         """No backend answered (the last attempt's failure, or the queue's 429)."""
         message = reason_of(error)
-        self._end_queue(message)
-        self._end_attempt(message, error=True)
+        cancelled = isinstance(error, asyncio.CancelledError)  # the client left: not the backend's failure
+        self._end_queue(None if cancelled else message)
+        self._end_attempt(message, error=not cancelled)
         if self.root.is_recording():
             self.root.set_attribute("router.attempts", self.attempt_number)
 

@@ -67,7 +67,7 @@ def _attributes(items: Any) -> dict[str, Any]:
     return {kv.key: _value(kv.value) for kv in items}
 
 
-def decode(body: bytes) -> list[ReceivedSpan]:
+def decode_spans(body: bytes) -> list[ReceivedSpan]:
     """The spans of an ExportTraceServiceRequest."""
     request = ExportTraceServiceRequest()
     request.ParseFromString(body)
@@ -127,7 +127,7 @@ class OtlpReceiver:
                         body = gzip.decompress(body)
                     elif encoding == "deflate":
                         body = zlib.decompress(body)
-                    spans = decode(body) if receiver.decode else []
+                    spans = decode_spans(body) if receiver.decode else []
                 except Exception as exc:  # a malformed export: 400, as a collector answers
                     with receiver._lock:
                         receiver.errors.append(f"{type(exc).__name__}: {exc}")

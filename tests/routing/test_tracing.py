@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from backends.mock_vllm import MockConfig, MockVLLM
+from backends.mock_vllm import MockConfig, MockServer, MockVLLM
 from core import telemetry
 from governance.models import key_hash
 from governance.ratelimit import LocalRateLimiter
@@ -112,7 +112,7 @@ def all_values(exporter: InMemorySpanExporter) -> str:
 
 def traceparent_of(span: ReadableSpan) -> str:
     context = span.get_span_context()
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
 # --- one JSON request ---------------------------------------------------------------------------------------------
@@ -305,11 +305,15 @@ async def test_stream_has_its_span_with_the_first_token_and_its_end(
 
 
 async def test_a_stream_broken_mid_way_ends_its_spans_in_error(
-    spans: InMemorySpanExporter, build: Callable[..., Gateway], mock_vllm: MockVLLM
+    spans: InMemorySpanExporter, make_gateway: Callable[..., Gateway]
 ) -> None:
-    mock_vllm.config.die_after_tokens = 3
-    gateway = build({"mock-a": mock_vllm})
-    response = await _post(gateway, {**CHAT, "stream": True})
+    # the mock on a real socket (its connection really drops), reached by the platform's own upstream client
+    with MockServer(models=["served-chat"], embed_models=["served-embed"]) as server:
+        server.config.die_after_tokens = 3
+        gateway = make_gateway(registry=registry_snap(backends=[backend_snap("b1", base_url=server.url)]))
+        gateway.keys = RegistryCache.static(KeySnapshot(version=1, by_hash={key_hash(SECRET): _key()}))
+        response = await _post(gateway, {**CHAT, "stream": True})
+        await gateway.dispatcher.aclose()
     assert "event: error" in response.text
     stream, attempt, root = one(spans, "router.stream"), one(spans, ATTEMPT), one(spans, ROOT)
     assert dict(stream.attributes or {})["router.stream.status"] == 502
@@ -388,7 +392,8 @@ async def test_unsampled_requests_export_nothing_but_still_pass_the_context_on(
     finally:
         telemetry.install(None)
     assert exporter.get_finished_spans() == ()
-    assert mock_vllm.stats.last_headers["traceparent"].endswith("-00")  # not sampled: vLLM does not record it
+    flags = int(mock_vllm.stats.last_headers["traceparent"].rsplit("-", 1)[1], 16)
+    assert flags & 1 == 0  # not sampled: vLLM does not record it either
 
 
 async def test_lifecycle_exposes_the_sampled_trace_id(
