@@ -43,9 +43,9 @@ from bench.run import (  # noqa: E402
     process_tree,
     run_streams,
     run_wrk,
-    wait_http,
 )
 from bench.run import parse_args as run_args  # noqa: E402
+from core.procs import free_port, wait_http  # noqa: E402
 from tests.otlp import OtlpReceiver  # noqa: E402
 
 VARIANTS: dict[str, dict[str, str]] = {
@@ -61,8 +61,6 @@ SCENARIOS = (
 
 def start_variant(stack: Stack, name: str, env: dict[str, str], cpu: int | None) -> tuple[str, subprocess.Popen[bytes]]:
     """Another platform process on the stack's database, with `env` added; returns its URL and process."""
-    from bench.run import free_port
-
     port = free_port()
     argv = list(stack.web_argv)
     argv[argv.index("--port") + 1] = str(port)

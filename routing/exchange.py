@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from backends.snapshot import BackendSnap
@@ -112,7 +112,7 @@ class Lifecycle:
         request_id: str,
         started: float,
         principal: Principal | None = None,
-        headers: Sequence[tuple[bytes, bytes]] | None = None,
+        headers: Iterable[tuple[bytes, bytes]] | None = None,
         transport: str = "http",
     ) -> None:
         self.dispatcher = dispatcher

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -394,7 +394,7 @@ class Gateway:
         started: float,
         principal: Principal | None = None,
         *,
-        headers: Sequence[tuple[bytes, bytes]] | None = None,
+        headers: Iterable[tuple[bytes, bytes]] | None = None,
         transport: str = "http",
     ) -> Lifecycle:
         """A new request lifecycle bound to this gateway's dispatcher, usage sink and rate limiter.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -60,7 +60,7 @@ def configure_capture(enabled: bool) -> None:
     CAPTURE_PROMPTS = enabled
 
 
-def incoming_context(headers: Sequence[tuple[bytes, bytes]]) -> Any:
+def incoming_context(headers: Iterable[tuple[bytes, bytes]]) -> Any:
     """The remote parent of a client's W3C `traceparent` header, or None (a new trace)."""
     carrier: dict[str, str] = {}
     for name, value in headers:
@@ -85,7 +85,7 @@ class RequestTrace:
     )
 
     def __init__(
-        self, endpoint: Endpoint, transport: str, headers: Sequence[tuple[bytes, bytes]] | None = None
+        self, endpoint: Endpoint, transport: str, headers: Iterable[tuple[bytes, bytes]] | None = None
     ) -> None:
         tracer = telemetry.tracer
         assert tracer is not None

@@ -94,6 +94,11 @@ def one(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
     return found[0]
 
 
+def attrs_of(span: Any) -> dict[str, Any]:
+    """A span's (or an event's) attributes, as a plain dict."""
+    return dict(span.attributes or {})
+
+
 def parent_id(span: ReadableSpan) -> int | None:
     return span.parent.span_id if span.parent is not None else None
 
@@ -112,6 +117,7 @@ def all_values(exporter: InMemorySpanExporter) -> str:
 
 def traceparent_of(span: ReadableSpan) -> str:
     context = span.get_span_context()
+    assert context is not None
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
@@ -132,7 +138,7 @@ async def test_json_request_spans_names_parents_and_genai_attributes(
     assert parent_id(admission) == parent_id(attempt) == root.context.span_id
     assert attempt.kind is SpanKind.CLIENT and admission.kind is SpanKind.INTERNAL
     # the request, in GenAI semantic conventions and the router's own names
-    attrs = dict(root.attributes or {})
+    attrs = attrs_of(root)
     assert attrs["gen_ai.operation.name"] == "chat"
     assert attrs["gen_ai.request.model"] == "chat-model"
     assert attrs["gen_ai.response.model"] == "served-chat"
@@ -148,13 +154,13 @@ async def test_json_request_spans_names_parents_and_genai_attributes(
     assert attrs["router.stream"] is False
     assert root.status.status_code is StatusCode.UNSET
     # the attempt: which backend, which served model
-    attempt_attrs = dict(attempt.attributes or {})
+    attempt_attrs = attrs_of(attempt)
     assert attempt_attrs["router.backend"] == "b1"
     assert attempt_attrs["gen_ai.request.model"] == "served-chat"
     assert attempt_attrs["http.response.status_code"] == 200
     assert attempt_attrs["router.attempt"] == 1
     assert "router.retry_reason" not in attempt_attrs
-    assert dict(admission.attributes or {})["router.ratelimit.reserved_tokens"] > 0
+    assert attrs_of(admission)["router.ratelimit.reserved_tokens"] > 0
     # the backend received the attempt's context: its spans become the attempt's children
     assert mock_vllm.stats.last_headers["traceparent"] == traceparent_of(attempt)
 
@@ -219,15 +225,15 @@ async def test_each_attempt_is_a_span_with_the_retry_reason(
     response = await _post(gateway, CHAT)
     assert response.status_code == 200
     attempts = sorted(by_name(spans)[ATTEMPT], key=lambda s: s.start_time or 0)
-    assert [dict(s.attributes or {})["router.backend"] for s in attempts] == ["b1", "b2"]
-    first, second = (dict(s.attributes or {}) for s in attempts)
+    assert [attrs_of(s)["router.backend"] for s in attempts] == ["b1", "b2"]
+    first, second = (attrs_of(s) for s in attempts)
     assert attempts[0].status.status_code is StatusCode.ERROR
     assert "b1" in str(first["error.type"]) and "503" in str(first["error.type"])
     assert (first["router.attempt"], second["router.attempt"]) == (1, 2)
     assert second["router.retry_reason"] == first["error.type"]
     assert attempts[1].status.status_code is StatusCode.UNSET
     root = one(spans, ROOT)
-    assert dict(root.attributes or {})["router.attempts"] == 2
+    assert attrs_of(root)["router.attempts"] == 2
     assert {parent_id(s) for s in attempts} == {root.context.span_id}
     # the backend that answered got the second attempt's context
     assert mock_vllm.stats.last_headers["traceparent"] == traceparent_of(attempts[1])
@@ -242,9 +248,9 @@ async def test_no_backend_answering_ends_every_span_in_error(
     root, attempt = one(spans, ROOT), one(spans, ATTEMPT)
     assert attempt.status.status_code is StatusCode.ERROR and "cannot connect" in str(attempt.attributes)
     assert root.status.status_code is StatusCode.ERROR
-    assert dict(root.attributes or {})["http.response.status_code"] == 502
-    assert dict(root.attributes or {})["error.type"] == "backend_error"
-    assert "gen_ai.response.model" not in dict(root.attributes or {})
+    assert attrs_of(root)["http.response.status_code"] == 502
+    assert attrs_of(root)["error.type"] == "backend_error"
+    assert "gen_ai.response.model" not in attrs_of(root)
 
 
 async def test_waiting_for_a_backend_slot_is_the_queue_span(
@@ -256,10 +262,10 @@ async def test_waiting_for_a_backend_slot_is_the_queue_span(
     first, second = await asyncio.gather(_post(gateway, CHAT), _post(gateway, CHAT))
     assert first.status_code == second.status_code == 200
     queue = one(spans, "router.queue")
-    wait_ms = dict(queue.attributes or {})["router.queue_wait_ms"]
+    wait_ms = attrs_of(queue)["router.queue_wait_ms"]
     assert 150 <= wait_ms <= 2000
     waited = next(s for s in by_name(spans)[ROOT] if s.context.span_id == parent_id(queue))
-    assert dict(waited.attributes or {})["router.queue_wait_ms"] == wait_ms
+    assert attrs_of(waited)["router.queue_wait_ms"] == wait_ms
     attempt = next(s for s in by_name(spans)[ATTEMPT] if parent_id(s) == waited.context.span_id)
     assert (queue.end_time or 0) <= (attempt.start_time or 0)
 
@@ -273,7 +279,7 @@ async def test_a_rate_limited_request_has_a_failed_admission_span(
     admissions = sorted(by_name(spans)["router.admission"], key=lambda s: s.start_time or 0)
     assert [s.status.status_code for s in admissions] == [StatusCode.UNSET, StatusCode.ERROR]
     refused = next(s for s in by_name(spans)[ROOT] if s.context.span_id == parent_id(admissions[1]))
-    assert dict(refused.attributes or {})["http.response.status_code"] == 429
+    assert attrs_of(refused)["http.response.status_code"] == 429
     assert refused.status.status_code is StatusCode.UNSET  # a 4xx is the client's, not a server error
     assert len(by_name(spans)[ATTEMPT]) == 1  # no backend was asked
 
@@ -291,14 +297,14 @@ async def test_stream_has_its_span_with_the_first_token_and_its_end(
     root, attempt, stream = one(spans, ROOT), one(spans, ATTEMPT), one(spans, "router.stream")
     assert parent_id(stream) == attempt.context.span_id
     assert [e.name for e in stream.events] == ["first_token", "stream_end"]
-    ttft = dict(stream.events[0].attributes or {})["router.ttft_ms"]
-    assert dict(root.attributes or {})["router.ttft_ms"] == ttft > 0
+    ttft = attrs_of(stream.events[0])["router.ttft_ms"]
+    assert attrs_of(root)["router.ttft_ms"] == ttft > 0
     assert stream.events[0].timestamp <= stream.events[1].timestamp <= (stream.end_time or 0)
-    stream_attrs = dict(stream.attributes or {})
+    stream_attrs = attrs_of(stream)
     assert stream_attrs["router.stream.events"] >= 12
     assert stream_attrs["router.stream.status"] == 200
-    assert dict(root.attributes or {})["gen_ai.usage.output_tokens"] == 12
-    assert dict(root.attributes or {})["router.stream"] is True
+    assert attrs_of(root)["gen_ai.usage.output_tokens"] == 12
+    assert attrs_of(root)["router.stream"] is True
     # nesting in time: request > attempt > stream
     assert (root.start_time or 0) <= (attempt.start_time or 0) <= (stream.start_time or 0)
     assert (stream.end_time or 0) <= (attempt.end_time or 0) <= (root.end_time or 0)
@@ -316,7 +322,7 @@ async def test_a_stream_broken_mid_way_ends_its_spans_in_error(
         await gateway.dispatcher.aclose()
     assert "event: error" in response.text
     stream, attempt, root = one(spans, "router.stream"), one(spans, ATTEMPT), one(spans, ROOT)
-    assert dict(stream.attributes or {})["router.stream.status"] == 502
+    assert attrs_of(stream)["router.stream.status"] == 502
     assert {s.status.status_code for s in (stream, attempt, root)} == {StatusCode.ERROR}
 
 
@@ -343,7 +349,7 @@ async def test_websocket_request_is_a_server_span_continuing_the_handshake_trace
     root = one(spans, "WS /v1/ws chat.completions")
     assert root.kind is SpanKind.SERVER
     assert f"{root.context.trace_id:032x}" == CLIENT_TRACE
-    assert dict(root.attributes or {})["router.transport"] == "websocket"
+    assert attrs_of(root)["router.transport"] == "websocket"
     stream = one(spans, "router.stream")
     assert parent_id(one(spans, ATTEMPT)) == root.context.span_id
     assert [e.name for e in stream.events] == ["first_token", "stream_end"]
