@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     base = run_args(["--quick", "--no-docs", "--placement", "pinned"])
     placement = placement_from(base)
     args.client_cpu = placement["client"]
+    if args.client_cpu is not None:  # this script (the OTLP receiver's threads) shares the clients' core
+        os.sched_setaffinity(0, [args.client_cpu])
     wrk = ensure_wrk()
     load_before = other_load(2.0)
     log(f"other processes use {load_before:.2f} cores")

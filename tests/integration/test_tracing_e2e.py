@@ -94,6 +94,9 @@ def _tree(spans: list[ReceivedSpan]) -> list[str]:
             lines.append(
                 f"{'  ' * depth}{span.name} [{span.service}, {span.kind}] +{offset:.1f} ms, {span.duration_ms:.1f} ms"
             )
+            latencies = {k.rsplit(".", 1)[1]: round(v, 4) for k, v in span.attributes.items() if ".latency." in k}
+            if latencies:
+                lines.append(f"{'  ' * (depth + 1)}vLLM latencies (s): {latencies}")
             for name, at, attributes in span.events:
                 lines.append(f"{'  ' * (depth + 1)}event {name} +{(at - t0) / 1e6:.1f} ms {attributes}")
             walk(span.span_id, depth + 1)
