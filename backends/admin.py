@@ -89,13 +89,29 @@ def _fmt(value: Any, pattern: str = "{}") -> str:
 class GpuPoolAdmin(admin.ModelAdmin):
     """Pools with their backends inline, and a live view of each backend's routing state."""
 
-    list_display = ("name", "routing_strategy", "enabled", "backend_count", "healthy_count", "updated_at")
+    list_display = (
+        "name",
+        "routing_strategy",
+        "priority_scheduling",
+        "enabled",
+        "backend_count",
+        "healthy_count",
+        "updated_at",
+    )
     list_filter = ("enabled", "routing_strategy")
     search_fields = ("name", "description")
     inlines = [BackendInline]
     actions = ["check_health", "drain_pool", "undrain_pool"]
     readonly_fields = ("live_backends",)
-    fields = ("name", "description", "routing_strategy", "affinity_key", "enabled", "live_backends")
+    fields = (
+        "name",
+        "description",
+        "routing_strategy",
+        "affinity_key",
+        "priority_scheduling",
+        "enabled",
+        "live_backends",
+    )
 
     @admin.display(description="backends now")
     def live_backends(self, obj: GpuPool) -> str:

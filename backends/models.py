@@ -144,6 +144,11 @@ class GpuPool(models.Model):
         default="user",
         help_text='Session key for session affinity: "user" (the request\'s user field) or "header:<name>".',
     )
+    priority_scheduling = models.BooleanField(
+        default=False,
+        help_text="The pool's vLLM servers run with --scheduling-policy priority: each request's priority class is "
+        "sent as vLLM's `priority` (critical -10, standard 0, batch 10). Off: the field is removed from requests.",
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

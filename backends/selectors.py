@@ -54,6 +54,7 @@ def registry_snapshot_build() -> RegistrySnapshot:
             enabled=p.enabled,
             backends=tuple(backends_by_pool.get(p.pk, ())),
             affinity_key=p.affinity_key,
+            priority_scheduling=p.priority_scheduling,
         )
         for p in pools_rows
     }

@@ -45,6 +45,7 @@ class GpuPoolSerializer(FullCleanMixin, serializers.ModelSerializer):
             "description",
             "routing_strategy",
             "affinity_key",
+            "priority_scheduling",
             "enabled",
             "backends",
             "created_at",

@@ -40,6 +40,7 @@ class PoolSnap:
     enabled: bool
     backends: tuple[BackendSnap, ...]
     affinity_key: str = "user"
+    priority_scheduling: bool = False  # its vLLM servers run --scheduling-policy priority: send the class
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,11 @@
 A `Gateway` built as the web processes build it (`Gateway.from_settings`) gives each line the same steps as live
 traffic: validation and model resolution (`prepare`), admission against the key's limits, the dispatcher (strategy,
 retries, failover, circuit breakers), the verdict, a usage record and the settlement (`Lifecycle`). Batches yield to
-live traffic: at most BATCH_MAX_CONCURRENCY_PER_POOL lines of a pool run at once in a worker, and none starts while
-the pool's engines report queued requests (vLLM's `num_requests_waiting`, scraped by the dispatcher) or while the
-dispatcher answers 429 (every backend at its limit). A 429 from the key's limits waits and retries the line.
+live traffic: every line runs in the lowest priority class (`batch`: last in a full pool's admission queue, first
+shed, and vLLM's lowest `priority` on pools running its priority scheduler), at most BATCH_MAX_CONCURRENCY_PER_POOL
+lines of a pool run at once in a worker, and none starts while the pool's engines report queued requests (vLLM's
+`num_requests_waiting`, scraped by the dispatcher) or while the dispatcher answers 429 (every backend at its limit).
+A 429 from the key's limits waits and retries the line.
 
 Durability: lines are claimed with a lease (renewed while they run) and each result is written to its row before
 the worker moves on; a worker that dies leaves `running` lines whose lease runs out and are claimed again by the
@@ -31,6 +33,7 @@ from batches.models import FINAL_STATUSES, Batch, BatchLine, BatchStatus, LineSt
 from batches.selectors import batch_principal_get
 from core.errors import APIError
 from governance.auth import Principal
+from governance.priority import LOWEST
 from routing.gateway import ENDPOINTS, Gateway
 
 logger = logging.getLogger(__name__)
@@ -171,6 +174,7 @@ class BatchRunner:
         result: dict[str, Any] | None = None
         data = dict(line.body)
         data["stream"] = False
+        data["priority"] = LOWEST.value  # batch work runs in the lowest class, whatever the line asks for
         try:
             prepared = await gateway.prepare(endpoint, data)
             semaphore = self.pools.setdefault(prepared.model.pool, asyncio.Semaphore(self.concurrency))

@@ -26,10 +26,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "rpm_limit",
         "tpm_limit",
         "daily_token_budget",
+        "priority_default",
+        "priority_max",
+        "queue_weight",
         "expires_at",
         "created_at",
     )
-    list_filter = ("enabled",)
+    list_filter = ("enabled", "priority_max")
     search_fields = ("name", "prefix", "owner__username")
     readonly_fields = ("prefix_display", "created_at", "updated_at")
     fields = (
@@ -40,6 +43,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "rpm_limit",
         "tpm_limit",
         "daily_token_budget",
+        "priority_default",
+        "priority_max",
+        "queue_weight",
         "expires_at",
         "prefix_display",
         "created_at",

@@ -36,6 +36,9 @@ class ApiKeySerializer(FullCleanMixin, serializers.ModelSerializer):
             "rpm_limit",
             "tpm_limit",
             "daily_token_budget",
+            "priority_default",
+            "priority_max",
+            "queue_weight",
             "created_at",
             "updated_at",
         ]

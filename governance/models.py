@@ -6,10 +6,14 @@ import hashlib
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+from governance.priority import CHOICES as PRIORITY_CHOICES
+from governance.priority import RANK, Priority
+
 KEY_PREFIX_LENGTH = 12  # "sk-llm-" + 5 characters: enough to recognise a key, useless to guess it
+MAX_QUEUE_WEIGHT = 1000
 
 
 def key_hash(secret: str) -> str:
@@ -40,6 +44,23 @@ class ApiKey(models.Model):
     daily_token_budget = models.PositiveIntegerField(
         null=True, blank=True, validators=[MinValueValidator(1)], help_text="Tokens per UTC day; empty: no limit."
     )
+    priority_default = models.CharField(
+        max_length=16,
+        choices=PRIORITY_CHOICES,
+        default=Priority.STANDARD.value,
+        help_text="Priority class of the key's requests that name none (x-priority header or the body's priority).",
+    )
+    priority_max = models.CharField(
+        max_length=16,
+        choices=PRIORITY_CHOICES,
+        default=Priority.STANDARD.value,
+        help_text="Highest class the key's requests may ask for; a request asking for more runs in this one.",
+    )
+    queue_weight = models.PositiveIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_QUEUE_WEIGHT)],
+        help_text="Share of a full pool's slots against other keys waiting in the same class (2: twice a key of 1).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -51,9 +72,14 @@ class ApiKey(models.Model):
         return f"{self.name} ({self.prefix}…)"
 
     def clean(self) -> None:
-        """Allowed models must be a list of strings."""
+        """Allowed models must be a list of strings; the default class cannot be above the ceiling."""
         if not isinstance(self.allowed_models, list) or not all(isinstance(m, str) for m in self.allowed_models):
             raise ValidationError({"allowed_models": "A list of model names."})
+        default, ceiling = self.priority_default, self.priority_max
+        if default in RANK and ceiling in RANK and RANK[Priority(default)] < RANK[Priority(ceiling)]:
+            raise ValidationError(
+                {"priority_default": f"The default class cannot be above the key's highest class ({ceiling})."}
+            )
 
 
 class KeyRegistryState(models.Model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from governance.models import ApiKey, KeyRegistryState
+from governance.priority import Priority
 from governance.snapshot import KeySnap, KeySnapshot
 
 
@@ -26,5 +27,16 @@ def key_snapshot_build() -> KeySnapshot:
             tpm_limit=key.tpm_limit,
             daily_token_budget=key.daily_token_budget,
             counter_id=f"{key.pk}.{int(key.created_at.timestamp())}",
+            priority_default=_priority(key.priority_default),
+            priority_max=_priority(key.priority_max),
+            queue_weight=max(1, key.queue_weight),
         )
     return KeySnapshot(version=version, by_hash=by_hash)
+
+
+def _priority(value: str) -> Priority:
+    """A stored class name (an unknown one, from a raw update, counts as the default class)."""
+    try:
+        return Priority(value)
+    except ValueError:
+        return Priority.STANDARD

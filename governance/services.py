@@ -10,6 +10,7 @@ from django.db import transaction
 from django.db.models import F
 
 from governance.models import KEY_PREFIX_LENGTH, ApiKey, KeyRegistryState, key_hash
+from governance.priority import Priority
 
 
 def key_registry_bump() -> None:
@@ -38,8 +39,15 @@ def api_key_create(
     tpm_limit: int | None = None,
     daily_token_budget: int | None = None,
     expires_at: datetime | None = None,
+    priority_default: str = Priority.STANDARD.value,
+    priority_max: str = Priority.STANDARD.value,
+    queue_weight: int = 1,
 ) -> tuple[ApiKey, str]:
-    """Create a key; return the row and the secret, which is shown once and stored only as a hash."""
+    """Create a key; return the row and the secret, which is shown once and stored only as a hash.
+
+    `priority_default` / `priority_max`: the class of its requests that name none, and the highest they may ask
+    for (critical, standard, batch); `queue_weight`: its share of a full pool against keys of the same class.
+    """
     secret = api_key_generate()
     key = ApiKey(
         name=name,
@@ -49,6 +57,9 @@ def api_key_create(
         tpm_limit=tpm_limit,
         daily_token_budget=daily_token_budget,
         expires_at=expires_at,
+        priority_default=priority_default,
+        priority_max=priority_max,
+        queue_weight=queue_weight,
     )
     key_secret_set(key=key, secret=secret)
     key.full_clean()

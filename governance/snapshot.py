@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from governance.priority import Priority
+
 
 @dataclass(frozen=True, slots=True)
 class KeySnap:
@@ -17,6 +19,9 @@ class KeySnap:
     tpm_limit: int | None
     daily_token_budget: int | None
     counter_id: str = ""  # rate-limit counters' key: id plus creation time, never reused by another key
+    priority_default: Priority = Priority.STANDARD
+    priority_max: Priority = Priority.STANDARD
+    queue_weight: int = 1
 
     @property
     def bucket(self) -> str:

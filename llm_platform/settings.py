@@ -322,9 +322,11 @@ ROUTER_CIRCUIT_COOLDOWN_S = env_float("ROUTER_CIRCUIT_COOLDOWN_S", 10.0)
 # Retries are capped at this fraction of recent requests (10 s window), with a floor of ROUTER_RETRY_BUDGET_MIN.
 ROUTER_RETRY_BUDGET_RATIO = env_float("ROUTER_RETRY_BUDGET_RATIO", 0.2)
 ROUTER_RETRY_BUDGET_MIN = env_int("ROUTER_RETRY_BUDGET_MIN", 10)
-# Requests waiting for a backend slot (max concurrent requests reached): how many per process, how long.
+# Requests waiting for a backend slot (max concurrent requests reached): how many per pool and process, how long;
+# a request waiting this long in its priority class moves up one class (docs/routing.md, "Admission queue").
 ROUTER_QUEUE_MAX = env_int("ROUTER_QUEUE_MAX", 100)
 ROUTER_QUEUE_TIMEOUT_S = env_float("ROUTER_QUEUE_TIMEOUT_S", 10.0)
+ROUTER_QUEUE_PROMOTE_AFTER_S = env_float("ROUTER_QUEUE_PROMOTE_AFTER_S", 5.0)
 # How often vLLM's /metrics are scraped for kv_cache_aware pools (background, never per request).
 ROUTER_METRICS_SCRAPE_S = env_float("ROUTER_METRICS_SCRAPE_S", 2.0)
 # Rate limits when Redis cannot be reached: "local" (fail open to per-process counters), "closed" (503 for

@@ -1,7 +1,12 @@
 """Choosing a backend and sending it the request: strategies, circuit breakers, admission, retries.
 
 One `Dispatcher` per process owns the pooled HTTP client, the per-pool strategy instances, the in-flight
-counters, the circuit breakers, the retry budget and the metrics scraper.
+counters, the per-pool admission queues, the circuit breakers, the retry budget and the metrics scraper.
+
+Admission: a request takes a slot of a backend below its `max_concurrent_requests` at once, unless others already
+wait for that pool; otherwise it waits in the pool's bounded fair queue (`routing.fairqueue`: classes first, then
+fairness between keys, promotion of old requests, the last-to-be-served shed when full). A released slot is handed
+directly to the queue's next request, so a newcomer cannot take it first.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import httpx
 
 from backends.models import InvalidApiKeyError, bearer_headers
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
+from governance.priority import BY_RANK, DEFAULT_FLOW, Flow, Priority
 from routing import errors
 from routing.errors import APIError
+from routing.fairqueue import FairQueue, Ticket
 from routing.health import CircuitBreakers, MetricsScraper, RetryBudget
 from routing.prefix import PrefixConfig, PrefixSync, prefix_blocks, prompt_bytes
 from routing.strategies import (
@@ -49,6 +56,9 @@ from routing.upstream import (
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({502, 503})
+SERVABLE_SCAN = 8
+"""When the next queued request cannot use a freed slot (a retry excluding that backend, a fallback chain), this many
+of the following ones are tried."""
 
 # Every live dispatcher of this process, for admin and the management API (weak: nothing to reset in tests).
 LIVE_DISPATCHERS: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
@@ -106,6 +116,24 @@ class AttemptObserver(Protocol):
         ...
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A queued request: what picking a backend for it needs, and the future its backend (or None) is handed to."""
+
+    model: ModelSnap
+    registry: RegistrySnapshot
+    exclude: set[str]
+    context: RequestContext
+    future: asyncio.Future[BackendSnap | None]
+
+
+def with_vllm_priority(body: bytes, priority: Priority) -> bytes:
+    """The JSON object `body` with vLLM's `priority` for the class appended (the gateway removed the client's)."""
+    if len(body) > 2 and body.endswith(b"}"):
+        return body[:-1] + b',"priority":' + str(priority.vllm).encode() + b"}"
+    return body
+
+
 class Dispatcher:
     """Sends requests to backends of a model's pools; see the module docstring."""
 
@@ -121,6 +149,7 @@ class Dispatcher:
         scraper: MetricsScraper | None = None,
         queue_max: int = 100,
         queue_timeout_s: float = 10.0,
+        queue_promote_after_s: float = 5.0,
         prefix: PrefixConfig | None = None,
         prefix_sync: PrefixSync | None = None,
         upstream_limits: dict[str, Any] | None = None,
@@ -148,8 +177,8 @@ class Dispatcher:
         self.scraper = scraper or MetricsScraper()
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_s
-        self._waiters: list[asyncio.Future[None]] = []
-        self.waiting = 0
+        self.queue_promote_after_s = queue_promote_after_s
+        self._queues: dict[str, FairQueue[_Waiter]] = {}  # by pool, created at its first wait
         self.latency_ms: dict[str, float] = {}
         self.retries = 0
         self.rejected_capacity = 0
@@ -271,44 +300,127 @@ class Dispatcher:
         exclude: set[str],
         context: RequestContext = NO_CONTEXT,
         observer: AttemptObserver | None = None,
+        flow: Flow = DEFAULT_FLOW,
     ) -> BackendSnap | None:
-        """Take a backend for one attempt: wait in the bounded queue while every usable one is at its limit.
+        """Take a backend for one attempt: wait in the pool's bounded fair queue while every usable one is at its
+        limit (or others already wait for the pool).
 
-        Returns None when no backend is usable at all; raises 429 when the queue is full or the wait times out.
+        Returns None when no backend is usable at all; raises 429 when the request is refused or shed from a full
+        queue, or its wait times out.
         """
-        deadline: float | None = None
-        while True:
+        queue = self._queues.get(model.pool)
+        if not queue:  # nobody waits for this pool: a free slot is this request's
             backend, any_full = self.pick(model, registry, exclude, context)
             if backend is not None:
-                self.in_flight[backend.name] += 1
-                self.circuits.acquire(backend.name)
+                self._take(backend)
                 return backend
             if not any_full:
                 return None
-            # Every usable backend is at its max concurrent requests: wait for a slot, bounded in count and time.
-            now = time.monotonic()
-            if deadline is None:
-                if self.waiting >= self.queue_max:
-                    self.rejected_capacity += 1
-                    raise errors.capacity_exceeded(model.name, queue_full=True)
-                deadline = now + self.queue_timeout_s
-                if observer is not None:
-                    observer.queued()
-            remaining = deadline - now
-            if remaining <= 0:
-                self.rejected_capacity += 1
-                raise errors.capacity_exceeded(model.name, queue_full=False)
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            self.waiting += 1
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                pass
-            finally:
-                self.waiting -= 1
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+            if queue is None:
+                queue = self._queues[model.pool] = FairQueue(
+                    classes=len(BY_RANK), max_size=self.queue_max, promote_after_s=self.queue_promote_after_s
+                )
+        return await self._wait(queue, model, registry, exclude, context, flow, observer)
+
+    def _take(self, backend: BackendSnap) -> None:
+        self.in_flight[backend.name] += 1
+        self.circuits.acquire(backend.name)
+
+    async def _wait(
+        self,
+        queue: FairQueue[_Waiter],
+        model: ModelSnap,
+        registry: RegistrySnapshot,
+        exclude: set[str],
+        context: RequestContext,
+        flow: Flow,
+        observer: AttemptObserver | None,
+    ) -> BackendSnap | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BackendSnap | None] = loop.create_future()
+        queue.max_size = self.queue_max
+        ticket, shed = queue.offer(
+            flow.key, flow.priority.rank, _Waiter(model, registry, exclude, context, future), weight=flow.weight
+        )
+        if shed is not None:
+            self.rejected_capacity += 1
+            if not shed.item.future.done():
+                error = errors.capacity_exceeded(shed.item.model.name, queue_full=True, shed=True)
+                shed.item.future.set_exception(error)
+        if ticket is None:
+            self.rejected_capacity += 1
+            raise errors.capacity_exceeded(model.name, queue_full=True)
+        if observer is not None:
+            observer.queued()
+        self._drain(queue)
+        timer = loop.call_later(self.queue_timeout_s, self._expire, queue, ticket)
+        try:
+            return await future
+        except BaseException:
+            # Timed out or shed (an APIError), or cancelled (the client left): out of the queue, and a slot
+            # handed over meanwhile is given back.
+            queue.remove(ticket)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                backend = future.result()
+                if backend is not None:
+                    self.done(backend, None)
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, queue: FairQueue[_Waiter], ticket: Ticket[_Waiter]) -> None:
+        if queue.remove(ticket):
+            self.rejected_capacity += 1
+            if not ticket.item.future.done():
+                ticket.item.future.set_exception(errors.capacity_exceeded(ticket.item.model.name, queue_full=False))
+
+    def _drain(self, queue: FairQueue[_Waiter]) -> None:
+        """Hand free slots to the queue's requests in the discipline's order, while there are some."""
+        while queue:
+            ticket = queue.peek()
+            assert ticket is not None
+            waiter = ticket.item
+            if waiter.future.done():  # cancelled, not yet withdrawn by its task
+                queue.remove(ticket)
+                continue
+            backend, any_full = self.pick(waiter.model, waiter.registry, waiter.exclude, waiter.context)
+            if backend is None and any_full:
+                found = self._servable(queue)
+                if found is None:
+                    return
+                ticket, backend = found
+            queue.take(ticket)
+            if backend is not None:
+                self._take(backend)
+            ticket.item.future.set_result(backend)  # None: nothing usable at all (the request fails over or 503s)
+
+    def _servable(self, queue: FairQueue[_Waiter]) -> tuple[Ticket[_Waiter], BackendSnap] | None:
+        """The first of the next few queued requests a free slot can serve, with its backend."""
+        for ticket in queue.ordered()[1 : 1 + SERVABLE_SCAN]:
+            waiter = ticket.item
+            if waiter.future.done():
+                continue
+            backend, _ = self.pick(waiter.model, waiter.registry, waiter.exclude, waiter.context)
+            if backend is not None:
+                return ticket, backend
+        return None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting in this process's admission queues."""
+        return sum(len(q) for q in self._queues.values())
+
+    def queue_view(self) -> dict[str, dict[str, object]]:
+        """Per pool with a queue: waiting requests per class, and the counts of shed, refused and promoted ones."""
+        return {
+            pool: {
+                "waiting": dict(zip((p.value for p in BY_RANK), q.depth(), strict=True)),
+                "shed": q.shed,
+                "refused": q.refused,
+                "promoted": q.promotions,
+            }
+            for pool, q in self._queues.items()
+        }
 
     def done(self, backend: BackendSnap, ok: bool | None = True, reason: str = "") -> None:
         """Release the backend's slot and record the outcome: ok, failed (reason), or None (no verdict)."""
@@ -321,12 +433,15 @@ class Dispatcher:
                 self._forget(backend.name)  # its circuit opened: whatever it cached may be gone when it is back
         else:
             self.circuits.release(backend.name)
-        if self._waiters:
-            # A slot (or a circuit) changed: let every waiter look again; they re-queue if nothing fits.
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        if self._queues:
+            # A slot (or a circuit) changed: hand it to the backend's pool's queue first, then to the other pools'
+            # (their models may fall back to this pool).
+            own = self._queues.get(backend.pool)
+            if own:
+                self._drain(own)
+            for queue in self._queues.values():
+                if queue and queue is not own:
+                    self._drain(queue)
 
     def _forget(self, backend: str) -> None:
         for strategy in self._strategies.values():
@@ -384,13 +499,16 @@ class Dispatcher:
         stream: bool,
         context: RequestContext = NO_CONTEXT,
         observer: AttemptObserver | None = None,
+        flow: Flow = DEFAULT_FLOW,
     ) -> tuple[UpstreamResponse, BackendSnap]:
         """Send the request; on connect errors and 502/503 (nothing sent to the client yet) retry on another
         backend, within the attempt limit and the retry budget.
 
         Returns the response (its body unread when `stream`; the caller closes it) and the backend, whose slot
         stays taken: the caller calls `done(backend, ok)` when the exchange is over. An `observer` (tracing) is
-        told of the queue and of every attempt, and adds its headers (`traceparent`) to each.
+        told of the queue and of every attempt, and adds its headers (`traceparent`) to each. `flow` places the
+        request in a full pool's queue; pools running vLLM's priority scheduler receive its class as vLLM's
+        `priority`.
         """
         tried: set[str] = set()
         failure: APIError | None = None
@@ -399,7 +517,7 @@ class Dispatcher:
             if attempt and not self.retry_budget.try_retry():
                 logger.warning("retry budget exhausted; not retrying request %s", request_id)
                 break
-            backend = await self.acquire(model, registry, tried, context, observer)
+            backend = await self.acquire(model, registry, tried, context, observer, flow)
             if backend is None:
                 break
             if attempt:
@@ -415,10 +533,17 @@ class Dispatcher:
             headers = prep.headers | {"x-request-id": request_id}
             if traced:
                 headers.update(traced)
+            pool = registry.pools.get(backend.pool)
+            payload = with_vllm_priority(body, flow.priority) if pool is not None and pool.priority_scheduling else body
             started = time.perf_counter()
             try:
                 response = await prep.upstream.send(
-                    "POST", prep.base_url + path, headers=headers, content=body, timeouts=prep.timeouts, stream=stream
+                    "POST",
+                    prep.base_url + path,
+                    headers=headers,
+                    content=payload,
+                    timeouts=prep.timeouts,
+                    stream=stream,
                 )
             except UpstreamConnectTimeout:
                 failure = errors.backend_timeout(backend.name, backend.connect_timeout_s, "accept the connection")

@@ -127,9 +127,13 @@ def strip_addresses(text: str) -> str:
     return _ADDRESS.sub("<address>", text)
 
 
-def capacity_exceeded(model: str, *, queue_full: bool, retry_after_s: int = 1) -> APIError:
-    """429: every usable backend is at its concurrency limit and the wait queue is full or timed out."""
-    why = "the wait queue is full" if queue_full else "no slot freed up in time"
+def capacity_exceeded(model: str, *, queue_full: bool, retry_after_s: int = 1, shed: bool = False) -> APIError:
+    """429: every usable backend is at its concurrency limit and the wait queue is full (the request was refused,
+    or `shed`: a request to be served earlier took its place) or the wait timed out."""
+    if shed:
+        why = "the wait queue is full and a request of a higher class or of a key with fewer waiting took its place"
+    else:
+        why = "the wait queue is full" if queue_full else "no slot freed up in time"
     return APIError(
         429,
         f"All backends serving `{model}` are at capacity ({why}); retry shortly.",

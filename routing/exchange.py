@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends.snapshot import BackendSnap
 from core import telemetry
+from governance.priority import DEFAULT_FLOW, MASTER_CEILING, Flow, priority_clamp
 from governance.ratelimit import RateLimiter, Reservation, estimate_tokens_size
 from routing import errors
 from routing.auth import Principal
@@ -84,6 +85,7 @@ class Lifecycle:
         "completion_tokens",
         "dispatcher",
         "endpoint",
+        "flow",
         "limiter",
         "prepared",
         "principal",
@@ -123,6 +125,7 @@ class Lifecycle:
         self.started = started
         self.principal = principal
         self.prepared: PreparedRequest | None = None
+        self.flow: Flow = DEFAULT_FLOW
         self.reservation: Reservation | None = None
         self.backend: BackendSnap | None = None
         self.response: UpstreamResponse | None = None
@@ -150,7 +153,8 @@ class Lifecycle:
     # --- admission ----------------------------------------------------------------------------------------------
 
     async def admit(self, prepared: PreparedRequest, body_size: int) -> tuple[tuple[bytes, bytes], ...]:
-        """The key's model access (404 as if the model did not exist) and rate limits (429, with a reservation).
+        """The key's model access (404 as if the model did not exist), its priority class (the request's choice
+        within the key's ceiling) and rate limits (429, with a reservation).
 
         Returns the `x-ratelimit-*` headers for the answer.
         """
@@ -161,7 +165,12 @@ class Lifecycle:
             self.trace.request(prepared, principal, self.request_id)
         key = principal.key if principal is not None else None
         if key is None:
+            if principal is not None and principal.is_master:
+                priority = priority_clamp(prepared.priority, default=DEFAULT_FLOW.priority, ceiling=MASTER_CEILING)
+                self.flow = Flow(principal.name, priority)
             return ()
+        priority = priority_clamp(prepared.priority, default=key.priority_default, ceiling=key.priority_max)
+        self.flow = Flow(key.bucket, priority, key.queue_weight)
         if not key.may_use(prepared.requested, prepared.model.name):
             raise errors.model_not_found(prepared.requested)
         if not key.limited or self.limiter is None:
@@ -200,6 +209,7 @@ class Lifecycle:
                 stream=prepared.stream,
                 context=prepared.context,
                 observer=trace,
+                flow=self.flow,
             )
         except BaseException as exc:
             if trace is not None:

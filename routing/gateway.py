@@ -23,6 +23,7 @@ from rest_framework import serializers
 from backends.snapshot import ModelSnap, RegistrySnapshot
 from core import telemetry
 from governance.metrics import metrics_endpoint
+from governance.priority import Priority, priority_requested
 from governance.ratelimit import LocalRateLimiter, RateLimiter, RedisFailureMode, RedisRateLimiter
 from governance.snapshot import KeySnapshot
 from routing import errors
@@ -122,6 +123,7 @@ class PreparedRequest:
     context: RequestContext
     body: bytes
     strip_continuous_usage: bool = False
+    priority: Priority | None = None  # the class the request asked for (header or body), before the key's ceiling
 
 
 class Gateway:
@@ -186,6 +188,7 @@ class Gateway:
             scraper=MetricsScraper(interval_s=settings.ROUTER_METRICS_SCRAPE_S),
             queue_max=settings.ROUTER_QUEUE_MAX,
             queue_timeout_s=settings.ROUTER_QUEUE_TIMEOUT_S,
+            queue_promote_after_s=settings.ROUTER_QUEUE_PROMOTE_AFTER_S,
             prefix=PrefixConfig(
                 block_bytes=settings.ROUTER_PREFIX_BLOCK_BYTES,
                 max_blocks=settings.ROUTER_PREFIX_MAX_BLOCKS,
@@ -523,6 +526,7 @@ class Gateway:
                 wanted["continuous_usage_stats"] = True
             if any(options.get(k) is not True for k in wanted):
                 data["stream_options"] = {**options, **wanted}
+        priority = priority_requested(data, headers)
         user = data.get("user")
         context = RequestContext(
             user=user if isinstance(user, str) else None, headers=headers, endpoint=endpoint.name, data=data
@@ -533,7 +537,7 @@ class Gateway:
             check_depth(data)
             raise errors.bad_request("The request body is nested too deeply to forward.", code="invalid_body") from None
         return PreparedRequest(
-            endpoint, data, model, requested, registry, stream, strip_usage, context, body, strip_continuous
+            endpoint, data, model, requested, registry, stream, strip_usage, context, body, strip_continuous, priority
         )
 
     async def _forward(self, send: Send, lc: Lifecycle) -> None:
@@ -559,6 +563,8 @@ class Gateway:
         headers: tuple[tuple[bytes, bytes], ...] = ((b"x-request-id", lc.request_id.encode()),)
         if lc.backend is not None and (self.expose_backend or lc.internal):
             headers = (*headers, (b"x-router-backend", lc.backend.name.encode()))
+        if lc.prepared is not None and lc.prepared.priority is not None:  # asked for a class: the one it ran in
+            headers = (*headers, (b"x-priority", lc.flow.priority.value.encode()))
         return (*headers, *lc.limit_headers)
 
     # --- streaming ------------------------------------------------------------------------------------------

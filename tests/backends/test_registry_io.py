@@ -145,7 +145,7 @@ def test_unknown_key_rejected() -> None:
         registry_import(document=doc)
     assert caught.value.errors == [
         "pools[0] (name: p): field 'colour': unknown key "
-        "(allowed: name, description, routing_strategy, affinity_key, enabled, backends)",
+        "(allowed: name, description, routing_strategy, affinity_key, priority_scheduling, enabled, backends)",
         "pools[0].backends[0] (name: b): field 'wieght': unknown key (allowed: name, base_url, api_key, "
         "weight, max_concurrent_requests, connect_timeout_s, read_timeout_s, state, api_key_env)",
     ]
@@ -429,6 +429,7 @@ def every_field_set() -> None:
         description="every field\nset",
         routing_strategy="session_affinity",
         affinity_key="header:x-session-id",
+        priority_scheduling=True,
         enabled=False,
     )
     spare, last = pool_create(name="spare"), pool_create(name="last")

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from backends.mock_vllm import MockServer
+from backends.models import GpuPool
 from batches import runner as batch_runner
 from batches.models import Batch, BatchLine
 from batches.runner import batch_run
@@ -242,3 +243,18 @@ def test_limit_codes_are_the_ones_the_limiter_and_dispatcher_use() -> None:
 
     assert str(errors.capacity_exceeded("m", queue_full=True).code) in batch_runner.LIMIT_CODES
     assert isinstance(errors.capacity_exceeded("m", queue_full=True), APIError)
+    assert str(errors.capacity_exceeded("m", queue_full=True, shed=True).code) in batch_runner.LIMIT_CODES
+
+
+def test_batch_lines_run_in_the_lowest_class_whatever_they_ask(
+    mock_server: MockServer, chat_model: Any, batch_files_dir: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    # given a pool running vLLM's priority scheduler and a key allowed `critical` whose line asks for it
+    GpuPool.objects.filter(name="gpu-a").update(priority_scheduling=True)
+    principal = _principal("team-urgent", priority_max="critical", priority_default="critical")
+    batch = _batch(principal, [chat_line("urgent", priority=-5)], django_capture_on_commit_callbacks)
+    # when a worker runs it
+    assert asyncio.run(_run(batch)) == "completed"
+    # then vLLM was asked for the batch class's priority
+    assert _results(batch)["urgent"]["response"]["status_code"] == 200
+    assert mock_server.stats.last_request["priority"] == 10

@@ -97,7 +97,15 @@ def test_command_reads_a_naive_expiry_as_utc() -> None:
 @pytest.mark.django_db
 def test_admin_shows_secret_once(admin_client: Client) -> None:
     response = admin_client.post(
-        reverse("admin:governance_apikey_add"), {"name": "web", "allowed_models": "[]", "enabled": "on"}
+        reverse("admin:governance_apikey_add"),
+        {
+            "name": "web",
+            "allowed_models": "[]",
+            "enabled": "on",
+            "priority_default": "standard",
+            "priority_max": "standard",
+            "queue_weight": "1",
+        },
     )
     assert response.status_code == 200 and "no-store" in response["Cache-Control"]
     secret = response.context["secret"]

@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from governance.priority import Priority
 from governance.services import api_key_create
 
 
@@ -26,7 +27,8 @@ def _expiry(value: str) -> datetime:
 
 
 class Command(BaseCommand):
-    """manage.py create_api_key --name N [--models M ...] [--rpm N] [--tpm N] [--daily-tokens N] [--expires ...]"""
+    """manage.py create_api_key --name N [--models M ...] [--rpm N] [--tpm N] [--daily-tokens N] [--expires ...]
+    [--priority CLASS] [--max-priority CLASS] [--weight N]"""
 
     help = __doc__
 
@@ -38,6 +40,16 @@ class Command(BaseCommand):
         parser.add_argument("--tpm", type=int, help="Tokens per minute.")
         parser.add_argument("--daily-tokens", type=int, help="Token budget per UTC day.")
         parser.add_argument("--expires", type=str, help="ISO date-time or a duration such as 30d or 12h.")
+        classes = [p.value for p in Priority]
+        parser.add_argument(
+            "--priority", choices=classes, default=Priority.STANDARD.value, help="Class of requests that name none."
+        )
+        parser.add_argument(
+            "--max-priority",
+            choices=classes,
+            help="Highest class its requests may ask for (default: the --priority class).",
+        )
+        parser.add_argument("--weight", type=int, default=1, help="Share of a full pool against keys of its class.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         owner = None
@@ -55,6 +67,9 @@ class Command(BaseCommand):
                 tpm_limit=options["tpm"],
                 daily_token_budget=options["daily_tokens"],
                 expires_at=_expiry(options["expires"]) if options["expires"] else None,
+                priority_default=options["priority"],
+                priority_max=options["max_priority"] or options["priority"],
+                queue_weight=options["weight"],
             )
         except ValidationError as exc:
             raise CommandError("; ".join(f"{f}: {', '.join(m)}" for f, m in exc.message_dict.items())) from exc
