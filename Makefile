@@ -63,6 +63,7 @@ e2e: venv
 bench: venv
 	$(PY) bench/run.py
 	$(PY) bench/overload.py
+	$(PY) bench/fairness.py
 
 bench-quick: venv
 	$(PY) bench/run.py --quick

@@ -3,6 +3,8 @@
     .venv/bin/python bench/micro.py            # all
     .venv/bin/python bench/micro.py validate   # DRF validation: per-request serializer vs one reused instance
     .venv/bin/python bench/micro.py upstream   # upstream client: httpx (as Dispatcher builds it) vs asyncio+httptools
+    .venv/bin/python bench/micro.py admission  # prepare + admit + a backend slot taken and released, no contention
+    MICRO_ROOT=/path/to/other/checkout .venv/bin/python bench/micro.py admission   # the same on another checkout
 
 CPU time (time.process_time) of this process only, so another process on the machine inflates it little. The
 upstream comparison starts the bundled mock on CPU 0 and pins itself to CPU 1 (as `make bench` places the
@@ -196,11 +198,68 @@ def bench_upstream(n: int = 6400) -> None:
         mock.wait(timeout=10)
 
 
+def bench_admission(n: int = 20000) -> None:
+    """The hot path's admission steps without contention: `Gateway.prepare` of the benchmark's chat body (with the
+    request's priority choice), `Lifecycle.admit` for an unlimited client key, and `Dispatcher.acquire` + `done` of
+    a backend with a concurrency limit (the admission queue's fast path). MICRO_ROOT measures another checkout's
+    code (e.g. main before a change) with this same script."""
+    root = Path(os.environ.get("MICRO_ROOT", ROOT)).resolve()
+    sys.path.insert(0, str(root))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
+    import django
+
+    django.setup()
+    import orjson
+
+    from governance.auth import Principal
+    from governance.snapshot import KeySnap
+    from routing.dispatch import Dispatcher
+    from routing.gateway import ENDPOINTS, Gateway
+    from routing.registry import RegistryCache
+    from tests.factories import backend_snap, registry_snap
+
+    registry = registry_snap(backends=[backend_snap("b1", max_concurrent_requests=64)])
+    body = orjson.loads(BODY.replace(b"mock-chat", b"chat-model"))
+    headers = [(b"host", b"router"), (b"authorization", b"Bearer sk-x"), (b"content-type", b"application/json")]
+    key = KeySnap(1, "k", None, None, None, None, None)
+    principal = Principal(name="k", is_master=False, key=key)
+    endpoint = ENDPOINTS["/v1/chat/completions"]
+    model = registry.models["chat-model"]
+
+    async def run() -> list[tuple[str, float]]:
+        dispatcher = Dispatcher()
+        gateway = Gateway(None, registry=RegistryCache.static(registry), dispatcher=dispatcher, master_key="m")
+
+        async def prepare_admit() -> None:
+            prepared = await gateway.prepare(endpoint, dict(body), headers=headers, size=len(BODY))
+            await gateway.lifecycle(endpoint, "r", 0.0, principal).admit(prepared, len(BODY))
+
+        async def slot() -> None:
+            backend = await dispatcher.acquire(model, registry, set())
+            assert backend is not None
+            dispatcher.done(backend, True)
+
+        out = []
+        for label, step in (("prepare + admit", prepare_admit), ("acquire + done (free slot)", slot)):
+            for _ in range(500):
+                await step()
+            start = time.process_time()
+            for _ in range(n):
+                await step()
+            out.append((label, (time.process_time() - start) / n * 1e6))
+        await dispatcher.aclose()
+        return out
+
+    print(f"admission without contention, code of {root} (CPU per request):")
+    for label, us in asyncio.run(run()):
+        print(f"  {label:<48} {us:7.2f} us")
+
+
 def main(argv: list[str]) -> int:
     """Run the named micro-benchmarks (all when none is named)."""
-    names = argv or ["validate", "upstream"]
+    names = argv or ["validate", "upstream", "admission"]
     for name in names:
-        {"validate": bench_validate, "upstream": bench_upstream}[name]()
+        {"validate": bench_validate, "upstream": bench_upstream, "admission": bench_admission}[name]()
     return 0
 
 
