@@ -25,7 +25,7 @@ from core import telemetry
 from governance.priority import DEFAULT_FLOW, MASTER_CEILING, Flow, priority_clamp
 from governance.ratelimit import RateLimiter, Reservation, estimate_tokens_size
 from routing import errors
-from routing.auth import Principal
+from routing.auth import MASTER, Principal
 from routing.dispatch import Dispatcher
 from routing.errors import APIError
 from routing.sse import StreamState
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MASTER_FLOW = Flow(MASTER.name)
 CLIENT_GONE = 499
 """Status recorded when the client went away (nginx's convention); it says nothing about the backend."""
 MAX_TRUSTED_TOKENS = 100_000_000
@@ -165,9 +166,9 @@ class Lifecycle:
             self.trace.request(prepared, principal, self.request_id)
         key = principal.key if principal is not None else None
         if key is None:
-            if principal is not None and principal.is_master:
+            if principal is not None and principal.is_master:  # any class; the default when it names none
                 priority = priority_clamp(prepared.priority, default=DEFAULT_FLOW.priority, ceiling=MASTER_CEILING)
-                self.flow = Flow(principal.name, priority)
+                self.flow = MASTER_FLOW if priority is MASTER_FLOW.priority else Flow(principal.name, priority)
             return ()
         priority = priority_clamp(prepared.priority, default=key.priority_default, ceiling=key.priority_max)
         self.flow = Flow(key.bucket, priority, key.queue_weight)
