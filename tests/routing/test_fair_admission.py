@@ -254,7 +254,7 @@ async def test_a_queued_request_takes_a_slot_freed_in_its_models_fallback_pool()
     try:
         own = await dispatcher.acquire(model, registry, set())
         fallback = await dispatcher.acquire(model, registry, set())
-        assert (own.name if own else None, fallback.name if fallback else None) == ("b1", "s1")
+        assert own is not None and fallback is not None and (own.name, fallback.name) == ("b1", "s1")
         waiter = asyncio.create_task(dispatcher.acquire(model, registry, set()))
         assert await await_until(lambda: dispatcher.waiting == 1)
         # when the fallback pool's slot frees

@@ -121,7 +121,8 @@ def test_promotion_reaches_the_top_class_so_nothing_starves() -> None:
     _offer(queue, "pager", CRITICAL, n=50)
     # when 1 s passes it is standard (still behind critical); after 2 s it is critical and shares with the flood
     clock.now = 1.0
-    assert queue.peek() is not None and queue.peek().item == "pager0" and nightly.rank == STANDARD
+    head = queue.peek()
+    assert head is not None and head.item == "pager0" and nightly.rank == STANDARD
     clock.now = 2.0
     queue.peek()
     assert nightly.rank == CRITICAL
