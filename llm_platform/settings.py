@@ -366,6 +366,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "BackendHealthStatusEnum": "backends.models.HealthStatus",
         "CheckRunStatusEnum": "backends.checks.models.RunStatus",
+        "PriorityEnum": "governance.priority.CHOICES",
     },
 }
 
