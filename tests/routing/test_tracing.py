@@ -410,3 +410,17 @@ async def test_lifecycle_exposes_the_sampled_trace_id(
     assert lifecycle.trace_id == CLIENT_TRACE
     await lifecycle.finish()
     assert one(spans, ROOT).context.trace_id == int(CLIENT_TRACE, 16)
+
+
+async def test_a_batch_line_is_an_internal_span_under_the_current_one(
+    spans: InMemorySpanExporter, build: Callable[..., Gateway]
+) -> None:
+    gateway = build({})
+    tracer = telemetry.tracer
+    assert tracer is not None
+    with tracer.start_as_current_span("run/batches.tasks.batch_run"):  # what the Celery instrumentation opens
+        lifecycle = gateway.lifecycle(gateway_endpoint(), "r1", 0.0, transport="batch")
+    await lifecycle.finish()
+    line, task = one(spans, "batch chat.completions"), one(spans, "run/batches.tasks.batch_run")
+    assert line.kind is SpanKind.INTERNAL
+    assert parent_id(line) == task.context.span_id
