@@ -361,6 +361,7 @@ class Lifecycle:
             input_tokens=self.prompt_tokens,
             output_tokens=self.completion_tokens,
             usage_seen=trusted,
+            priority=str(self.flow.priority),
         )
 
     def _status_from(self, error: BaseException | None) -> None:

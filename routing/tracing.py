@@ -283,8 +283,9 @@ class RequestTrace:
         input_tokens: int,
         output_tokens: int,
         usage_seen: bool,
+        priority: str = "",
     ) -> None:
-        """End every open span with the request's outcome."""
+        """End every open span with the request's outcome (and its priority class)."""
         error = code or (f"HTTP {status}" if status >= 400 else None)
         self._end_queue(error)
         self._end_stream(status)
@@ -292,6 +293,8 @@ class RequestTrace:
         root = self.root
         if root.is_recording():
             root.set_attribute("http.response.status_code", status)
+            if priority:
+                root.set_attribute("router.priority", priority)
             if response_model:
                 root.set_attribute("gen_ai.response.model", response_model)
             if usage_seen:

@@ -152,6 +152,7 @@ async def test_json_request_spans_names_parents_and_genai_attributes(
     )
     assert attrs["router.request_id"] == response.headers["x-request-id"]
     assert attrs["router.stream"] is False
+    assert attrs["router.priority"] == "standard"
     assert root.status.status_code is StatusCode.UNSET
     # the attempt: which backend, which served model
     attempt_attrs = attrs_of(attempt)
