@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, ClassVar
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from backends.models import Backend, BackendState, GpuPool, HealthStatus, Model, ModelFallback, validate_base_url
+from backends.models import (
+    Backend,
+    BackendState,
+    GpuPool,
+    HealthStatus,
+    Model,
+    ModelFallback,
+    ModelRoute,
+    RouteKind,
+    ShadowComparison,
+    validate_base_url,
+    validate_split_total,
+)
+from backends.selectors import shadow_comparison_summary
 from backends.services import backend_probe_many, backend_state_set
 from core.admin_ui import badge
 
@@ -290,6 +306,40 @@ class ModelFallbackInline(admin.TabularInline):
     fields = ("position", "pool")
 
 
+class ModelRouteFormSet(forms.BaseInlineFormSet):
+    """A model's routes; the split's shares (the rows kept) add up to 100 % at most."""
+
+    def clean(self) -> None:
+        super().clean()
+        percents = [
+            form.cleaned_data["percent"]
+            for form in self.forms
+            if form.cleaned_data
+            and not form.cleaned_data.get("DELETE")
+            and form.cleaned_data.get("kind") == RouteKind.SPLIT
+            and form.cleaned_data.get("percent") is not None
+        ]
+        try:
+            validate_split_total(percents)
+        except ValidationError as exc:
+            raise forms.ValidationError(exc.messages) from exc
+
+
+class ModelRouteInline(admin.TabularInline):
+    """Traffic split (canary) and shadow targets of a model, edited on its page; effective within seconds."""
+
+    model = ModelRoute
+    fk_name = "model"
+    formset = ModelRouteFormSet
+    extra = 0
+    fields = ("kind", "target", "percent")
+    verbose_name = "traffic split or shadow"
+    verbose_name_plural = (
+        "Traffic split and shadow: a split serves that share of the requests with the target model (the rest stays "
+        "on this model); a shadow mirrors that share to it, off the request path, for comparison"
+    )
+
+
 class ModelAdminForm(forms.ModelForm):
     """Model form; aliases edited as a comma-separated list."""
 
@@ -345,9 +395,36 @@ class ModelAdmin(admin.ModelAdmin):
     list_filter = ("kind", "pool", "enabled", ServedFilter)
     search_fields = ("name", "served_name")
     list_select_related = ("pool",)
-    readonly_fields: ClassVar[tuple[str, ...]] = ("unavailable_reason",)
+    readonly_fields: ClassVar[tuple[str, ...]] = ("unavailable_reason", "shadow_comparison")
     actions: list[str] = []
-    inlines = [ModelFallbackInline]
+    inlines = [ModelFallbackInline, ModelRouteInline]
+
+    @admin.display(description="shadow comparison (last 24 h)")
+    def shadow_comparison(self, obj: Model) -> str:
+        """This model's shadow traffic compared with its answers, per shadow model, over the last day."""
+        if not obj.pk:
+            return "–"
+        rows = shadow_comparison_summary(since=timezone.now() - timedelta(hours=24), primary=obj.name)
+        if not rows:
+            return "No shadow traffic in the last 24 h."
+        return format_html_join(
+            mark_safe("<br>"),
+            "→ {}: {} mirrored, {} errors, {} dropped; text match {} of {} compared; latency ×{}; "
+            "completion tokens {} per answer",
+            (
+                (
+                    r["shadow"],
+                    r["mirrored"],
+                    r["errors"],
+                    r["dropped"],
+                    _percent(r["match_ratio"]),
+                    r["compared"],
+                    _figure(r["latency_ratio"], "{:.2f}"),
+                    _figure(r["completion_tokens_delta"], "{:+.1f}"),
+                )
+                for r in rows
+            ),
+        )
 
     @admin.display(description="aliases")
     def alias_list(self, obj: Model) -> str:
@@ -361,6 +438,65 @@ class ModelAdmin(admin.ModelAdmin):
         return format_html(
             "{} <small>{}</small>", badge("not served", STATUS_COLOURS[HealthStatus.UNHEALTHY]), obj.unavailable_reason
         )
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.1f} %"
+
+
+def _figure(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+@admin.register(ShadowComparison)
+class ShadowComparisonAdmin(admin.ModelAdmin):
+    """Shadow traffic compared with its primary, per hour and model pair (written by the router; read-only)."""
+
+    list_display = (
+        "hour",
+        "primary",
+        "shadow",
+        "mirrored",
+        "errors",
+        "dropped",
+        "match",
+        "latency_ratio",
+        "completion_tokens_delta",
+        "prompt_tokens_delta_mean",
+    )
+    list_filter = ("primary", "shadow")
+    date_hierarchy = "hour"
+    search_fields = ("primary", "shadow")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ShadowComparison | None = None) -> bool:
+        return False
+
+    @admin.display(description="text match (temperature 0)")
+    def match(self, obj: ShadowComparison) -> str:
+        if not obj.compared:
+            return "–"
+        return f"{_percent(obj.matched / obj.compared)} of {obj.compared}"
+
+    @admin.display(description="latency shadow / primary")
+    def latency_ratio(self, obj: ShadowComparison) -> str:
+        if not obj.primary_latency_ms_sum:
+            return "–"
+        return f"×{obj.shadow_latency_ms_sum / obj.primary_latency_ms_sum:.2f}"
+
+    @admin.display(description="completion tokens Δ / answer")
+    def completion_tokens_delta(self, obj: ShadowComparison) -> str:
+        ok = obj.mirrored - obj.errors
+        if ok <= 0:
+            return "–"
+        return f"{(obj.shadow_completion_tokens - obj.primary_completion_tokens) / ok:+.1f}"
+
+    @admin.display(description="prompt tokens Δ / answer")
+    def prompt_tokens_delta_mean(self, obj: ShadowComparison) -> str:
+        ok = obj.mirrored - obj.errors
+        return "–" if ok <= 0 else f"{obj.prompt_tokens_delta / ok:+.1f}"
 
 
 def _ratio(value: object) -> str:

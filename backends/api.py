@@ -56,7 +56,7 @@ class BackendViewSet(viewsets.ModelViewSet):
 class ModelViewSet(viewsets.ModelViewSet):
     """CRUD for models."""
 
-    queryset = Model.objects.select_related("pool").prefetch_related("fallbacks__pool")
+    queryset = Model.objects.select_related("pool").prefetch_related("fallbacks__pool", "routes__target")
     serializer_class = ModelSerializer
     lookup_field = "name"
     lookup_value_regex = "[^/]+"

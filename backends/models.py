@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from backends.validators import validate_name
@@ -265,6 +265,14 @@ class Model(models.Model):
         help_text="Set by the health probe when no backend of the pool lists the model at /v1/models; "
         "the router then neither lists nor routes it. Empty: served.",
     )
+    split_sticky_key = models.CharField(
+        max_length=100,
+        blank=True,
+        default="",
+        help_text='Traffic split stickiness: empty, each request is drawn at random by weight; "user" (the '
+        'request\'s user field) or "header:<name>" (e.g. header:x-session-id): the same key always gets the same '
+        "model. Requests without the key are drawn at random.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -293,6 +301,9 @@ class Model(models.Model):
                 validate_name(alias)
             except ValidationError as exc:
                 raise ValidationError({"aliases": f"{alias!r}: {exc.messages[0]}"}) from exc
+        key = self.split_sticky_key or ""
+        if key and key != "user" and not (key.startswith("header:") and len(key) > len("header:")):
+            raise ValidationError({"split_sticky_key": 'Leave empty, or use "user" or "header:<header name>".'})
         if self.name in self.aliases or len(set(self.aliases)) != len(self.aliases):
             raise ValidationError({"aliases": "Aliases must be distinct and differ from the name."})
         taken: dict[str, str] = {}
@@ -324,6 +335,81 @@ class ModelFallback(models.Model):
         """A model's own pool cannot also be its fallback."""
         if self.model_id and self.pool_id and self.model.pool_id == self.pool_id:
             raise ValidationError({"pool": "The model's own pool cannot be a fallback pool."})
+
+
+class RouteKind(models.TextChoices):
+    """What a model route does with a share of the model's requests."""
+
+    SPLIT = "split", "Traffic split"
+    SHADOW = "shadow", "Shadow (mirror)"
+
+
+class ModelRoute(models.Model):
+    """A share of a model's requests routed to (split) or mirrored to (shadow) another model.
+
+    Split: `percent` of the requests for `model` are served by `target` instead (the remainder of 100 % stays on
+    `model` itself); the client still sees the public name it asked for. Shadow: `percent` of them are also sent,
+    after the answer, to `target`, whose answer is only compared with the primary's (docs/routing.md).
+    """
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="routes")
+    kind = models.CharField(max_length=8, choices=RouteKind.choices)
+    target = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="routed_from")
+    percent = models.FloatField(
+        validators=[MinValueValidator(0.01), MaxValueValidator(100.0)],
+        help_text="Share of the model's requests, in percent (0.01 to 100).",
+    )
+
+    class Meta:
+        ordering = ["kind", "target__name"]
+        constraints = [models.UniqueConstraint(fields=["model", "kind", "target"], name="unique_model_route")]
+
+    def __str__(self) -> str:
+        return f"{self.model} → {self.target} ({self.percent:g} % {self.kind})"
+
+    def clean(self) -> None:
+        """A route goes to another model of the same kind."""
+        if self.model_id and self.target_id:
+            if self.model_id == self.target_id:
+                raise ValidationError({"target": "A model cannot route to itself."})
+            if self.model.kind != self.target.kind:
+                raise ValidationError(
+                    {"target": f"{self.target} is a {self.target.kind} model; {self.model} is a {self.model.kind} one."}
+                )
+
+
+def validate_split_total(percents: list[float]) -> None:
+    """The shares of a model's traffic split add up to 100 % at most (the rest stays on the model)."""
+    total = sum(percents)
+    if total > 100.0 + 1e-9:
+        raise ValidationError(f"The traffic split adds up to {total:g} %; at most 100 %.", code="split_total")
+
+
+class ShadowComparison(models.Model):
+    """Shadow traffic compared with its primary, summed per hour and model pair (written by the router)."""
+
+    hour = models.DateTimeField()
+    primary = models.CharField(max_length=200, help_text="The model that answered the client.")
+    shadow = models.CharField(max_length=200, help_text="The model the request was mirrored to.")
+    mirrored = models.PositiveIntegerField(default=0, help_text="Shadow requests sent.")
+    errors = models.PositiveIntegerField(default=0, help_text="Shadow requests that failed (not 200).")
+    dropped = models.PositiveIntegerField(default=0, help_text="Mirrors dropped (queue full, no free slot).")
+    compared = models.PositiveIntegerField(default=0, help_text="Answers at temperature 0 whose texts were compared.")
+    matched = models.PositiveIntegerField(default=0, help_text="Of those, answers with the same text.")
+    primary_latency_ms_sum = models.FloatField(default=0.0)
+    shadow_latency_ms_sum = models.FloatField(default=0.0)
+    primary_completion_tokens = models.PositiveBigIntegerField(default=0)
+    shadow_completion_tokens = models.PositiveBigIntegerField(default=0)
+    prompt_tokens_delta = models.BigIntegerField(default=0, help_text="Sum of shadow minus primary prompt tokens.")
+
+    class Meta:
+        ordering = ["-hour", "primary", "shadow"]
+        constraints = [
+            models.UniqueConstraint(fields=["hour", "primary", "shadow"], name="unique_shadow_comparison_hour_pair")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.primary} → {self.shadow}"
 
 
 class RegistryState(models.Model):

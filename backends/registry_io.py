@@ -23,11 +23,20 @@ from django.db import models, transaction
 from django.db.models import ProtectedError
 from rest_framework import serializers
 
-from backends.models import Backend, GpuPool, Model, ModelFallback, normalize_api_key
-from backends.serializers import BackendSerializer, GpuPoolSerializer, ModelSerializer
-from backends.services import registry_version_bump_on_commit
+from backends.models import Backend, GpuPool, Model, ModelFallback, RouteKind, normalize_api_key
+from backends.serializers import (
+    BackendSerializer,
+    GpuPoolSerializer,
+    ModelRoutesField,
+    ModelSerializer,
+    model_route_entries,
+    route_targets_check,
+)
+from backends.services import model_routes_replace, registry_version_bump_on_commit
 
 TOP_LEVEL_KEYS = ("pools", "models")
+ROUTE_KEYS = {"traffic_split": RouteKind.SPLIT, "shadows": RouteKind.SHADOW}
+"""A model entry's lists of routes to other models, set after every model of the document exists."""
 
 
 class RegistryImportError(Exception):
@@ -117,7 +126,7 @@ def registry_export(*, include_secrets: bool = False) -> dict[str, Any]:
     backends_by_pool: dict[int, list[dict[str, Any]]] = {}
     for b in Backend.objects.order_by("name"):
         backends_by_pool.setdefault(b.pool_id, []).append(schema["backends"].export(b, include_secrets=include_secrets))
-    models = Model.objects.select_related("pool").prefetch_related("fallbacks__pool").order_by("name")
+    models = Model.objects.select_related("pool").prefetch_related("fallbacks__pool", "routes__target").order_by("name")
     return {
         "pools": [
             schema["pools"].export(p, include_secrets=include_secrets, backends=backends_by_pool.get(p.pk, []))
@@ -233,12 +242,29 @@ def _expect_str_list(value: Any) -> str | None:
     return None
 
 
+def _expect_route_list(value: Any) -> str | None:
+    """A traffic split or shadow list: mappings with exactly `model` (a string) and `percent` (a number)."""
+    if not isinstance(value, list):
+        return f"expected a list of {{model, percent}} mappings, got {_type(value)}"
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            return f"item {i}: expected a mapping with 'model' and 'percent', got {_type(item)}"
+        if set(item) != {"model", "percent"}:
+            return f"item {i}: expected exactly the keys 'model' and 'percent', got {', '.join(map(str, item))}"
+        problem = _expect_str(item["model"]) or _expect_number(item["percent"])
+        if problem:
+            return f"item {i}: {problem}"
+    return None
+
+
 Check = Callable[[Any], str | None]
 
 
 def _check_for(serializer: type[serializers.Serializer], name: str, field: serializers.Field) -> Check:
     """The strict YAML type check of a serializer field (YAML has types: `1.0` is not the string "1.0")."""
-    if isinstance(field, serializers.BooleanField):
+    if isinstance(field, ModelRoutesField):
+        check = _expect_route_list
+    elif isinstance(field, serializers.BooleanField):
         check = _expect_bool
     elif isinstance(field, serializers.IntegerField):
         check = _expect_int
@@ -295,7 +321,7 @@ class _Kind:
     def settable(self) -> tuple[str, ...]:
         """Keys copied onto the row as they are: not the name (the lookup key), nor the relations and children,
         which the importer resolves by name (`pool`, `fallback_pools`, `backends`)."""
-        return tuple(k for k in self.keys if k not in {"name", "pool", "fallback_pools", "backends"})
+        return tuple(k for k in self.keys if k not in ROUTE_KEYS | {"name", "pool", "fallback_pools", "backends"})
 
     def export(self, row: Any, *, include_secrets: bool, **given: Any) -> dict[str, Any]:
         """The entry of a row: each key's value as its serializer field represents it, unless `given`."""
@@ -336,6 +362,10 @@ class _Entry:
     def name(self) -> str:
         """The entry's name (checked to be a string)."""
         return self.data["name"]
+
+
+def _by_model(entry: dict[str, Any]) -> str:
+    return str(entry["model"])
 
 
 def _label(where: str, entry: Any) -> str:
@@ -435,6 +465,7 @@ class _Importer:
         # Names used anywhere in the document (even in entries with errors), so prune never deletes them.
         self.named: dict[str, set[str]] = {"pools": set(), "backends": set(), "models": set()}
         self.pool_rows: dict[str, GpuPool] = {p.name: p for p in GpuPool.objects.all()}
+        self.model_rows: dict[str, Model] = {}
 
     def run(self) -> None:
         """Check, apply, prune; raise RegistryImportError if anything was wrong."""
@@ -666,6 +697,43 @@ class _Importer:
             )
             if saved and fallbacks_changed:
                 self._fallbacks_replace(row, new_fallbacks, entry)
+            if saved:
+                self.model_rows[entry.name] = row
+        for entry in self.models:  # every model of the document exists now: routes may point at any of them
+            row = self.model_rows.get(entry.name)
+            if row is not None and entry.ok:
+                self._routes_replace(row, entry)
+
+    def _routes_replace(self, model: Model, entry: _Entry) -> None:
+        """Replace the model's traffic split and shadows given in its entry (unchanged when the key is absent)."""
+        for key, kind in ROUTE_KEYS.items():
+            entries = entry.data.get(key)
+            if entries is None:
+                continue
+            before = model_route_entries(model, kind)
+            wanted = sorted(({"model": e["model"], "percent": float(e["percent"])} for e in entries), key=_by_model)
+            problems = route_targets_check(name=model.name, kind=kind, entries=wanted)
+            names = [e["model"] for e in wanted]
+            targets = {m.name: m for m in Model.objects.filter(name__in=names)}
+            problems += [f"unknown model {n!r}" for n in names if n not in targets]
+            if problems:
+                self.errors.extend(f"{entry.label}: field {key!r}: {p}" for p in problems)
+                entry.ok = False
+                continue
+            if wanted == before:
+                continue
+            try:
+                model_routes_replace(
+                    model=model, kind=kind, entries=[(targets[e["model"]], e["percent"]) for e in wanted]
+                )
+            except ValidationError as exc:
+                self.errors.extend(f"{entry.label}: field {key!r}: {m}" for _, m in _messages(exc))
+                entry.ok = False
+                continue
+            if entry.name in self.report.models.unchanged:
+                self.report.models.unchanged.remove(entry.name)
+            if entry.name not in self.report.models.created:
+                self.report.models.updated.setdefault(entry.name, []).append(key)
 
     def _fallbacks_replace(self, model: Model, pool_names: list[str], entry: _Entry) -> None:
         """Replace a model's fallback pools with the given ordered list."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
-from backends.models import Backend, GpuPool, Model, ModelFallback
+from backends.models import Backend, GpuPool, Model, ModelFallback, RouteKind, validate_split_total
 from core.drf import FullCleanMixin
 
 
@@ -30,6 +31,56 @@ class FallbackPoolsField(serializers.ListField):
 
     def get_attribute(self, instance: Model) -> list[str]:
         return model_fallback_names(instance)
+
+
+def model_route_entries(model: Model, kind: str) -> list[dict[str, Any]]:
+    """A model's routes of one kind as `{"model": <target>, "percent": <share>}`, by target name.
+
+    Uses `prefetch_related("routes__target")` when the queryset has it (the API and the YAML export do).
+    """
+    prefetched = "routes" in getattr(model, "_prefetched_objects_cache", {})
+    rows = model.routes.all() if prefetched else model.routes.select_related("target")
+    entries = [{"model": r.target.name, "percent": r.percent} for r in rows if r.kind == kind]
+    return sorted(entries, key=lambda e: e["model"])
+
+
+class ModelRouteEntrySerializer(serializers.Serializer):
+    """One entry of a traffic split or of the shadows: another model (public name) and a share in percent."""
+
+    model = serializers.CharField()
+    percent = serializers.FloatField(min_value=0.01, max_value=100.0)
+
+
+class ModelRoutesField(serializers.ListField):
+    """A model's traffic split or shadows (`kind`): a list of {model, percent}; written by the serializer."""
+
+    child = ModelRouteEntrySerializer()
+
+    def __init__(self, *, kind: str, **kwargs: Any) -> None:
+        self.kind = kind
+        super().__init__(**kwargs)
+
+    def get_attribute(self, instance: Model) -> list[dict[str, Any]]:
+        return model_route_entries(instance, self.kind)
+
+    def to_representation(self, data: Any) -> list[dict[str, Any]]:
+        return [{"model": e["model"], "percent": e["percent"]} for e in data]
+
+
+def route_targets_check(*, name: str, kind: str, entries: list[dict[str, Any]]) -> list[str]:
+    """Problems with the entries of a model's split or shadows (other than the targets' existence)."""
+    problems = []
+    targets = [e["model"] for e in entries]
+    if len(set(targets)) != len(targets):
+        problems.append("a model is listed more than once")
+    if name in targets:
+        problems.append("a model cannot route to itself")
+    if kind == RouteKind.SPLIT:
+        try:
+            validate_split_total([float(e["percent"]) for e in entries])
+        except DjangoValidationError as exc:
+            problems.extend(exc.messages)
+    return problems
 
 
 class GpuPoolSerializer(FullCleanMixin, serializers.ModelSerializer):
@@ -124,6 +175,8 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
     pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())
     aliases = serializers.ListField(child=serializers.CharField(), required=False)
     fallback_pools = FallbackPoolsField(child=serializers.CharField(), required=False)
+    traffic_split = ModelRoutesField(kind=RouteKind.SPLIT, required=False)
+    shadows = ModelRoutesField(kind=RouteKind.SHADOW, required=False)
 
     class Meta:
         model = Model
@@ -137,6 +190,9 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
             "fallback_pools",
             "max_context_length",
             "enabled",
+            "split_sticky_key",
+            "traffic_split",
+            "shadows",
             "unavailable_reason",
             "created_at",
             "updated_at",
@@ -158,20 +214,59 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
         pool = attrs.get("pool") or getattr(self.instance, "pool", None)
         if pool is not None and pool.name in attrs.get("fallback_pools", []):
             raise serializers.ValidationError({"fallback_pools": "The model's own pool cannot be a fallback."})
+        name = attrs.get("name") or getattr(self.instance, "name", "")
+        kind = attrs.get("kind") or getattr(self.instance, "kind", "")
+        for field, route_kind in (("traffic_split", RouteKind.SPLIT), ("shadows", RouteKind.SHADOW)):
+            entries = attrs.get(field)
+            if entries is None:
+                continue
+            problems = route_targets_check(name=name, kind=route_kind, entries=entries)
+            targets = {m.name: m for m in Model.objects.filter(name__in=[e["model"] for e in entries])}
+            for e in entries:
+                target = targets.get(e["model"])
+                if target is None:
+                    problems.append(f"unknown model {e['model']!r}")
+                elif target.kind != kind:
+                    problems.append(f"{target.name} is a {target.kind} model, not {kind}")
+            if problems:
+                raise serializers.ValidationError({field: problems})
         return attrs
 
     def create(self, validated_data: dict[str, Any]) -> Model:
         fallbacks = validated_data.pop("fallback_pools", [])
+        routes = self._pop_routes(validated_data)
         model = super().create(validated_data)
         self._set_fallbacks(model, fallbacks)
+        self._set_routes(model, routes)
         return model
 
     def update(self, instance: Model, validated_data: dict[str, Any]) -> Model:
         fallbacks = validated_data.pop("fallback_pools", None)
+        routes = self._pop_routes(validated_data)
         model = super().update(instance, validated_data)
         if fallbacks is not None:
             self._set_fallbacks(model, fallbacks)
+        self._set_routes(model, routes)
         return model
+
+    @staticmethod
+    def _pop_routes(validated_data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        routes = {}
+        for field, kind in (("traffic_split", RouteKind.SPLIT), ("shadows", RouteKind.SHADOW)):
+            entries = validated_data.pop(field, None)
+            if entries is not None:
+                routes[kind] = entries
+        return routes
+
+    @staticmethod
+    def _set_routes(model: Model, routes: dict[str, list[dict[str, Any]]]) -> None:
+        from backends.services import model_routes_replace
+
+        for kind, entries in routes.items():
+            targets = {m.name: m for m in Model.objects.filter(name__in=[e["model"] for e in entries])}
+            model_routes_replace(
+                model=model, kind=kind, entries=[(targets[e["model"]], float(e["percent"])) for e in entries]
+            )
 
     @staticmethod
     def _set_fallbacks(model: Model, names: list[str]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -254,6 +255,54 @@ def backend_state_set(*, backends: Iterable[Backend], state: BackendState) -> in
     if count:
         registry_version_bump_on_commit()
     return count
+
+
+def model_routes_replace(*, model: Model, kind: str, entries: list[tuple[Model, float]]) -> None:
+    """Replace a model's traffic split or shadows (`kind`) with (target, percent) entries; ValidationError if bad.
+
+    Run it inside a transaction: a bad entry raises after the old routes are gone. The registry version is bumped
+    on commit by the rows' signals.
+    """
+    from backends.models import ModelRoute, RouteKind, validate_split_total
+
+    if kind == RouteKind.SPLIT:
+        validate_split_total([percent for _, percent in entries])
+    ModelRoute.objects.filter(model=model, kind=kind).delete()
+    for target, percent in entries:
+        route = ModelRoute(model=model, kind=kind, target=target, percent=percent)
+        route.full_clean()
+        route.save()
+
+
+SHADOW_COUNTERS = (
+    "mirrored",
+    "errors",
+    "dropped",
+    "compared",
+    "matched",
+    "primary_latency_ms_sum",
+    "shadow_latency_ms_sum",
+    "primary_completion_tokens",
+    "shadow_completion_tokens",
+    "prompt_tokens_delta",
+)
+"""The summed fields of `ShadowComparison`, which the router's shadow tallies add to."""
+
+
+def shadow_comparisons_add(*, hour: datetime, tallies: Mapping[tuple[str, str], Mapping[str, float]]) -> int:
+    """Add each (primary, shadow) pair's tallies to its row of the hour (created when missing); return the rows."""
+    from backends.models import ShadowComparison
+
+    written = 0
+    with transaction.atomic():
+        for (primary, shadow), delta in sorted(tallies.items()):
+            values = {k: F(k) + v for k, v in delta.items() if k in SHADOW_COUNTERS and v}
+            if not values:
+                continue
+            row, _ = ShadowComparison.objects.get_or_create(hour=hour, primary=primary, shadow=shadow)
+            ShadowComparison.objects.filter(pk=row.pk).update(**values)
+            written += 1
+    return written
 
 
 def registry_demo_create(*, mock_urls: list[str]) -> bool:

@@ -57,6 +57,29 @@ class ModelSnap:
     unavailable_reason: str = ""  # set by the health probe: no backend of the pool lists the model
 
 
+@dataclass(frozen=True, slots=True)
+class SplitSnap:
+    """A model's traffic split: the models that serve its requests and their cumulative shares.
+
+    `targets[i]` serves a request whose draw in [0, 1) is below `bounds[i]` (and at or above `bounds[i - 1]`);
+    the model itself, when it keeps a share, comes first. `sticky_key` names where a request's sticky key is
+    read ("user" or "header:<name>"; empty: every request is drawn at random).
+    """
+
+    model: str
+    targets: tuple[ModelSnap, ...]
+    bounds: tuple[float, ...]
+    sticky_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSnap:
+    """A model that a share (0 to 1) of another model's requests is mirrored to."""
+
+    target: ModelSnap
+    share: float
+
+
 @dataclass(frozen=True)
 class RegistrySnapshot:
     """Everything the router needs to route, keyed for O(1) lookups; rebuilt whole on every change."""
@@ -68,6 +91,9 @@ class RegistrySnapshot:
     # Enabled models no backend of their pool lists (public name and aliases -> model), kept out of `models` and
     # `listed_models`: the gateway answers 404 for them as for unknown names, or, looking here, a 503 that says why.
     unavailable: dict[str, ModelSnap] = field(default_factory=dict)
+    # By the model's public name (not its aliases): its traffic split, and the models its requests are mirrored to.
+    splits: dict[str, SplitSnap] = field(default_factory=dict)
+    shadows: dict[str, tuple[ShadowSnap, ...]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> RegistrySnapshot:

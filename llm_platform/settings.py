@@ -327,6 +327,12 @@ ROUTER_RETRY_BUDGET_MIN = env_int("ROUTER_RETRY_BUDGET_MIN", 10)
 ROUTER_QUEUE_MAX = env_int("ROUTER_QUEUE_MAX", 100)
 ROUTER_QUEUE_TIMEOUT_S = env_float("ROUTER_QUEUE_TIMEOUT_S", 10.0)
 ROUTER_QUEUE_PROMOTE_AFTER_S = env_float("ROUTER_QUEUE_PROMOTE_AFTER_S", 5.0)
+# Shadow traffic (docs/routing.md): mirrored requests running at once and waiting per process (beyond, dropped),
+# the longest a mirror may take, and how often the comparisons are added to the database rollup (seconds).
+ROUTER_SHADOW_CONCURRENCY = max(0, env_int("ROUTER_SHADOW_CONCURRENCY", 2))
+ROUTER_SHADOW_QUEUE = max(0, env_int("ROUTER_SHADOW_QUEUE", 16))
+ROUTER_SHADOW_TIMEOUT_S = env_float("ROUTER_SHADOW_TIMEOUT_S", 30.0)
+ROUTER_SHADOW_FLUSH_S = env_float("ROUTER_SHADOW_FLUSH_S", 5.0)
 # How often vLLM's /metrics are scraped for kv_cache_aware pools (background, never per request).
 ROUTER_METRICS_SCRAPE_S = env_float("ROUTER_METRICS_SCRAPE_S", 2.0)
 # Rate limits when Redis cannot be reached: "local" (fail open to per-process counters), "closed" (503 for

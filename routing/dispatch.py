@@ -500,9 +500,10 @@ class Dispatcher:
         context: RequestContext = NO_CONTEXT,
         observer: AttemptObserver | None = None,
         flow: Flow = DEFAULT_FLOW,
+        max_attempts: int | None = None,
     ) -> tuple[UpstreamResponse, BackendSnap]:
         """Send the request; on connect errors and 502/503 (nothing sent to the client yet) retry on another
-        backend, within the attempt limit and the retry budget.
+        backend, within the attempt limit (`max_attempts`, default the dispatcher's) and the retry budget.
 
         Returns the response (its body unread when `stream`; the caller closes it) and the backend, whose slot
         stays taken: the caller calls `done(backend, ok)` when the exchange is over. An `observer` (tracing) is
@@ -513,7 +514,7 @@ class Dispatcher:
         tried: set[str] = set()
         failure: APIError | None = None
         self.retry_budget.request()
-        for attempt in range(self.max_attempts):
+        for attempt in range(max_attempts or self.max_attempts):
             if attempt and not self.retry_budget.try_retry():
                 logger.warning("retry budget exhausted; not retrying request %s", request_id)
                 break

@@ -35,6 +35,7 @@ from routing.usage import UsageEvent, UsageSink
 
 if TYPE_CHECKING:
     from routing.gateway import Endpoint, PreparedRequest
+    from routing.shadow import ShadowTicket
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Lifecycle:
         "endpoint",
         "flow",
         "limiter",
+        "max_attempts",
         "prepared",
         "principal",
         "prompt_tokens",
@@ -98,6 +100,7 @@ class Lifecycle:
         "status",
         "stream",
         "streamed_events",
+        "tap",
         "trace",
         "ttft_ms",
         "usage_seen",
@@ -139,6 +142,8 @@ class Lifecycle:
         self.usage_untrusted = False
         self.streamed_events = 0
         self.ttft_ms: float | None = None
+        self.max_attempts: int | None = None  # None: the dispatcher's; 1 for shadow requests
+        self.tap: ShadowTicket | None = None  # keeps a mirrored stream's bytes for its comparison
         self._verdict_given = False
         self._closed = False
         self._finished = False
@@ -161,6 +166,8 @@ class Lifecycle:
         """
         self.prepared = prepared
         self.stream = prepared.stream
+        if prepared.stream and prepared.shadow is not None:
+            self.tap = prepared.shadow
         principal = self.principal
         if self.trace is not None:
             self.trace.request(prepared, principal, self.request_id)
@@ -172,7 +179,8 @@ class Lifecycle:
             return ()
         priority = priority_clamp(prepared.priority, default=key.priority_default, ceiling=key.priority_max)
         self.flow = Flow(key.bucket, priority, key.queue_weight)
-        if not key.may_use(prepared.requested, prepared.model.name):
+        # Access is to the model asked for (a traffic split's choice needs no access of its own).
+        if not key.may_use(prepared.requested, prepared.split_from or prepared.model.name):
             raise errors.model_not_found(prepared.requested)
         if not key.limited or self.limiter is None:
             return ()
@@ -211,6 +219,7 @@ class Lifecycle:
                 context=prepared.context,
                 observer=trace,
                 flow=self.flow,
+                max_attempts=self.max_attempts,
             )
         except BaseException as exc:
             if trace is not None:
@@ -263,14 +272,18 @@ class Lifecycle:
         try:
             if idle_timeout_s > 0:
                 async with asyncio.timeout(idle_timeout_s):
-                    return await anext(upstream)
-            return await anext(upstream)
+                    chunk = await anext(upstream)
+            else:
+                chunk = await anext(upstream)
         except UpstreamReadTimeout:
             raise errors.backend_timeout(backend.name, backend.read_timeout_s, "send the next token") from None
         except TimeoutError:
             raise errors.backend_timeout(backend.name, idle_timeout_s, "send the next token") from None
         except UpstreamError as exc:
             raise errors.backend_failed(backend.name, "stream broken", detail=errors.describe(exc)) from None
+        if self.tap is not None:
+            self.tap.feed(chunk)
+        return chunk
 
     def stream_failed(self, error: APIError) -> None:
         """The stream broke after its first byte: record the status, blame the backend."""
@@ -341,6 +354,7 @@ class Lifecycle:
         except Exception:  # closing a broken connection must not stop the accounting
             logger.debug("closing the upstream response failed (request %s)", self.request_id, exc_info=True)
         status = self.status
+        prepared = self.prepared
         self.verdict(None if status == CLIENT_GONE else status < 500, f"ended with {status}")
         self._record()
         if self.reservation is not None and self.limiter is not None:
@@ -350,6 +364,11 @@ class Lifecycle:
                 logger.warning("settling the rate-limit reservation failed (request %s)", self.request_id)
         if self.trace is not None:
             self._end_trace(self.trace)
+        if prepared is not None and prepared.shadow is not None:
+            try:  # the answer is out: mirror it (queued, never awaited here)
+                prepared.shadow.submit(self)
+            except Exception:
+                logger.exception("mirroring request %s failed", self.request_id)
 
     def _end_trace(self, trace: RequestTrace) -> None:
         prepared = self.prepared
@@ -390,7 +409,8 @@ class Lifecycle:
                 principal=principal.name if principal is not None else "anonymous",
                 key_id=principal.key.id if principal is not None and principal.key is not None else None,
                 endpoint=self.endpoint.name,
-                model=prepared.requested if prepared is not None else "",
+                # the model that served: a traffic split's choice, else the name asked for
+                model=(prepared.model.name if prepared.split_from else prepared.requested) if prepared else "",
                 backend=self.backend.name if self.backend is not None else "",
                 status=self.status,
                 prompt_tokens=self.prompt_tokens,

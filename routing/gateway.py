@@ -46,8 +46,10 @@ from routing.serializers import (
     parse_json,
     validate_request_offloaded,
 )
+from routing.shadow import ShadowMirror, ShadowTicket
 from routing.sse import StreamState
 from routing.tracing import configure_capture
+from routing.traffic import split_choose
 from routing.usage import MemoryUsageSink, UsageSink
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,8 @@ class PreparedRequest:
     body: bytes
     strip_continuous_usage: bool = False
     priority: Priority | None = None  # the class the request asked for (header or body), before the key's ceiling
+    split_from: str = ""  # the model the client asked for, when its traffic split chose `model` (routing.traffic)
+    shadow: ShadowTicket | None = None  # set when the request is mirrored (routing.shadow)
 
 
 class Gateway:
@@ -147,6 +151,7 @@ class Gateway:
         continuous_usage: bool = True,
         expose_backend: bool = False,
         limits: RequestLimits | None = None,
+        shadow: ShadowMirror | None = None,
     ) -> None:
         self.fallback = fallback
         self.registry = registry
@@ -164,6 +169,8 @@ class Gateway:
         self.expose_backend = expose_backend
         self.limits = limits if limits is not None else RequestLimits()
         self._models_body: tuple[int, bytes] = (-2, b"")
+        self.shadow = shadow if shadow is not None else ShadowMirror()
+        self.shadow.attach(dispatcher=dispatcher, lifecycle=self.lifecycle)
 
     @classmethod
     def from_settings(cls, fallback: ASGIApp | None) -> Gateway:
@@ -238,6 +245,7 @@ class Gateway:
             continuous_usage=settings.ROUTER_STREAM_CONTINUOUS_USAGE,
             expose_backend=settings.ROUTER_EXPOSE_BACKEND,
             limits=RequestLimits.from_settings(),
+            shadow=ShadowMirror.from_settings(),
         )
 
     # --- ASGI entry -----------------------------------------------------------------------------------------
@@ -277,6 +285,7 @@ class Gateway:
                     await self.registry.get()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.shadow.aclose()  # before the usage writer: mirrors in flight record their usage
                 close = getattr(self.usage, "aclose", None)
                 if close is not None:  # flush buffered usage records before exiting
                     await close()
@@ -512,6 +521,17 @@ class Gateway:
                 param="model",
                 code="model_not_supported",
             )
+        user = data.get("user")
+        context = RequestContext(
+            user=user if isinstance(user, str) else None, headers=headers, endpoint=endpoint.name, data=data
+        )
+        shadow = self.shadow.plan(registry, model)
+        split = registry.splits.get(model.name)
+        split_from = ""
+        if split is not None:  # canary: the split chooses the model that serves (once, here; docs/routing.md)
+            served, _ = split_choose(split, context)
+            if served is not model:
+                split_from, model = model.name, served
         data["model"] = model.served_name
         stream = endpoint.can_stream and data.get("stream") is True
         strip_usage = strip_continuous = False
@@ -527,17 +547,25 @@ class Gateway:
             if any(options.get(k) is not True for k in wanted):
                 data["stream_options"] = {**options, **wanted}
         priority = priority_requested(data, headers)
-        user = data.get("user")
-        context = RequestContext(
-            user=user if isinstance(user, str) else None, headers=headers, endpoint=endpoint.name, data=data
-        )
         try:
             body = orjson.dumps(data)
         except orjson.JSONEncodeError:  # nested deeper than orjson encodes: name the parameter, as validation does
             check_depth(data)
             raise errors.bad_request("The request body is nested too deeply to forward.", code="invalid_body") from None
         return PreparedRequest(
-            endpoint, data, model, requested, registry, stream, strip_usage, context, body, strip_continuous, priority
+            endpoint,
+            data,
+            model,
+            requested,
+            registry,
+            stream,
+            strip_usage,
+            context,
+            body,
+            strip_continuous,
+            priority,
+            split_from,
+            shadow,
         )
 
     async def _forward(self, send: Send, lc: Lifecycle) -> None:
@@ -563,6 +591,8 @@ class Gateway:
         headers: tuple[tuple[bytes, bytes], ...] = ((b"x-request-id", lc.request_id.encode()),)
         if lc.backend is not None and (self.expose_backend or lc.internal):
             headers = (*headers, (b"x-router-backend", lc.backend.name.encode()))
+            if lc.prepared is not None and lc.prepared.split_from:  # the model a traffic split chose
+                headers = (*headers, (b"x-router-model", lc.prepared.model.name.encode()))
         if lc.prepared is not None and lc.prepared.priority is not None:  # asked for a class: the one it ran in
             headers = (*headers, (b"x-priority", lc.flow.priority.value.encode()))
         return (*headers, *lc.limit_headers)

@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db.models import Model as DjangoModel
 
-from backends.models import Backend, GpuPool, Model, ModelFallback
+from backends.models import Backend, GpuPool, Model, ModelFallback, ModelRoute
 from backends.registry_io import (
     RegistryImportError,
     registry_export,
@@ -86,6 +86,9 @@ def test_export_is_sorted_without_health_or_secrets(registry: None) -> None:
         "fallback_pools": ["gpu-c", "gpu-b"],
         "max_context_length": None,
         "enabled": True,
+        "split_sticky_key": "",
+        "traffic_split": [],
+        "shadows": [],
     }
     text = registry_yaml_dump(document=doc)
     assert "sk-a2" not in text and "api_key" not in text and "status" not in text
@@ -380,6 +383,7 @@ NOT_IN_YAML: dict[type, set[str]] = {
     Backend: {"id", "created_at", "updated_at", "status", "last_checked_at", "last_error", "last_latency_ms"},
     Model: {"id", "created_at", "updated_at", "unavailable_reason"},
     ModelFallback: {"id"},
+    ModelRoute: {"id"},
 }
 # Given by the document's structure rather than by a key of the entry itself.
 IMPLIED_BY_NESTING: dict[type, set[str]] = {
@@ -387,8 +391,9 @@ IMPLIED_BY_NESTING: dict[type, set[str]] = {
     Backend: {"pool"},  # the pool it is listed under
     Model: set(),
     ModelFallback: {"model", "pool", "position"},  # a model's ordered `fallback_pools`
+    ModelRoute: {"model", "kind", "target", "percent"},  # a model's `traffic_split` and `shadows`
 }
-REGISTRY_MODELS = (GpuPool, Backend, Model, ModelFallback)
+REGISTRY_MODELS = (GpuPool, Backend, Model, ModelFallback, ModelRoute)
 
 
 def _config_fields(model: type[DjangoModel]) -> list[Any]:
@@ -416,7 +421,12 @@ def _state() -> dict[str, dict[str, dict[str, Any]]]:
         rows = state.setdefault(model.__name__, {})
         row: Any  # a row of any of the four registry models
         for row in model.objects.all():
-            key = f"{row.model.name}->{row.pool.name}" if model is ModelFallback else row.name
+            if model is ModelFallback:
+                key = f"{row.model.name}->{row.pool.name}"
+            elif model is ModelRoute:
+                key = f"{row.model.name}-{row.kind}->{row.target.name}"
+            else:
+                key = row.name
             rows[key] = {f.name: _value(row, f) for f in _config_fields(model)}
     return state
 
@@ -452,9 +462,13 @@ def every_field_set() -> None:
         kind="completion",
         max_context_length=4096,
         enabled=False,
+        split_sticky_key="header:x-session-id",
     )
     ModelFallback.objects.create(model=model, pool=spare, position=0)
     ModelFallback.objects.create(model=model, pool=last, position=1)
+    canary = model_create(pool=spare, name="m2", kind="completion")
+    ModelRoute.objects.create(model=model, kind="split", target=canary, percent=7.5)
+    ModelRoute.objects.create(model=model, kind="shadow", target=canary, percent=20)
 
 
 def test_the_fixture_sets_every_configuration_field(every_field_set: None) -> None:
@@ -471,7 +485,13 @@ def test_the_fixture_sets_every_configuration_field(every_field_set: None) -> No
 def test_every_configuration_field_is_a_yaml_key(every_field_set: None) -> None:
     document = registry_export(include_secrets=True)
     main = next(p for p in document["pools"] if p["name"] == "main")
-    entries = {GpuPool: main, Backend: main["backends"][0], Model: document["models"][0], ModelFallback: {}}
+    entries = {
+        GpuPool: main,
+        Backend: main["backends"][0],
+        Model: document["models"][0],
+        ModelFallback: {},
+        ModelRoute: {},
+    }
     for model, entry in entries.items():
         for field in _config_fields(model):
             if field.name in IMPLIED_BY_NESTING[model]:
