@@ -287,6 +287,7 @@ SHADOW_COUNTERS = (
     "prompt_tokens_delta",
 )
 """The summed fields of `ShadowComparison`, which the router's shadow tallies add to."""
+SHADOW_FLOAT_COUNTERS = frozenset({"primary_latency_ms_sum", "shadow_latency_ms_sum"})
 
 
 def shadow_comparisons_add(*, hour: datetime, tallies: Mapping[tuple[str, str], Mapping[str, float]]) -> int:
@@ -296,7 +297,11 @@ def shadow_comparisons_add(*, hour: datetime, tallies: Mapping[tuple[str, str], 
     written = 0
     with transaction.atomic():
         for (primary, shadow), delta in sorted(tallies.items()):
-            values = {k: F(k) + v for k, v in delta.items() if k in SHADOW_COUNTERS and v}
+            values = {
+                k: F(k) + (v if k in SHADOW_FLOAT_COUNTERS else int(v))
+                for k, v in delta.items()
+                if k in SHADOW_COUNTERS and v
+            }
             if not values:
                 continue
             row, _ = ShadowComparison.objects.get_or_create(hour=hour, primary=primary, shadow=shadow)

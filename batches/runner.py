@@ -249,6 +249,7 @@ async def batch_run(batch_id: str, *, gateway: Gateway | None = None) -> str | N
         return await runner.run()
     finally:
         if own:
+            await gw.shadow.aclose()  # mirrors of the batch's lines still running are dropped, their tallies kept
             close = getattr(gw.usage, "aclose", None)
             if close is not None:
                 await close()

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from prometheus_client import Counter
 
 from backends.services import SHADOW_COUNTERS, shadow_comparisons_add
 from backends.snapshot import ModelSnap, RegistrySnapshot
@@ -56,6 +57,11 @@ SHADOW_FLOW = Flow(SHADOW_PRINCIPAL.name, LOWEST)
 MAX_CAPTURE_BYTES = 1 << 20
 """Streamed bytes of a mirrored primary kept for the comparison; beyond, its text is not compared."""
 _LOG_EVERY_S = 60.0
+SHADOW_REQUESTS = Counter(
+    "llm_shadow_requests",
+    "Shadow (mirrored) requests by model pair and outcome: ok, error (not 200), dropped (queue full, no free slot).",
+    ["primary", "shadow", "outcome"],
+)
 
 Pair = tuple[str, str]
 Write = Callable[[datetime, Mapping[Pair, Mapping[str, float]]], int]
@@ -197,6 +203,7 @@ class ShadowMirror:
     def _drop(self, job: ShadowJob) -> None:
         self._tally(job.pair)["dropped"] += 1
         self.totals["dropped"] += 1
+        SHADOW_REQUESTS.labels(*job.pair, "dropped").inc()
 
     def _start(self, job: ShadowJob) -> None:
         loop = asyncio.get_running_loop()
@@ -277,7 +284,9 @@ class ShadowMirror:
         if lc.status != 200 or not isinstance(result, dict):
             tally["errors"] += 1
             self.totals["errors"] += 1
+            SHADOW_REQUESTS.labels(*job.pair, "error").inc()
             return
+        SHADOW_REQUESTS.labels(*job.pair, "ok").inc()
         tally["primary_latency_ms_sum"] += job.primary_latency_ms
         tally["shadow_latency_ms_sum"] += (time.perf_counter() - lc.started) * 1000.0
         tally["primary_completion_tokens"] += job.primary_completion_tokens
@@ -300,7 +309,7 @@ class ShadowMirror:
     def _tally(self, pair: Pair) -> dict[str, float]:
         tally = self.tallies.get(pair)
         if tally is None:
-            tally = self.tallies[pair] = dict.fromkeys(SHADOW_COUNTERS, 0)
+            tally = self.tallies[pair] = dict.fromkeys(SHADOW_COUNTERS, 0.0)
         return tally
 
     # --- the rollup -----------------------------------------------------------------------------------------

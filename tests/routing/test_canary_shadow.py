@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from backends.mock_vllm import MockConfig, MockVLLM
 from backends.snapshot import ModelSnap, PoolSnap, RegistrySnapshot, ShadowSnap, SplitSnap
@@ -65,9 +66,9 @@ class CountingLimiter(LocalRateLimiter):
         self.admitted = 0
         self.settled: list[int] = []
 
-    async def admit(self, key: KeySnap, estimated_tokens: int) -> Reservation:
+    async def admit(self, key: KeySnap, tokens: int) -> Reservation:
         self.admitted += 1
-        return await super().admit(key, estimated_tokens)
+        return await super().admit(key, tokens)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         self.settled.append(actual_tokens)
@@ -229,6 +230,8 @@ async def test_a_flood_drops_mirrors_instead_of_queueing_them(
     mock_b.config.latency_s = 2.0
     c = client(gateway)
     body = {"model": "chat-v1", "messages": PROMPT, "max_tokens": 2}
+    labels = {"primary": "chat-v1", "shadow": "chat-v2", "outcome": "dropped"}
+    dropped_before = REGISTRY.get_sample_value("llm_shadow_requests_total", labels) or 0.0
     # when 30 requests arrive at once
     started = time.perf_counter()
     responses = await asyncio.gather(*(c.post("/v1/chat/completions", json=body, headers=AUTH) for _ in range(30)))
@@ -246,6 +249,7 @@ async def test_a_flood_drops_mirrors_instead_of_queueing_them(
         "compared": 0,
         "matched": 0,
     }
+    assert REGISTRY.get_sample_value("llm_shadow_requests_total", labels) == dropped_before + 27
     await mirror.aclose()
     assert mirror.running == 0 and not mirror.queue
 
