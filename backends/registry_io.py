@@ -321,7 +321,7 @@ class _Kind:
     def settable(self) -> tuple[str, ...]:
         """Keys copied onto the row as they are: not the name (the lookup key), nor the relations and children,
         which the importer resolves by name (`pool`, `fallback_pools`, `backends`)."""
-        return tuple(k for k in self.keys if k not in ROUTE_KEYS | {"name", "pool", "fallback_pools", "backends"})
+        return tuple(k for k in self.keys if k not in {*ROUTE_KEYS, "name", "pool", "fallback_pools", "backends"})
 
     def export(self, row: Any, *, include_secrets: bool, **given: Any) -> dict[str, Any]:
         """The entry of a row: each key's value as its serializer field represents it, unless `given`."""

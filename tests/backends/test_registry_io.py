@@ -190,7 +190,7 @@ def test_every_error_is_collected() -> None:
         "models[0] (name: m1): field 'fallback_pools': unknown pool 'nope'",
         "models[0] (name: m1): field 'fallback_pools': the model's own pool 'p1' cannot be a fallback",
         "models[1] (name: m2): field 'weight': unknown key (allowed: name, served_name, aliases, kind, pool, "
-        "fallback_pools, max_context_length, enabled)",
+        "fallback_pools, max_context_length, enabled, split_sticky_key, traffic_split, shadows)",
         "models[2] (name: m3): field 'pool': unknown pool 'p9'",
     ]
     for line in expected:
