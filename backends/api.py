@@ -11,7 +11,7 @@ from rest_framework.response import Response
 
 from backends.models import Backend, BackendState, GpuPool, Model
 from backends.serializers import BackendSerializer, GpuPoolSerializer, ModelSerializer
-from backends.services import backend_probe_many, backend_state_set
+from backends.services import backend_probe_many, backend_state_set, model_routes_replace
 
 
 class GpuPoolViewSet(viewsets.ModelViewSet):
@@ -63,8 +63,16 @@ class ModelViewSet(viewsets.ModelViewSet):
 
     def perform_create(self, serializer: ModelSerializer) -> None:  # type: ignore[override]
         with transaction.atomic():
-            serializer.save()
+            model = serializer.save()
+            self._routes_apply(model, serializer)
 
     def perform_update(self, serializer: ModelSerializer) -> None:  # type: ignore[override]
         with transaction.atomic():
-            serializer.save()
+            model = serializer.save()
+            self._routes_apply(model, serializer)
+
+    @staticmethod
+    def _routes_apply(model: Model, serializer: ModelSerializer) -> None:
+        """Replace the traffic split and shadows the request gave (the others are left as they are)."""
+        for kind, entries in serializer.routes_given.items():
+            model_routes_replace(model=model, kind=kind, entries=entries)

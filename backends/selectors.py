@@ -190,9 +190,8 @@ def shadow_comparison_summary(*, since: datetime, primary: str | None = None) ->
         "prompt_tokens_delta",
     ]
     out = []
-    for row in (
-        rows.values("primary", "shadow").annotate(**{k + "__s": Sum(k) for k in sums}).order_by("primary", "shadow")
-    ):
+    grouped: Any = rows.values("primary", "shadow").annotate(**{k + "__s": Sum(k) for k in sums})
+    for row in grouped.order_by("primary", "shadow"):
         figures = {k: row[k + "__s"] or 0 for k in sums}
         ok = figures["mirrored"] - figures["errors"]
         out.append(

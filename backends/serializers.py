@@ -175,6 +175,7 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
     pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())
     aliases = serializers.ListField(child=serializers.CharField(), required=False)
     fallback_pools = FallbackPoolsField(child=serializers.CharField(), required=False)
+    routes_given: dict[str, list[tuple[Model, float]]]
     traffic_split = ModelRoutesField(kind=RouteKind.SPLIT, required=False)
     shadows = ModelRoutesField(kind=RouteKind.SHADOW, required=False)
 
@@ -220,7 +221,7 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
             entries = attrs.get(field)
             if entries is None:
                 continue
-            problems = route_targets_check(name=name, kind=route_kind, entries=entries)
+            problems = route_targets_check(name=str(name or ""), kind=route_kind, entries=entries)
             targets = {m.name: m for m in Model.objects.filter(name__in=[e["model"] for e in entries])}
             for e in entries:
                 target = targets.get(e["model"])
@@ -234,39 +235,31 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
 
     def create(self, validated_data: dict[str, Any]) -> Model:
         fallbacks = validated_data.pop("fallback_pools", [])
-        routes = self._pop_routes(validated_data)
+        self.routes_given = self._pop_routes(validated_data)
         model = super().create(validated_data)
         self._set_fallbacks(model, fallbacks)
-        self._set_routes(model, routes)
         return model
 
     def update(self, instance: Model, validated_data: dict[str, Any]) -> Model:
         fallbacks = validated_data.pop("fallback_pools", None)
-        routes = self._pop_routes(validated_data)
+        self.routes_given = self._pop_routes(validated_data)
         model = super().update(instance, validated_data)
         if fallbacks is not None:
             self._set_fallbacks(model, fallbacks)
-        self._set_routes(model, routes)
         return model
 
     @staticmethod
-    def _pop_routes(validated_data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-        routes = {}
+    def _pop_routes(validated_data: dict[str, Any]) -> dict[str, list[tuple[Model, float]]]:
+        """The traffic split and shadows given (by route kind), their targets resolved; the view applies them
+        with `backends.services.model_routes_replace` (validated above: every target exists)."""
+        routes: dict[str, list[tuple[Model, float]]] = {}
         for field, kind in (("traffic_split", RouteKind.SPLIT), ("shadows", RouteKind.SHADOW)):
             entries = validated_data.pop(field, None)
-            if entries is not None:
-                routes[kind] = entries
-        return routes
-
-    @staticmethod
-    def _set_routes(model: Model, routes: dict[str, list[dict[str, Any]]]) -> None:
-        from backends.services import model_routes_replace
-
-        for kind, entries in routes.items():
+            if entries is None:
+                continue
             targets = {m.name: m for m in Model.objects.filter(name__in=[e["model"] for e in entries])}
-            model_routes_replace(
-                model=model, kind=kind, entries=[(targets[e["model"]], float(e["percent"])) for e in entries]
-            )
+            routes[str(kind)] = [(targets[e["model"]], float(e["percent"])) for e in entries]
+        return routes
 
     @staticmethod
     def _set_fallbacks(model: Model, names: list[str]) -> None:

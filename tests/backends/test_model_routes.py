@@ -244,7 +244,7 @@ def test_api_rejects_a_bad_split(api: APIClient, models: dict[str, Model], entri
 
 
 def test_yaml_routes_may_point_at_models_created_by_the_same_document() -> None:
-    document = {
+    document: dict[str, Any] = {
         "pools": [{"name": "gpu"}],
         "models": [
             {
