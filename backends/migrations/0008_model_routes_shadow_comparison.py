@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('backends', '0006_backend_api_key_model_unavailable_reason'),
+        ('backends', '0007_pool_priority_scheduling'),
     ]
 
     operations = [
