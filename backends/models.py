@@ -43,11 +43,19 @@ class HealthStatus(models.TextChoices):
 
 
 class ModelKind(models.TextChoices):
-    """Which OpenAI endpoints a model serves."""
+    """Which endpoints a model serves (the router's table: `routing.gateway.ENDPOINTS`, docs/api.md).
+
+    Every kind serves /tokenize and /detokenize. Chat: chat and text completions. Completion: text completions.
+    Embedding (a vLLM `--runner pooling` embedding model): /v1/embeddings, and rerank and score, which vLLM
+    serves for an embedding model as a bi-encoder (the cosine similarity of the embeddings). Rerank (a
+    cross-encoder such as bge-reranker or ms-marco-MiniLM, served by vLLM as a `classify` model with one label):
+    rerank and score only.
+    """
 
     CHAT = "chat", "Chat"
     COMPLETION = "completion", "Completion"
-    EMBEDDING = "embedding", "Embedding"
+    EMBEDDING = "embedding", "Embedding (also rerank/score as a bi-encoder)"
+    RERANK = "rerank", "Rerank / score (cross-encoder)"
 
 
 def normalize_base_url(url: str) -> str:
@@ -253,7 +261,14 @@ class Model(models.Model):
         max_length=200, blank=True, help_text="Name on the backend (vLLM --served-model-name); default: public name."
     )
     aliases = models.JSONField(default=list, blank=True, help_text="Other public names, a JSON list of strings.")
-    kind = models.CharField(max_length=16, choices=ModelKind.choices, default=ModelKind.CHAT)
+    kind = models.CharField(
+        max_length=16,
+        choices=ModelKind.choices,
+        default=ModelKind.CHAT,
+        help_text="Which endpoints the model serves: chat (chat and text completions), completion, embedding "
+        "(embeddings, rerank, score) or rerank (a cross-encoder: rerank and score). Every kind serves "
+        "/tokenize and /detokenize.",
+    )
     pool = models.ForeignKey(GpuPool, on_delete=models.PROTECT, related_name="models")
     fallback_pools = models.ManyToManyField(GpuPool, through="ModelFallback", related_name="fallback_for", blank=True)
     max_context_length = models.PositiveIntegerField(null=True, blank=True)

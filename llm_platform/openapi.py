@@ -22,7 +22,11 @@ from governance.auth import MasterKeyAuthentication
 from routing.serializers import (
     ChatCompletionRequestSerializer,
     CompletionRequestSerializer,
+    DetokenizeRequestSerializer,
     EmbeddingRequestSerializer,
+    RerankRequestSerializer,
+    ScoreRequestSerializer,
+    TokenizeRequestSerializer,
 )
 
 OPENAI_TAG = "OpenAI-compatible API (/v1)"
@@ -60,6 +64,12 @@ def _field_extension(target: str, schema: dict[str, Any]) -> type[OpenApiSeriali
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 _TOKENS = {"type": "array", "items": {"type": "integer"}}
+_MULTIMODAL = {
+    "type": "object",
+    "properties": {"content": {"type": "array", "items": {"type": "object", "additionalProperties": {}}}},
+    "required": ["content"],
+}
+_SCORE_TEXT = {"oneOf": [{"type": "string"}, _MULTIMODAL]}
 FIELD_EXTENSIONS = [
     _field_extension("routing.serializers.StopField", {"oneOf": [{"type": "string"}, _STRINGS]}),
     _field_extension(
@@ -70,6 +80,12 @@ FIELD_EXTENSIONS = [
     _field_extension(
         "routing.serializers.PromptField",
         {"oneOf": [{"type": "string"}, _STRINGS, _TOKENS, {"type": "array", "items": _TOKENS}]},
+    ),
+    _field_extension("routing.serializers.TokenIdsField", _TOKENS),
+    _field_extension("routing.serializers.ScoreInputField", _SCORE_TEXT),
+    _field_extension(
+        "routing.serializers.ScoreInputsField",
+        {"oneOf": [_SCORE_TEXT, {"type": "array", "items": _SCORE_TEXT}]},
     ),
 ]
 
@@ -207,6 +223,24 @@ GATEWAY_ENDPOINTS: list[tuple[str, str, Callable[..., Any]]] = [
         "/v1/embeddings",
         "POST",
         _completion_doc(EmbeddingRequestSerializer, "embeddings_create", "Embeddings", False).as_view(),
+    ),
+    *(
+        (path, "POST", _completion_doc(RerankRequestSerializer, f"rerank_{suffix}", "Rerank", False).as_view())
+        for path, suffix in (("/v1/rerank", "v1"), ("/rerank", "vllm"), ("/v2/rerank", "v2"))
+    ),
+    *(
+        (path, "POST", _completion_doc(ScoreRequestSerializer, f"score_{suffix}", "Score text pairs", False).as_view())
+        for path, suffix in (("/v1/score", "v1"), ("/score", "vllm"))
+    ),
+    (
+        "/tokenize",
+        "POST",
+        _completion_doc(TokenizeRequestSerializer, "tokenize", "Tokenize a prompt or chat messages", False).as_view(),
+    ),
+    (
+        "/detokenize",
+        "POST",
+        _completion_doc(DetokenizeRequestSerializer, "detokenize", "Token ids back to text", False).as_view(),
     ),
     ("/v1/models", "GET", ModelsDoc.as_view()),
     ("/metrics", "GET", MetricsDoc.as_view()),

@@ -256,12 +256,14 @@ ROUTER_MASTER_KEY = os.environ.get("ROUTER_MASTER_KEY", "")
 # Largest request body accepted on /v1 (bytes); larger bodies get 413.
 ROUTER_MAX_BODY_BYTES = env_int("ROUTER_MAX_BODY_BYTES", 4 * 1024 * 1024)
 # Client limits (docs/security.md, "Client limits"): items in `messages`, `tools`, `stop`, in one message's content
-# parts or tool calls, and prompts in a `prompt`/`input` batch; over one, 400 array_above_max_length.
+# parts or tool calls, and prompts in a `prompt`/`input` batch (also texts in a rerank/score list); over one, 400
+# array_above_max_length. Characters in one rerank/score text (query or document): over it, 400.
 ROUTER_MAX_MESSAGES = max(1, env_int("ROUTER_MAX_MESSAGES", 4096))
 ROUTER_MAX_TOOLS = max(0, env_int("ROUTER_MAX_TOOLS", 256))
 ROUTER_MAX_STOP = max(0, env_int("ROUTER_MAX_STOP", 64))
 ROUTER_MAX_CONTENT_PARTS = max(1, env_int("ROUTER_MAX_CONTENT_PARTS", 256))
 ROUTER_MAX_INPUTS = max(1, env_int("ROUTER_MAX_INPUTS", 2048))
+ROUTER_MAX_TEXT_CHARS = max(1, env_int("ROUTER_MAX_TEXT_CHARS", 65536))
 # WebSocket sockets before they authenticate: the wait for an `auth` message (seconds), the largest frame (bytes;
 # larger closes with 1009), and how many may be pending at once per process (more: the handshake is refused, 503).
 ROUTER_WS_AUTH_TIMEOUT_S = env_float("ROUTER_WS_AUTH_TIMEOUT_S", 5.0)

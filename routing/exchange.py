@@ -15,6 +15,7 @@ cancelled task, a bug), so a transport cannot forget a step: the JSON path (`rou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -182,9 +183,13 @@ class Lifecycle:
         # Access is to the model asked for (a traffic split's choice needs no access of its own).
         if not key.may_use(prepared.requested, prepared.split_from or prepared.model.name):
             raise errors.model_not_found(prepared.requested)
+        counts_tokens = self.endpoint.tokens
+        if not counts_tokens:  # the tokenizer: counted as a request (RPM), exempt from token limits
+            key = dataclasses.replace(key, tpm_limit=None, daily_token_budget=None)
         if not key.limited or self.limiter is None:
             return ()
-        check = self.limiter.admit(key, estimate_tokens_size(body_size, prepared.data))
+        tokens = estimate_tokens_size(body_size, prepared.data) if counts_tokens else 0
+        check = self.limiter.admit(key, tokens)
         self.reservation = await (check if self.trace is None else self.trace.admission(check))
         return self.reservation.headers()
 
@@ -401,7 +406,13 @@ class Lifecycle:
         code = self.code
         if self.usage_untrusted and code is None:
             code = UNTRUSTED_USAGE
-        elif code is None and self.status == 200 and self.backend is not None and not self.usage_seen:
+        elif (
+            code is None
+            and self.status == 200
+            and self.backend is not None
+            and not self.usage_seen
+            and self.endpoint.tokens  # the tokenizer endpoints report no usage: recorded with 0 tokens
+        ):
             code = MISSING_USAGE  # asked for usage, got none: charged the reservation
         self.usage_sink.record(
             UsageEvent(

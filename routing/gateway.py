@@ -39,8 +39,12 @@ from routing.runtime import PROCESS_ID, RuntimePublisher
 from routing.serializers import (
     ChatCompletionRequestSerializer,
     CompletionRequestSerializer,
+    DetokenizeRequestSerializer,
     EmbeddingRequestSerializer,
     RequestLimits,
+    RerankRequestSerializer,
+    ScoreRequestSerializer,
+    TokenizeRequestSerializer,
     check_counts,
     check_depth,
     parse_json,
@@ -73,7 +77,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A POST endpoint of the OpenAI API and the model kinds that may serve it."""
+    """A POST endpoint of the OpenAI API (or of vLLM's own) and the model kinds that may serve it.
+
+    `tokens`: whether the endpoint consumes tokens: a token reservation at admission (TPM, daily budget) and usage
+    expected from the backend. The tokenizer endpoints do not: they count as requests (RPM) with 0 tokens.
+    """
 
     name: str
     upstream_path: str
@@ -81,6 +89,18 @@ class Endpoint:
     kinds: frozenset[str]
     can_stream: bool
     fast_valid: Callable[[dict[str, Any]], bool]
+    tokens: bool = True
+
+
+def _never_fast(data: dict[str, Any]) -> bool:
+    """No fast path: the serializers validate every body (endpoints off the hot path)."""
+    return False
+
+
+ALL_KINDS = frozenset({"chat", "completion", "embedding", "rerank"})
+POOLING_KINDS = frozenset({"embedding", "rerank"})  # vLLM scores with an embedding model as a bi-encoder
+_RERANK = Endpoint("rerank", "/rerank", RerankRequestSerializer, POOLING_KINDS, False, _never_fast)
+_SCORE = Endpoint("score", "/score", ScoreRequestSerializer, POOLING_KINDS, False, _never_fast)
 
 
 ENDPOINTS: dict[str, Endpoint] = {
@@ -108,7 +128,19 @@ ENDPOINTS: dict[str, Endpoint] = {
         False,
         fast_valid_embedding,
     ),
+    # vLLM's own APIs, at its paths (vLLM serves /v1/rerank, /rerank, /v2/rerank and /v1/score, /score alike):
+    "/v1/rerank": _RERANK,
+    "/rerank": _RERANK,
+    "/v2/rerank": _RERANK,
+    "/v1/score": _SCORE,
+    "/score": _SCORE,
+    "/tokenize": Endpoint("tokenize", "/tokenize", TokenizeRequestSerializer, ALL_KINDS, False, _never_fast, False),
+    "/detokenize": Endpoint(
+        "detokenize", "/detokenize", DetokenizeRequestSerializer, ALL_KINDS, False, _never_fast, False
+    ),
 }
+ROOT_ENDPOINTS = frozenset(path for path in ENDPOINTS if not path.startswith("/v1/"))
+"""The endpoints outside /v1 (vLLM's): served here, not by Django."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +294,9 @@ class Gateway:
                 # the Batch API (batches/) is served by Django, below
             elif path == "/healthz":
                 await _send_json(send, 200, b'{"status":"ok"}')
+                return
+            elif path.rstrip("/") in ROOT_ENDPOINTS:  # vLLM's /rerank, /v2/rerank, /score, /tokenize, /detokenize
+                await self._v1(scope, receive, send)
                 return
             if path == "/readyz":
                 await self._readyz(send)
@@ -580,7 +615,10 @@ class Gateway:
         lc.verdict(True)
         try:
             result = orjson.loads(response.content)
-            result["model"] = prepared.requested
+            if not isinstance(result, dict):
+                raise TypeError(type(result).__name__)
+            if "model" in result or prepared.endpoint.tokens:  # vLLM's tokenizer answers name no model
+                result["model"] = prepared.requested
         except (orjson.JSONDecodeError, TypeError) as exc:
             raise errors.backend_failed(backend.name, "answered 200 with a body that is not a JSON object") from exc
         lc.take_usage(result.get("usage"))

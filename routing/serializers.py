@@ -269,6 +269,155 @@ class EmbeddingRequestSerializer(serializers.Serializer):
     user = StrictCharField(required=False, allow_blank=True)
 
 
+# --- Pooling (rerank, score) and tokenizer endpoints: vLLM's own APIs (entrypoints/pooling, serve/tokenize) ------
+
+
+def _text_limit(field: serializers.Field) -> int:
+    limits = field.context.get("limits") if isinstance(field.context, dict) else None
+    return (limits if isinstance(limits, RequestLimits) else _DEFAULT_LIMITS).max_text_chars
+
+
+class ScoreInputField(serializers.Field):
+    """One rerank/score text: a string, or vLLM's multimodal `{"content": [parts]}` (each at most max_text_chars)."""
+
+    default_error_messages = {
+        "invalid": 'Must be a string or an object {"content": [content parts]}.',
+        "part": "Each content part must be an object with a string `type`.",
+        "too_long": "Must be at most {limit} characters (got {length}).",
+    }
+
+    def to_internal_value(self, data: Any) -> Any:
+        limit = _text_limit(self)
+        if isinstance(data, str):
+            if len(data) > limit:
+                self.fail("too_long", limit=limit, length=len(data))
+            return data
+        if not isinstance(data, dict) or not isinstance(data.get("content"), list):
+            self.fail("invalid")
+        for part in data["content"]:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                self.fail("part")
+            text = part.get("text")
+            if isinstance(text, str) and len(text) > limit:
+                self.fail("too_long", limit=limit, length=len(text))
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class ScoreInputsField(ScoreInputField):
+    """One text or a non-empty list of them (`documents`, `queries`, `text_1`, ...)."""
+
+    default_error_messages = {**ScoreInputField.default_error_messages, "empty": "Must not be empty."}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, list):
+            return super().to_internal_value(data)
+        if not data:
+            self.fail("empty")
+        for item in data:
+            super().to_internal_value(item)
+        return data
+
+
+class _PoolingSerializer(serializers.Serializer):
+    """Parameters vLLM's rerank and score requests share (the others pass through unchanged)."""
+
+    model = StrictCharField()
+    user = StrictCharField(required=False, allow_blank=True, allow_null=True)
+    truncate_prompt_tokens = StrictIntegerField(required=False, allow_null=True, min_value=-1)
+    max_tokens_per_query = StrictIntegerField(required=False, min_value=0)
+    max_tokens_per_doc = StrictIntegerField(required=False, min_value=0)
+    use_activation = StrictBooleanField(required=False, allow_null=True)
+    instruction = StrictCharField(required=False, allow_null=True, allow_blank=True)
+    chat_template_kwargs = JSONObjectField(required=False, allow_null=True)
+
+
+class RerankRequestSerializer(_PoolingSerializer):
+    """POST /v1/rerank, /rerank, /v2/rerank (Jina / Cohere shape): a query, its documents, the top N to return."""
+
+    query = ScoreInputField()
+    documents = ScoreInputsField()
+    top_n = StrictIntegerField(required=False, min_value=0)
+
+
+SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+"""The field pairs of vLLM's score request, in the order vLLM tries them."""
+
+
+class ScoreRequestSerializer(_PoolingSerializer):
+    """POST /v1/score, /score: one pair of fields (`queries`/`documents`, or vLLM's other names) scored 1:1, 1:N or
+    N:N."""
+
+    queries = ScoreInputsField(required=False)
+    documents = ScoreInputsField(required=False)
+    items = ScoreInputsField(required=False)
+    data_1 = ScoreInputsField(required=False)
+    data_2 = ScoreInputsField(required=False)
+    text_1 = ScoreInputsField(required=False)
+    text_2 = ScoreInputsField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """Exactly one pair of inputs, in vLLM's proportions (1:1, 1:N or N:N)."""
+        pair = next(((a, b) for a, b in SCORE_PAIRS if a in attrs and b in attrs), None)
+        if pair is None:
+            names = " or ".join(f"`{a}` and `{b}`" for a, b in SCORE_PAIRS)
+            raise serializers.ValidationError({"queries": f"Give {names}."})
+        first, second = (attrs[name] if isinstance(attrs[name], list) else [attrs[name]] for name in pair)
+        if len(first) > 1 and len(first) != len(second):
+            raise serializers.ValidationError(
+                {pair[1]: f"Must have as many items as `{pair[0]}` ({len(first)}), or `{pair[0]}` only one."}
+            )
+        return attrs
+
+
+class TokenIdsField(serializers.Field):
+    """`tokens`: a list of token ids (non-negative integers), checked in one pass."""
+
+    default_error_messages = {"invalid": "Must be a list of non-negative integers (token ids)."}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, list) or not all(type(t) is int and 0 <= t <= 0x7FFF_FFFF_FFFF_FFFF for t in data):
+            self.fail("invalid")
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class TokenizeRequestSerializer(serializers.Serializer):
+    """POST /tokenize: a `prompt`, or chat `messages` rendered with the model's chat template."""
+
+    model = StrictCharField()
+    prompt = StrictCharField(required=False, allow_blank=True, trim_whitespace=False)
+    messages = serializers.ListField(child=ChatMessageSerializer(), required=False, allow_empty=False)
+    add_special_tokens = StrictBooleanField(required=False)
+    return_token_strs = StrictBooleanField(required=False, allow_null=True)
+    add_generation_prompt = StrictBooleanField(required=False)
+    continue_final_message = StrictBooleanField(required=False)
+    chat_template = StrictCharField(required=False, allow_null=True)
+    chat_template_kwargs = JSONObjectField(required=False, allow_null=True)
+    tools = serializers.ListField(child=ToolSerializer(), required=False, allow_null=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """Either `prompt` or `messages`; not both `continue_final_message` and `add_generation_prompt`, as vLLM."""
+        if ("prompt" in attrs) == ("messages" in attrs):
+            raise serializers.ValidationError({"prompt": "Give either `prompt` (a string) or `messages`, not both."})
+        if attrs.get("continue_final_message") and attrs.get("add_generation_prompt"):
+            raise serializers.ValidationError(
+                {"continue_final_message": "Cannot be true together with `add_generation_prompt`."}
+            )
+        return attrs
+
+
+class DetokenizeRequestSerializer(serializers.Serializer):
+    """POST /detokenize: token ids back to text."""
+
+    model = StrictCharField()
+    tokens = TokenIdsField()
+
+
 # --- Error mapping ---------------------------------------------------------------------------------------------
 
 
@@ -335,7 +484,7 @@ def validate_request(
     if limits is not None:
         check_message_items(data, limits)
     check_depth(data)
-    serializer = serializer_class(data=data)
+    serializer = serializer_class(data=data, context={"limits": limits} if limits is not None else {})
     if serializer.is_valid():
         return
     param, message = _first_error(serializer.errors, "")
@@ -375,7 +524,10 @@ class RequestLimits:
     max_content_parts: int = 256
     """Items in one message's `content` list, and in one message's `tool_calls`."""
     max_inputs: int = 2048
-    """Prompts in a batch: a `prompt` (completions) or `input` (embeddings) list of strings or of token lists."""
+    """Prompts in a batch: a `prompt` (completions) or `input` (embeddings) list of strings or of token lists; also
+    the texts in each list of a rerank or score request (`documents`, `queries`, ...)."""
+    max_text_chars: int = 65_536
+    """Characters in one rerank or score text (a query or a document)."""
 
     @classmethod
     def from_settings(cls) -> RequestLimits:
@@ -388,7 +540,11 @@ class RequestLimits:
             max_stop=settings.ROUTER_MAX_STOP,
             max_content_parts=settings.ROUTER_MAX_CONTENT_PARTS,
             max_inputs=settings.ROUTER_MAX_INPUTS,
+            max_text_chars=settings.ROUTER_MAX_TEXT_CHARS,
         )
+
+
+_DEFAULT_LIMITS = RequestLimits()
 
 
 def parse_json(raw: bytes | str) -> Any:
@@ -419,6 +575,9 @@ def _too_long(param: str, limit: int, length: int) -> APIError:
     )
 
 
+POOLING_LISTS = ("documents", "queries", "items", "data_1", "data_2", "text_1", "text_2")
+
+
 def check_counts(data: dict[str, Any], limits: RequestLimits) -> None:
     """Raise a 400 for a top-level list over its limit: `messages`, `tools`, `stop`, a `prompt`/`input` batch.
 
@@ -433,6 +592,10 @@ def check_counts(data: dict[str, Any], limits: RequestLimits) -> None:
         value = data.get(param)
         # A list of integers is one tokenized prompt (bounded by the body size), not a batch.
         if isinstance(value, list) and len(value) > limits.max_inputs and not isinstance(value[0], int):
+            raise _too_long(param, limits.max_inputs, len(value))
+    for param in POOLING_LISTS:  # the texts of a rerank or score request
+        value = data.get(param)
+        if isinstance(value, list) and len(value) > limits.max_inputs:
             raise _too_long(param, limits.max_inputs, len(value))
 
 
@@ -484,8 +647,12 @@ __all__ = [
     "APIError",
     "ChatCompletionRequestSerializer",
     "CompletionRequestSerializer",
+    "DetokenizeRequestSerializer",
     "EmbeddingRequestSerializer",
     "RequestLimits",
+    "RerankRequestSerializer",
+    "ScoreRequestSerializer",
+    "TokenizeRequestSerializer",
     "check_counts",
     "parse_json",
     "validate_request",

@@ -4,8 +4,8 @@
 
 Every `MockConfig` field is a flag (``--latency-s 0.05``, ``--fail-status 503``, ``--hang`` ...)
 and an environment variable (``MOCK_VLLM_LATENCY_S=0.05``); flags win over the environment.
-``--model`` / ``--embed-model`` may be repeated (env: comma-separated ``MOCK_VLLM_MODELS`` /
-``MOCK_VLLM_EMBED_MODELS``); ``--embed-model ''`` serves no embedding model.
+``--model`` / ``--embed-model`` / ``--rerank-model`` may be repeated (env: comma-separated ``MOCK_VLLM_MODELS`` /
+``MOCK_VLLM_EMBED_MODELS`` / ``MOCK_VLLM_RERANK_MODELS``); ``--embed-model ''`` serves no embedding model.
 Prefix cache: ``--prefix-cache-blocks 4096`` (0: off), ``--prefix-cache-block-size 16`` and
 ``--prefill-ms-per-token 0.5`` (first-token delay per uncached prompt token).
 """
@@ -22,7 +22,7 @@ from typing import Any
 from backends.mock_vllm.app import MockConfig, MockVLLM
 
 ENV_PREFIX = "MOCK_VLLM_"
-_LIST_FLAGS = {"models": "--model", "embed_models": "--embed-model"}
+_LIST_FLAGS = {"models": "--model", "embed_models": "--embed-model", "rerank_models": "--rerank-model"}
 
 
 def _parse_bool(text: str) -> bool:
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--embed-model", dest="embed_models", action="append", default=None, help="served embedding model"
     )
+    parser.add_argument(
+        "--rerank-model", dest="rerank_models", action="append", default=None, help="served reranker (cross-encoder)"
+    )
     for f in dataclasses.fields(MockConfig):
         if f.name in _LIST_FLAGS:
             continue
@@ -114,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     app = MockVLLM(config_from_args(args))
     print(
-        f"mock vLLM serving {app.config.models + app.config.embed_models} on http://{args.host}:{args.port}",
+        f"mock vLLM serving {app.config.models + app.config.embed_models + app.config.rerank_models} on http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,
     )

@@ -4,8 +4,8 @@ No framework and no Django: the app is a plain ASGI callable (`MockVLLM`) so tha
 serve tens of thousands of requests per second on one core under uvicorn + httptools, and
 be driven in-process by `httpx.ASGITransport` in tests.
 
-Shapes follow vLLM's OpenAI server (chat/completions, completions, embeddings, tokenize,
-models, health, metrics); behaviour is deterministic and can be bent at runtime through the
+Shapes follow vLLM's OpenAI server (chat/completions, completions, embeddings, rerank, score,
+tokenize, detokenize, models, health, metrics); behaviour is deterministic and can be bent at runtime through the
 knobs of `MockConfig` (latency, failures, hangs, broken streams, wrong answers, ...), either
 by mutating `app.config` in-process or with `POST /mock/config`.
 
@@ -146,6 +146,8 @@ def chat_prompt_token_ids(messages: list[dict[str, Any]]) -> list[int]:
 
 _TEMPLATE_BOS, _TEMPLATE_SEP, _TEMPLATE_EOM = "\x00bos", "\x00sep", "\x00eom"  # never produced by TOKEN_RE
 _GENERATION_PROMPT = (_TEMPLATE_BOS, "assistant", _TEMPLATE_SEP)
+_TEMPLATE_TEXTS = {_TEMPLATE_BOS: "<|im_start|>", _TEMPLATE_SEP: "\n", _TEMPLATE_EOM: "<|im_end|>"}
+"""The token strings /tokenize gives (return_token_strs) for the template's special tokens (ChatML's)."""
 
 
 def chat_prompt_tokens(messages: list[dict[str, Any]]) -> list[str]:
@@ -197,7 +199,10 @@ class MockConfig:
     models: list[str] = field(default_factory=lambda: ["mock-chat"])
     """Served generative model names (chat + completions)."""
     embed_models: list[str] = field(default_factory=lambda: ["mock-embed"])
-    """Served embedding model names (/v1/embeddings)."""
+    """Served embedding model names (/v1/embeddings; rerank and score as a bi-encoder, as vLLM)."""
+    rerank_models: list[str] = field(default_factory=list)
+    """Served cross-encoder (reranker) model names: rerank and score only, as vLLM serves a `classify` model with one
+    label."""
     max_model_len: int = 2048
     latency_s: float = 0.0
     """Simulated prefill: delay before a successful answer. Streams send their headers at once (like
@@ -354,6 +359,7 @@ _DONE = b"data: [DONE]\n\n"
 _EMPTY_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 _DEFAULT_PIECES: list[str] = _pieces(DEFAULT_ANSWER)
 _VLLM_VERSION = b'{"version":"0.32.0"}'
+_NOT_FOUND = b'{"detail":"Not Found"}'
 _FINGERPRINT = "vllm-0.32.0-mock"
 _TOKEN_TEXTS_MAX = 65_536
 _FINGERPRINT_TAIL = b',"system_fingerprint":"' + _FINGERPRINT.encode() + b'"}\n\n'
@@ -426,6 +432,11 @@ class MockVLLM:
             "/v1/chat/completions": self._chat,
             "/v1/completions": self._completions,
             "/v1/embeddings": self._embeddings,
+            "/rerank": self._rerank,
+            "/v1/rerank": self._rerank,
+            "/v2/rerank": self._rerank,
+            "/score": self._score,
+            "/v1/score": self._score,
             "/tokenize": self._tokenize,
             "/detokenize": self._detokenize,
         }
@@ -604,7 +615,7 @@ class MockVLLM:
             return served[0]
         if model in served:
             return model
-        other = cfg.models if embedding else cfg.embed_models
+        other = cfg.models if embedding else [*cfg.embed_models, *cfg.rerank_models]
         if model in other:
             api = "Embeddings API" if embedding else "Generation API"
             raise _HTTPError(400, f"The model does not support {api}", param="model")
@@ -979,6 +990,9 @@ class MockVLLM:
 
     async def _embeddings(self, body: dict[str, Any], send: Send) -> int:
         """Serve POST /v1/embeddings (string, list of strings, token list(s); float or base64)."""
+        if body.get("model") in self.config.rerank_models:  # a cross-encoder server has no embeddings route
+            await _send_json(send, 404, _NOT_FOUND)
+            return 404
         model = self._check_model(body, embedding=True)
         inputs = _embedding_inputs(body.get("input"))
         dim = self.config.embedding_dim
@@ -1005,13 +1019,131 @@ class MockVLLM:
         await _send_json(send, 200, orjson.dumps(payload))
         return 200
 
+    # -- /rerank, /score (vLLM's pooling/scoring API) ---------------------------------------------
+
+    def _check_scoring_model(self, body: dict[str, Any]) -> tuple[str, bool] | None:
+        """The scoring model and whether it is a cross-encoder; None when its server has no scoring route (vLLM
+        registers rerank and score only on pooling servers); 404 for a model not served."""
+        cfg = self.config
+        model = body.get("model")
+        scoring = [*cfg.embed_models, *cfg.rerank_models]
+        if model is None:
+            if not scoring:
+                return None
+            model = scoring[0]
+        if model in cfg.models or (model not in scoring and not scoring):
+            return None
+        if model not in scoring:
+            raise _HTTPError(404, f"The model `{model}` does not exist.")
+        return model, model in cfg.rerank_models
+
+    def _score_pairs(
+        self, model: str, cross: bool, first: list[Any], second: list[Any], body: dict[str, Any]
+    ) -> tuple[list[float], int]:
+        """Score 1:N or N:N texts like vLLM (bi-encoder: cosine of the embeddings; cross-encoder: one pass per
+        pair); return the scores and the prompt tokens used."""
+        for value in (*first, *second):
+            if not isinstance(value, str):  # {"content": [...]}: the mock's models are text-only, as vLLM's BERTs
+                raise _HTTPError(400, "MultiModalParam is not supported for BertModel")
+        if len(first) > 1 and len(first) != len(second):
+            raise _HTTPError(400, "Input lengths must be either 1:1, 1:N or N:N")
+        if not first:
+            raise _HTTPError(400, "At least one text element must be given")
+        if not second:
+            raise _HTTPError(400, "At least one text_pair element must be given")
+        per_query = _positive(body, "max_tokens_per_query")
+        per_doc = _positive(body, "max_tokens_per_doc")
+        queries = [tokenize(q)[: per_query or None] for q in first]
+        docs = [tokenize(d)[: per_doc or None] for d in second]
+        pairs = [(queries[0] if len(queries) == 1 else queries[i], doc) for i, doc in enumerate(docs)]
+        dim = self.config.embedding_dim
+        if cross:
+            for query, doc in pairs:
+                self._check_length(len(query) + len(doc), generative=False)
+            used = sum(len(q) + len(d) for q, d in pairs)
+        else:
+            for tokens in (*queries, *docs):
+                self._check_length(len(tokens), generative=False)
+            used = sum(len(t) for t in (*queries, *docs))
+        # The cosine of two (non-negative) bag-of-token embeddings: in [0, 1], like a cross-encoder's sigmoid.
+        scores = [sum(a * b for a, b in zip(embed_text(q, dim), embed_text(d, dim), strict=True)) for q, d in pairs]
+        self._account(used, 0)
+        return scores, used
+
+    async def _rerank(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /rerank, /v1/rerank, /v2/rerank: documents sorted by relevance to the query, top_n kept."""
+        checked = self._check_scoring_model(body)
+        if checked is None:
+            await _send_json(send, 404, _NOT_FOUND)
+            return 404
+        model, cross = checked
+        if "query" not in body:
+            raise _validation_error("body.query", "missing", "Field required")
+        if "documents" not in body:
+            raise _validation_error("body.documents", "missing", "Field required")
+        top_n = body.get("top_n", 0)
+        if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0:
+            raise _validation_error("body.top_n", "greater_than_equal", "Input should be greater than or equal to 0")
+        documents = body["documents"] if isinstance(body["documents"], list) else [body["documents"]]
+        scores, used = self._score_pairs(model, cross, [body["query"]], documents, body)
+        await self._generation_delay([])
+        results = [
+            {"index": i, "document": {"text": doc, "multi_modal": None}, "relevance_score": score}
+            for i, (doc, score) in enumerate(zip(documents, scores, strict=True))
+        ]
+        results.sort(key=lambda r: r["relevance_score"], reverse=True)
+        if 0 < top_n < len(documents):
+            results = results[:top_n]
+        reported = used + self.config.usage_prompt_tokens_offset
+        payload = {
+            "id": "score-" + self._request_id(),
+            "model": model,
+            "usage": {"prompt_tokens": reported, "total_tokens": reported},
+            "results": results,
+        }
+        await _send_json(send, 200, orjson.dumps(payload))
+        return 200
+
+    async def _score(self, body: dict[str, Any], send: Send) -> int:
+        """Serve POST /score, /v1/score: `queries`/`documents` (or `items`, `data_1`/`data_2`, `text_1`/`text_2`)
+        scored 1:1, 1:N or N:N, one score per pair in order."""
+        checked = self._check_scoring_model(body)
+        if checked is None:
+            await _send_json(send, 404, _NOT_FOUND)
+            return 404
+        model, cross = checked
+        pair = next(((a, b) for a, b in _SCORE_PAIRS if a in body and b in body), None)
+        if pair is None:
+            raise _validation_error("body", "missing", "Field required")
+        first, second = ([body[k]] if not isinstance(body[k], list) else body[k] for k in pair)
+        scores, used = self._score_pairs(model, cross, first, second, body)
+        await self._generation_delay([])
+        reported = used + self.config.usage_prompt_tokens_offset
+        payload = {
+            "id": "score-" + self._request_id(),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
+            "usage": _usage(reported, 0),
+        }
+        await _send_json(send, 200, orjson.dumps(payload))
+        return 200
+
+    def _request_id(self) -> str:
+        """The request's X-Request-Id (vLLM's pooling ids reuse it), else a random uuid4 hex."""
+        for name, value in self.stats.last_raw_headers:
+            if name.lower() == b"x-request-id":
+                return value.decode("latin-1")
+        return os.urandom(16).hex()
+
     # -- /tokenize -------------------------------------------------------------------------------
 
     def _check_any_model(self, body: dict[str, Any]) -> None:
         """Raise vLLM's 404 when /tokenize or /detokenize names a model that is not served."""
         model = body.get("model")
         cfg = self.config
-        served = [*cfg.models, *cfg.embed_models]
+        served = [*cfg.models, *cfg.embed_models, *cfg.rerank_models]
         if model is not None and model not in served:
             raise _HTTPError(
                 404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.", param="model"
@@ -1025,17 +1157,24 @@ class MockVLLM:
         if messages is not None:
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise _HTTPError(400, "`messages` must be a list of message objects.", param="messages")
+            if body.get("continue_final_message") and body.get("add_generation_prompt"):
+                raise _HTTPError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
             ids = chat_prompt_token_ids(messages)
+            strs = [_TEMPLATE_TEXTS.get(t, t) for t in chat_prompt_tokens(messages)]
+            if body.get("add_generation_prompt", True) is False or body.get("continue_final_message"):
+                ids, strs = ids[: -len(_GENERATION_PROMPT)], strs[: -len(_GENERATION_PROMPT)]
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise _HTTPError(400, "Either `prompt` (string) or `messages` is required.", param="prompt")
             ids = token_ids(prompt)
+            strs = TOKEN_RE.findall(prompt)
             texts = self._token_texts
             if len(texts) < _TOKEN_TEXTS_MAX:
-                texts.update(zip(ids, TOKEN_RE.findall(prompt), strict=True))
+                texts.update(zip(ids, strs, strict=True))
         await self._generation_delay([])
-        payload = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids, "token_strs": None}
+        token_strs = strs if body.get("return_token_strs") else None
+        payload = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids, "token_strs": token_strs}
         await _send_json(send, 200, orjson.dumps(payload))
         return 200
 
@@ -1071,7 +1210,8 @@ class MockVLLM:
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve GET /v1/models."""
         cfg = self.config
-        ids = cfg.models_listed if cfg.models_listed is not None else [*cfg.models, *cfg.embed_models]
+        served = [*cfg.models, *cfg.embed_models, *cfg.rerank_models]
+        ids = cfg.models_listed if cfg.models_listed is not None else served
         data = [
             {
                 "id": mid,
@@ -1098,7 +1238,7 @@ class MockVLLM:
         """
         cfg = self.config
         stats = self.stats
-        name = (cfg.models or cfg.embed_models or ["mock"])[0]
+        name = (cfg.models or cfg.embed_models or cfg.rerank_models or ["mock"])[0]
         escaped = name.replace("\\", "\\\\").replace('"', '\\"')
         labels = '{engine="0",model_name="' + escaped + '"}'
         by = '{engine="0",model_name="' + escaped + '",source="'
@@ -1363,6 +1503,17 @@ def _completion_prompts(prompt: Any) -> list[tuple[str, list[Any]]]:
         if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
             return [("", p) for p in prompt]
     raise _HTTPError(400, "`prompt` must be a string, a list of strings or token id list(s).", param="prompt")
+
+
+_SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+
+
+def _positive(body: dict[str, Any], name: str) -> int:
+    """A non-negative integer parameter (0 when absent), or vLLM's 400."""
+    value = body.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _HTTPError(400, f"{name} must be a non-negative integer")
+    return value
 
 
 def _embedding_inputs(value: Any) -> list[list[str] | list[int]]:
