@@ -581,3 +581,84 @@ def test_cli_config_parsing() -> None:
     assert cfg.die_after_tokens == 4
     empty = config_from_args(build_parser().parse_args(["--embed-model", ""]), environ={})
     assert empty.embed_models == [] and empty == MockConfig(embed_models=[])
+
+
+# --- rerank / score (vLLM's scoring API) and tokenizer options -------------------------------------------------
+
+RERANK_DOCS = ["a kitten naps on the couch", "revenue grew by eight percent", "the cat sleeps on the sofa"]
+
+
+@pytest.fixture
+async def pooling_client() -> AsyncIterator[httpx.AsyncClient]:
+    """A mock serving a chat model, an embedding model (bi-encoder scoring) and a reranker (cross-encoder)."""
+    app = MockVLLM(MockConfig(models=["c"], embed_models=["e"], rerank_models=["r"]))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mock") as c:
+        yield c
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
+@pytest.mark.parametrize("model", ["e", "r"])
+async def test_rerank_has_vllms_shape(pooling_client: httpx.AsyncClient, path: str, model: str) -> None:
+    body = {"model": model, "query": "the cat on the sofa", "documents": RERANK_DOCS, "top_n": 2}
+    response = await pooling_client.post(path, json=body, headers={"x-request-id": "abc"})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    # vLLM 0.32's RerankResponse: id ("score-" + the X-Request-Id), model, usage {prompt, total}, results
+    assert list(data) == ["id", "model", "usage", "results"] and data["id"] == "score-abc"
+    assert data["usage"]["prompt_tokens"] == data["usage"]["total_tokens"] > 0
+    assert [r["index"] for r in data["results"]] == [2, 0]  # top_n of the most relevant
+    assert data["results"][0]["document"] == {"text": RERANK_DOCS[2], "multi_modal": None}
+    assert data["results"][0]["relevance_score"] > data["results"][1]["relevance_score"]
+
+
+async def test_bi_and_cross_encoders_count_their_prompts_as_vllm(pooling_client: httpx.AsyncClient) -> None:
+    # a bi-encoder embeds the query once and each document; a cross-encoder reads the query with every document
+    body = {"query": "a b", "documents": ["c", "d e"]}
+    bi = (await pooling_client.post("/rerank", json={"model": "e", **body})).json()["usage"]["prompt_tokens"]
+    cross = (await pooling_client.post("/rerank", json={"model": "r", **body})).json()["usage"]["prompt_tokens"]
+    assert (bi, cross) == (2 + 1 + 2, (2 + 1) + (2 + 2))
+
+
+async def test_score_has_vllms_shape(pooling_client: httpx.AsyncClient) -> None:
+    body = {"model": "e", "queries": ["a cat", "a dog"], "documents": ["a cat", "revenue"]}
+    data = (await pooling_client.post("/score", json=body)).json()
+    assert list(data) == ["id", "object", "created", "model", "data", "usage"]
+    assert data["object"] == "list" and data["id"].startswith("score-")
+    assert [(d["index"], d["object"]) for d in data["data"]] == [(0, "score"), (1, "score")]
+    assert data["data"][0]["score"] == pytest.approx(1.0) and data["data"][1]["score"] == pytest.approx(0.0)
+    assert data["usage"]["completion_tokens"] == 0 and data["usage"]["prompt_tokens"] == 2 + 2 + 2 + 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/score", {"model": "e", "queries": ["a", "b"], "documents": ["a", "b", "c"]}, 400, "1:1, 1:N or N:N"),
+        ("/rerank", {"model": "e", "query": "q", "documents": []}, 400, "text_pair"),
+        ("/rerank", {"model": "e", "query": {"content": []}, "documents": ["d"]}, 400, "MultiModalParam"),
+        ("/rerank", {"model": "x", "query": "q", "documents": ["d"]}, 404, "does not exist"),
+        ("/rerank", {"model": "e", "documents": ["d"]}, 400, "body.query"),
+    ],
+)
+async def test_scoring_errors(pooling_client: httpx.AsyncClient, path, body, status, message) -> None:
+    response = await pooling_client.post(path, json=body)
+    assert response.status_code == status and message in response.json()["error"]["message"]
+
+
+async def test_routes_a_server_of_that_model_would_not_have(pooling_client: httpx.AsyncClient) -> None:
+    # vLLM registers the scoring routes on pooling servers only, and embeddings not for a cross-encoder
+    on_chat = await pooling_client.post("/rerank", json={"model": "c", "query": "q", "documents": ["d"]})
+    embed_reranker = await pooling_client.post("/v1/embeddings", json={"model": "r", "input": "x"})
+    assert on_chat.status_code == embed_reranker.status_code == 404
+    assert on_chat.json() == embed_reranker.json() == {"detail": "Not Found"}
+
+
+async def test_tokenize_token_strs_and_generation_prompt(pooling_client: httpx.AsyncClient) -> None:
+    async def tokenize(**body: Any) -> dict[str, Any]:
+        return dict((await pooling_client.post("/tokenize", json={"model": "c", **body})).json())
+
+    assert (await tokenize(prompt="Hi, you", return_token_strs=True))["token_strs"] == ["Hi", ",", "you"]
+    messages = [{"role": "user", "content": "Hi"}]
+    strs = (await tokenize(messages=messages, return_token_strs=True))["token_strs"]
+    assert strs == ["<|im_start|>", "user", "\n", "Hi", "<|im_end|>", "<|im_start|>", "assistant", "\n"]
+    bare = await tokenize(messages=messages, add_generation_prompt=False)
+    assert bare["count"] == len(strs) - 3 and bare["token_strs"] is None

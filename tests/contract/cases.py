@@ -218,6 +218,12 @@ def detokenize(engine: Engine, http: httpx.Client) -> Observation:
     return _json_obs(http.post(f"{engine.url}/detokenize", json={"model": engine.model, "tokens": ids}))
 
 
+def tokenize_token_strs(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /tokenize with return_token_strs: the token strings too."""
+    body = {"model": engine.model, "prompt": "Hello world", "return_token_strs": True}
+    return _json_obs(http.post(f"{engine.url}/tokenize", json=body))
+
+
 def metrics(engine: Engine, http: httpx.Client) -> Observation:
     """GET /metrics: the families the router reads, with their types."""
     response = http.get(f"{engine.url}/metrics")
@@ -258,6 +264,38 @@ def embeddings_base64(engine: Engine, http: httpx.Client) -> Observation:
     url, model = _embed_engine(engine)
     body = {"model": model, "input": "a cat", "encoding_format": "base64"}
     return _json_obs(http.post(f"{url}/v1/embeddings", json=body))
+
+
+RERANK_QUERY = "Where is the cat sleeping?"
+RERANK_DOCS = ["The cat is sleeping on the sofa.", "Quarterly revenue grew by eight percent.", "A kitten naps."]
+
+
+def rerank(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /rerank on the embedding server (vLLM scores with an embedding model as a bi-encoder)."""
+    url, model = _embed_engine(engine)
+    body = {"model": model, "query": RERANK_QUERY, "documents": RERANK_DOCS}
+    return _json_obs(http.post(f"{url}/rerank", json=body))
+
+
+def rerank_top_n(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /v2/rerank with top_n 1: only the most relevant document."""
+    url, model = _embed_engine(engine)
+    body = {"model": model, "query": RERANK_QUERY, "documents": RERANK_DOCS, "top_n": 1}
+    return _json_obs(http.post(f"{url}/v2/rerank", json=body))
+
+
+def score(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /score, one query against documents (1:N)."""
+    url, model = _embed_engine(engine)
+    body = {"model": model, "queries": RERANK_QUERY, "documents": RERANK_DOCS}
+    return _json_obs(http.post(f"{url}/score", json=body))
+
+
+def score_pairs(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /v1/score with text_1/text_2 lists scored pairwise (N:N); the second pair is a text with itself."""
+    url, model = _embed_engine(engine)
+    body = {"model": model, "text_1": RERANK_DOCS[:2], "text_2": [RERANK_DOCS[1], RERANK_DOCS[1]]}
+    return _json_obs(http.post(f"{url}/v1/score", json=body))
 
 
 # --- errors: the same bad input must give the same status and error object ----------------------------------
@@ -337,6 +375,31 @@ def error_embeddings_unknown_model(engine: Engine, http: httpx.Client) -> Observ
     return _json_obs(http.post(f"{url}/v1/embeddings", json={"model": "no-such-model", "input": "hi"}), _error_values)
 
 
+def error_rerank_unknown_model(engine: Engine, http: httpx.Client) -> Observation:
+    """/rerank with an unknown model: 404."""
+    url, _ = _embed_engine(engine)
+    body = {"model": "no-such-model", "query": "q", "documents": ["d"]}
+    return _json_obs(http.post(f"{url}/rerank", json=body), _error_values)
+
+
+def error_rerank_missing_query(engine: Engine, http: httpx.Client) -> Observation:
+    """/rerank without a query: 400 (request validation)."""
+    url, model = _embed_engine(engine)
+    return _json_obs(http.post(f"{url}/rerank", json={"model": model, "documents": ["d"]}), _error_values)
+
+
+def error_score_lengths(engine: Engine, http: httpx.Client) -> Observation:
+    """/score with 2 queries for 3 documents (neither 1:N nor N:N): 400."""
+    url, model = _embed_engine(engine)
+    body = {"model": model, "queries": ["a", "b"], "documents": ["a", "b", "c"]}
+    return _json_obs(http.post(f"{url}/score", json=body), _error_values)
+
+
+def error_rerank_on_chat_server(engine: Engine, http: httpx.Client) -> Observation:
+    """/rerank on a generative model's server: 404, the route does not exist there (FastAPI's {"detail": ...})."""
+    return _json_obs(http.post(f"{engine.url}/rerank", json={"model": engine.model, "query": "q", "documents": ["d"]}))
+
+
 def error_unknown_path(engine: Engine, http: httpx.Client) -> Observation:
     """A path the server does not have: 404 (FastAPI's {"detail": ...})."""
     return _json_obs(http.get(f"{engine.url}/v1/no-such-endpoint"))
@@ -358,11 +421,16 @@ CASES: dict[str, Callable[[Engine, httpx.Client], Observation]] = {
         tokenize_prompt,
         tokenize_messages,
         detokenize,
+        tokenize_token_strs,
         metrics,
         health,
         version,
         embeddings,
         embeddings_base64,
+        rerank,
+        rerank_top_n,
+        score,
+        score_pairs,
         error_unknown_model,
         error_max_tokens_negative,
         error_max_tokens_over_context,
@@ -374,7 +442,24 @@ CASES: dict[str, Callable[[Engine, httpx.Client], Observation]] = {
         error_bad_json,
         error_tokenize_unknown_model,
         error_embeddings_unknown_model,
+        error_rerank_unknown_model,
+        error_rerank_missing_query,
+        error_score_lengths,
+        error_rerank_on_chat_server,
         error_unknown_path,
     )
 }
-EMBEDDING_CASES = frozenset({"embeddings", "embeddings_base64", "error_embeddings_unknown_model"})
+EMBEDDING_CASES = frozenset(
+    {
+        "embeddings",
+        "embeddings_base64",
+        "error_embeddings_unknown_model",
+        "rerank",
+        "rerank_top_n",
+        "score",
+        "score_pairs",
+        "error_rerank_unknown_model",
+        "error_rerank_missing_query",
+        "error_score_lengths",
+    }
+)

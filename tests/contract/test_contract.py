@@ -157,3 +157,35 @@ def test_detokenize_inverts_tokenize(engine: Engine, http: httpx.Client) -> None
 def test_metrics_the_router_reads_are_there(engine: Engine, http: httpx.Client) -> None:
     # given /metrics, then every family the strategies read is exposed with its type
     assert observe("metrics", engine, http).raw == ROUTER_METRICS
+
+
+def test_tokenize_token_strs_match_the_tokens(engine: Engine, http: httpx.Client) -> None:
+    # given return_token_strs, then one string per token id, and the strings spell the prompt's words
+    body = observe("tokenize_token_strs", engine, http).raw
+    assert len(body["token_strs"]) == len(body["tokens"]) == body["count"]
+    assert "Hello" in "".join(body["token_strs"])
+
+
+def test_rerank_sorts_by_relevance_and_keeps_top_n(engine: Engine, http: httpx.Client) -> None:
+    # given a query about a sleeping cat, then every document once, sorted by relevance, the revenue one last and
+    # the text of each document echoed; top_n 1 keeps only the first; usage counts prompt tokens only
+    from tests.contract.cases import RERANK_DOCS
+
+    body = observe("rerank", engine, http).raw
+    results = body["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2]
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and results[-1]["index"] == 1
+    assert all(r["document"]["text"] == RERANK_DOCS[r["index"]] for r in results)
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    top = observe("rerank_top_n", engine, http).raw["results"]
+    assert [r["index"] for r in top] == [results[0]["index"]]
+
+
+def test_score_gives_one_score_per_pair(engine: Engine, http: httpx.Client) -> None:
+    # 1:N gives one score per document, N:N one per pair, in input order; a text with itself scores highest
+    one_to_n = observe("score", engine, http).raw
+    assert [d["index"] for d in one_to_n["data"]] == [0, 1, 2]
+    pairs = observe("score_pairs", engine, http).raw["data"]
+    assert [d["index"] for d in pairs] == [0, 1]
+    assert pairs[0]["score"] < pairs[1]["score"] == pytest.approx(1.0, abs=1e-3)

@@ -47,6 +47,19 @@ def test_schema_describes_the_gateway_from_its_serializers() -> None:
         assert path in schema["paths"], path
 
 
+def test_schema_describes_every_endpoint_of_the_gateway_table() -> None:
+    from routing.gateway import ENDPOINTS
+
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    for path, endpoint in ENDPOINTS.items():
+        post = schema["paths"][path]["post"]
+        name = endpoint.serializer.__name__.removesuffix("Serializer")
+        assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+    rerank = schema["components"]["schemas"]["RerankRequest"]
+    assert {"model", "query", "documents"} <= set(rerank["required"])
+    assert "oneOf" in rerank["properties"]["documents"]
+
+
 @pytest.mark.django_db
 def test_schema_and_swagger_ui_are_served_without_cdn(client: Client) -> None:
     schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")

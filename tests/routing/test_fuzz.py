@@ -1,4 +1,5 @@
-"""Property-based fuzzing of every /v1 endpoint: malformed and extreme requests never make the gateway fail.
+"""Property-based fuzzing of every /v1 endpoint (and vLLM's own the gateway serves): malformed and extreme requests
+never make the gateway fail.
 
 Property: the status is never a gateway 5xx (a 502/503/504 is allowed only as a backend's failure), and every
 non-2xx answer is OpenAI-shaped JSON: `{"error": {"message": str, "type": str, "param": ..., "code": ...}}`.
@@ -30,7 +31,10 @@ from tests.conftest import AUTH, MASTER_KEY
 from tests.factories import backend_snap, registry_snap
 
 CHAT, COMPLETIONS, EMBEDDINGS, MODELS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"
-POST_PATHS = (CHAT, COMPLETIONS, EMBEDDINGS)
+RERANK, SCORE, TOKENIZE, DETOKENIZE = "/v1/rerank", "/v1/score", "/tokenize", "/detokenize"
+POST_PATHS = (CHAT, COMPLETIONS, EMBEDDINGS, RERANK, SCORE, TOKENIZE, DETOKENIZE)
+# Fields whose error may name the other one: a score pair's proportion, tokenize's `prompt` or `messages`.
+PARTNERS = {"queries": "documents", "documents": "queries", "prompt": "messages", "messages": "prompt"}
 ALL_PATHS = (*POST_PATHS, MODELS)
 MAX_BODY = 1 << 20
 JSON_HEADERS = {**AUTH, "content-type": "application/json"}
@@ -240,9 +244,46 @@ stream_options = st.fixed_dictionaries(
 )
 
 
+POOLING_OPTIONS = {
+    "truncate_prompt_tokens": st.integers(-1, 64) | st.none(),
+    "max_tokens_per_doc": st.integers(0, 8),
+    "use_activation": st.booleans() | st.none(),
+    "user": free_text,
+}
+
+
+@st.composite
+def pooling_requests(draw: st.DrawFn, path: str) -> dict[str, Any]:
+    """A valid rerank, score, tokenize or detokenize request (texts only: the mock's models are text-only)."""
+    if path == RERANK:
+        documents = texts | st.lists(texts, min_size=1, max_size=3)
+        optional = {**POOLING_OPTIONS, "top_n": st.integers(0, 4)}
+        return draw(
+            st.fixed_dictionaries({"model": st.just("embed-model"), "query": texts, "documents": documents}, optional)
+        )
+    if path == SCORE:
+        size = draw(st.integers(1, 3))
+        queries = texts | st.lists(texts, min_size=1, max_size=1) | st.lists(texts, min_size=size, max_size=size)
+        documents = st.lists(texts, min_size=size, max_size=size)
+        return draw(
+            st.fixed_dictionaries(
+                {"model": st.just("embed-model"), "queries": queries, "documents": documents}, POOLING_OPTIONS
+            )
+        )
+    models = st.sampled_from(["chat-model", "text-model", "embed-model"])
+    if path == DETOKENIZE:
+        return draw(st.fixed_dictionaries({"model": models, "tokens": st.lists(st.integers(0, 2**63 - 1), max_size=5)}))
+    optional = {"add_special_tokens": st.booleans(), "return_token_strs": st.booleans() | st.none()}
+    if draw(st.booleans()):
+        return draw(st.fixed_dictionaries({"model": models, "prompt": free_text}, optional=optional))
+    return draw(st.fixed_dictionaries({"model": models, "messages": valid_messages}, optional=optional))
+
+
 @st.composite
 def valid_requests(draw: st.DrawFn, path: str) -> dict[str, Any]:
     """A request the router must accept and the mock answers with 200."""
+    if path in (RERANK, SCORE, TOKENIZE, DETOKENIZE):
+        return draw(pooling_requests(path))
     if path == EMBEDDINGS:
         return draw(
             st.fixed_dictionaries(
@@ -293,6 +334,10 @@ VALID: dict[str, dict[str, Any]] = {
     CHAT: {"model": "chat-model", "messages": [{"role": "user", "content": "Hello"}]},
     COMPLETIONS: {"model": "text-model", "prompt": "Hello"},
     EMBEDDINGS: {"model": "embed-model", "input": "Hello"},
+    RERANK: {"model": "embed-model", "query": "Hello", "documents": ["Hello", "world"]},
+    SCORE: {"model": "embed-model", "queries": "Hello", "documents": ["Hello", "world"]},
+    TOKENIZE: {"model": "chat-model", "prompt": "Hello"},
+    DETOKENIZE: {"model": "chat-model", "tokens": [1, 2]},
 }
 
 
@@ -448,7 +493,7 @@ def test_valid_requests_with_random_field_values(harness: Harness, data: st.Data
         # The router's own validation (not a backend's) names the field that was changed (numbers beyond a
         # double, written by the stdlib, make the whole body unparsable: that error names no field).
         (field,) = corrupted
-        allowed = {field, "stream_options"} if field == "stream" else {field}
+        allowed = {field, "stream_options"} if field == "stream" else {field, PARTNERS.get(field, field)}
         param = error["param"]
         assert param is not None and (param in allowed or param.startswith((f"{field}.", f"{field}["))), (
             f"changed {field!r}, error names {param!r}: {error['message']}"
