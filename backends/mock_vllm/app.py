@@ -1038,7 +1038,7 @@ class MockVLLM:
         return model, model in cfg.rerank_models
 
     def _score_pairs(
-        self, model: str, cross: bool, first: list[Any], second: list[Any], body: dict[str, Any]
+        self, cross: bool, first: list[Any], second: list[Any], body: dict[str, Any]
     ) -> tuple[list[float], int]:
         """Score 1:N or N:N texts like vLLM (bi-encoder: cosine of the embeddings; cross-encoder: one pass per
         pair); return the scores and the prompt tokens used."""
@@ -1085,7 +1085,7 @@ class MockVLLM:
         if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0:
             raise _validation_error("body.top_n", "greater_than_equal", "Input should be greater than or equal to 0")
         documents = body["documents"] if isinstance(body["documents"], list) else [body["documents"]]
-        scores, used = self._score_pairs(model, cross, [body["query"]], documents, body)
+        scores, used = self._score_pairs(cross, [body["query"]], documents, body)
         await self._generation_delay([])
         results = [
             {"index": i, "document": {"text": doc, "multi_modal": None}, "relevance_score": score}
@@ -1116,7 +1116,7 @@ class MockVLLM:
         if pair is None:
             raise _validation_error("body", "missing", "Field required")
         first, second = ([body[k]] if not isinstance(body[k], list) else body[k] for k in pair)
-        scores, used = self._score_pairs(model, cross, first, second, body)
+        scores, used = self._score_pairs(cross, first, second, body)
         await self._generation_delay([])
         reported = used + self.config.usage_prompt_tokens_offset
         payload = {
