@@ -281,7 +281,7 @@ class ScoreInputField(serializers.Field):
     """One rerank/score text: a string, or vLLM's multimodal `{"content": [parts]}` (each at most max_text_chars)."""
 
     default_error_messages = {
-        "invalid": 'Must be a string or an object {"content": [content parts]}.',
+        "invalid": 'Must be a string or an object {{"content": [content parts]}}.',  # braces doubled: str.format
         "part": "Each content part must be an object with a string `type`.",
         "too_long": "Must be at most {limit} characters (got {length}).",
     }

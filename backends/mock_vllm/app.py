@@ -1131,11 +1131,11 @@ class MockVLLM:
         return 200
 
     def _request_id(self) -> str:
-        """The request's X-Request-Id (vLLM's pooling ids reuse it), else a random uuid4 hex."""
+        """The request's X-Request-Id (vLLM's pooling ids reuse it), else a random id."""
         for name, value in self.stats.last_raw_headers:
             if name.lower() == b"x-request-id":
                 return value.decode("latin-1")
-        return os.urandom(16).hex()
+        return _rid()
 
     # -- /tokenize -------------------------------------------------------------------------------
 

@@ -259,7 +259,9 @@ def pooling_requests(draw: st.DrawFn, path: str) -> dict[str, Any]:
         documents = texts | st.lists(texts, min_size=1, max_size=3)
         optional = {**POOLING_OPTIONS, "top_n": st.integers(0, 4)}
         return draw(
-            st.fixed_dictionaries({"model": st.just("embed-model"), "query": texts, "documents": documents}, optional)
+            st.fixed_dictionaries(
+                {"model": st.just("embed-model"), "query": texts, "documents": documents}, optional=optional
+            )
         )
     if path == SCORE:
         size = draw(st.integers(1, 3))
@@ -267,7 +269,7 @@ def pooling_requests(draw: st.DrawFn, path: str) -> dict[str, Any]:
         documents = st.lists(texts, min_size=size, max_size=size)
         return draw(
             st.fixed_dictionaries(
-                {"model": st.just("embed-model"), "queries": queries, "documents": documents}, POOLING_OPTIONS
+                {"model": st.just("embed-model"), "queries": queries, "documents": documents}, optional=POOLING_OPTIONS
             )
         )
     models = st.sampled_from(["chat-model", "text-model", "embed-model"])
