@@ -1087,7 +1087,7 @@ class MockVLLM:
         documents = body["documents"] if isinstance(body["documents"], list) else [body["documents"]]
         scores, used = self._score_pairs(cross, [body["query"]], documents, body)
         await self._generation_delay([])
-        results = [
+        results: list[dict[str, Any]] = [
             {"index": i, "document": {"text": doc, "multi_modal": None}, "relevance_score": score}
             for i, (doc, score) in enumerate(zip(documents, scores, strict=True))
         ]
