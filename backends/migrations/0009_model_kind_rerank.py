@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("backends", "0007_pool_priority_scheduling"),
+        ("backends", "0008_model_routes_shadow_comparison"),
     ]
 
     operations = [
