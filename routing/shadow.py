@@ -176,8 +176,8 @@ class ShadowMirror:
     def submit(self, ticket: ShadowTicket, lc: Lifecycle) -> None:
         """Queue the mirrors of a finished primary (only a 200 is mirrored); drop them when the queue is full."""
         prepared = lc.prepared
-        if prepared is None or lc.status != 200 or lc.backend is None:
-            return
+        if prepared is None or lc.status != 200 or lc.backend is None or not prepared.endpoint.tokens:
+            return  # only successes are mirrored, and not the tokenizer (no generation to compare)
         if prepared.stream:
             body = b"" if ticket.truncated else b"".join(ticket.chunks)
         else:

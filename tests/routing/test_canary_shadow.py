@@ -342,3 +342,19 @@ def test_answer_texts_of_json_and_streamed_answers() -> None:
     assert answer_texts("completions", {"choices": [{"index": 0, "text": "abc"}]}) == {0: "abc"}
     assert answer_texts("embeddings", {"data": []}) is None
     assert answer_texts("chat.completions", b"not json", stream=False) is None
+
+
+async def test_the_tokenizer_is_not_mirrored(
+    build: Callable[..., Gateway], client: Callable[[Gateway], httpx.AsyncClient], mock_b: MockVLLM
+) -> None:
+    mirror = ShadowMirror(concurrency=2, queue_max=4, write=Rollup())
+    gateway = build(shadowing(), shadow=mirror)
+    response = await client(gateway).post("/tokenize", json={"model": "chat-v1", "prompt": "Hello"}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    await settle(mirror)
+    assert mirror.stats()["mirrored"] == 0 and mock_b.stats.total_requests == 0
+    # while a completion on the same model is
+    body = {"model": "chat-v1", "messages": PROMPT, "max_tokens": 2}
+    assert (await client(gateway).post("/v1/chat/completions", json=body, headers=AUTH)).status_code == 200
+    await settle(mirror)
+    assert mirror.stats()["mirrored"] == 1 and mock_b.stats.total_requests == 1
