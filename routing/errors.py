@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import orjson
 
-from core.errors import APIError
-
-_ADDRESS = re.compile(r"\('[^']*', \d+(?:, \d+, \d+)?\)|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\bhttps?://\S+")
+from core.errors import APIError, error_message_from, strip_addresses  # the parser and the stripper live in core
 
 
 class PassthroughError(APIError):
@@ -94,37 +90,11 @@ def passthrough(raw: bytes, status: int) -> APIError:
     return PassthroughError(raw, status, error_message_from(raw, status), error)
 
 
-def error_message_from(raw: bytes, status: int) -> str:
-    """The `error.message` of an OpenAI/vLLM error body, else its `message` or `detail`, else its text (with
-    addresses removed), else the status."""
-    try:
-        data = orjson.loads(raw)
-        if isinstance(data, dict):
-            err = data.get("error", data)
-            if isinstance(err, dict) and isinstance(err.get("message"), str) and err["message"]:
-                return err["message"]
-            if isinstance(err, str):
-                return err
-            if isinstance(data.get("message"), str):
-                return data["message"]
-            if isinstance(data.get("detail"), str):
-                return data["detail"]
-    except orjson.JSONDecodeError:
-        pass
-    text = raw[:500].decode("utf-8", "replace").strip()
-    return strip_addresses(text) if text else f"HTTP {status} with an empty body"
-
-
 def describe(exc: BaseException) -> str:
     """An exception as a short text for errors and logs: its class and message, with addresses removed."""
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     text = strip_addresses(text)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def strip_addresses(text: str) -> str:
-    """The text with IP addresses, (host, port) tuples and URLs replaced by `<address>`."""
-    return _ADDRESS.sub("<address>", text)
 
 
 def capacity_exceeded(model: str, *, queue_full: bool, retry_after_s: int = 1, shed: bool = False) -> APIError:

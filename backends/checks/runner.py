@@ -21,6 +21,7 @@ import orjson
 
 from backends.checks.models import ANSWER_MAX_CHARS, CheckCause, Expectation
 from backends.models import InvalidApiKeyError, bearer_headers
+from core.errors import error_message_from
 
 logger = logging.getLogger(__name__)
 
@@ -124,23 +125,6 @@ class BadResponse(Exception):
 # -- classification (pure functions) ------------------------------------------------------------------------
 
 
-def error_message_from_body(body: bytes | str) -> str:
-    """The human message of an error body: vLLM/OpenAI `{"error": {"message"}}`, FastAPI `detail`, or the text."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text.strip()[:_ERROR_TEXT_MAX]
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:_ERROR_TEXT_MAX]
-        for key in ("error", "detail", "message"):
-            if isinstance(data.get(key), str):
-                return data[key][:_ERROR_TEXT_MAX]
-    return text.strip()[:_ERROR_TEXT_MAX]
-
-
 def classify_backend_error(status: int | None, message: str) -> str:
     """Out of memory when the message says so (whatever the status), else a backend error."""
     return CheckCause.OUT_OF_MEMORY if _OOM_RE.search(message or "") else CheckCause.BACKEND_ERROR
@@ -219,7 +203,7 @@ async def _raise_for_status(response: httpx.Response, what: str) -> None:
     """Turn an error status into BackendHTTPError carrying the backend's message."""
     if response.status_code >= 400:
         body = await response.aread()
-        message = error_message_from_body(body) or response.reason_phrase
+        message = error_message_from(body) or response.reason_phrase
         raise BackendHTTPError(response.status_code, message, what)
 
 
@@ -271,7 +255,7 @@ async def _complete_streamed(client: httpx.AsyncClient, target: CheckTarget, sta
             except orjson.JSONDecodeError as exc:
                 raise BadResponse(f"stream sent a line that is not JSON: {data[:200]!r}") from exc
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
-                raise BackendHTTPError(None, error_message_from_body(data), "stream")
+                raise BackendHTTPError(None, error_message_from(data), "stream")
             _read_chunk(chunk, observed, parts, start)
         if not done and not observed.finish_reason:
             raise BadResponse("the stream ended without a finish_reason or [DONE]")

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from backends.checks.models import CheckCase, CheckResult, RunTrigger
-from backends.checks.runner import CaseSpec, answer_matches, classify_backend_error, error_message_from_body, judge
+from backends.checks.runner import CaseSpec, answer_matches, classify_backend_error, judge
 from backends.checks.services import check_run_now
+from core.errors import error_message_from
 from tests.backends.checks.conftest import Fleet
 
 pytestmark = pytest.mark.django_db
@@ -120,9 +121,9 @@ def test_unreachable_backend(fleet: Fleet, only_cases: Callable[..., CheckCase])
 
 
 def test_error_bodies_and_oom_wordings() -> None:
-    assert error_message_from_body(b'{"error":{"message":"boom","type":"X","code":500}}') == "boom"
-    assert error_message_from_body(b'{"detail":"Not Found"}') == "Not Found"
-    assert error_message_from_body(b"Internal Server Error\n") == "Internal Server Error"
+    assert error_message_from(b'{"error":{"message":"boom","type":"X","code":500}}') == "boom"
+    assert error_message_from(b'{"detail":"Not Found"}') == "Not Found"
+    assert error_message_from(b"Internal Server Error\n") == "Internal Server Error"
     for message in (
         "CUDA out of memory. Tried to allocate 20.00 MiB",
         "torch.OutOfMemoryError: CUDA out of memory",
