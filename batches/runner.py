@@ -11,7 +11,9 @@ A 429 from the key's limits waits and retries the line.
 
 Durability: lines are claimed with a lease (renewed while they run) and each result is written to its row before
 the worker moves on; a worker that dies leaves `running` lines whose lease runs out and are claimed again by the
-next runner, while `done` lines are never run again.
+next runner, while `done` lines are never run again. A line's usage record is written in the same transaction as
+its result, and only by the claim that wins (`services.line_finish`): a line is charged exactly once, however many
+workers died or raced on it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from batches.models import FINAL_STATUSES, Batch, BatchLine, BatchStatus, LineSt
 from batches.selectors import batch_principal_get
 from core.errors import APIError
 from governance.auth import Principal
+from governance.events import UsageEvent
 from governance.priority import LOWEST
 from routing.gateway import ENDPOINTS, Gateway
 
@@ -49,6 +52,19 @@ def _retry_after(exc: APIError) -> float:
             with contextlib.suppress(ValueError):
                 return min(MAX_WAIT_S, max(0.2, float(value)))
     return 1.0
+
+
+class LineUsage:
+    """The usage sink of one line's lifecycle: it keeps the event, written with the line's result (not buffered)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event: UsageEvent | None = None
+
+    def record(self, event: UsageEvent) -> None:
+        """Keep the event (the lifecycle records once)."""
+        self.event = event
 
 
 class BatchRunner:
@@ -170,6 +186,8 @@ class BatchRunner:
         endpoint = ENDPOINTS[self.endpoint]
         request_id = uuid.uuid4().hex
         lc = gateway.lifecycle(endpoint, request_id, time.perf_counter(), self.principal, transport="batch")
+        usage = LineUsage()
+        lc.usage_sink = usage  # written with the result by line_finish, once: not through the buffered writer
         error: APIError | None = None
         result: dict[str, Any] | None = None
         data = dict(line.body)
@@ -227,6 +245,7 @@ class BatchRunner:
                 error=None,
                 prompt_tokens=lc.prompt_tokens,
                 completion_tokens=lc.completion_tokens,
+                usage=usage.event,
             )
             return
         await sync_to_async(services.line_finish)(
@@ -237,6 +256,7 @@ class BatchRunner:
             error=None,
             prompt_tokens=lc.prompt_tokens,
             completion_tokens=lc.completion_tokens,
+            usage=usage.event,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,6 +19,8 @@ from django.utils import timezone
 from batches.models import FINAL_STATUSES, Batch, BatchFile, BatchLine, BatchStatus, FilePurpose, LineState
 from core.errors import APIError
 from governance.auth import Principal
+from governance.events import UsageEvent
+from governance.usage import usage_records_write
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
@@ -249,9 +252,12 @@ def line_finish(
     error: dict[str, Any] | None,
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
+    usage: UsageEvent | None = None,
 ) -> bool:
-    """Record a line's result (durably, before the worker moves on) and count it; False when another worker's
-    claim superseded this one (its result is then the one kept)."""
+    """Record a line's result (durably, before the worker moves on), count it and write its usage record, all in
+    one transaction; False when another worker's claim superseded this one (its result and usage are then the ones
+    kept, and nothing is written for this one). So a line is charged exactly once: a worker killed before this
+    commit charged nothing (its line runs again), one killed after it charged the line and never runs it again."""
     ok = status_code == 200 and error is None
     with transaction.atomic():
         updated = BatchLine.objects.filter(pk=line.pk, state=LineState.RUNNING, attempts=line.attempts).update(
@@ -272,6 +278,8 @@ def line_finish(
                 prompt_tokens=F("prompt_tokens") + prompt_tokens,
                 completion_tokens=F("completion_tokens") + completion_tokens,
             )
+            if usage is not None:
+                usage_records_write([(time.time(), usage)])
     return bool(updated)
 
 

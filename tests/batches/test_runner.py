@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
+from django.utils import timezone
 
 from backends.mock_vllm import MockServer
 from backends.models import GpuPool
 from batches import runner as batch_runner
 from batches.models import Batch, BatchLine
 from batches.runner import batch_run
-from batches.services import batch_create, file_create, file_read
+from batches.services import batch_create, file_create, file_read, line_finish, lines_claim
 from core.errors import APIError
 from governance.auth import MASTER, Principal
+from governance.events import UsageEvent
 from governance.models import UsageRecord, key_hash
 from governance.ratelimit import LocalRateLimiter, rate_limited
 from governance.selectors import key_snapshot_build
@@ -109,6 +112,59 @@ def test_lines_run_through_the_lifecycle_with_usage_per_line(
         sum(BatchLine.objects.filter(batch=batch).values_list("prompt_tokens", flat=True)),
         sum(BatchLine.objects.filter(batch=batch).values_list("completion_tokens", flat=True)),
     )
+    # and the records were written with the results (not buffered): the key's charge is the batch's usage
+    assert (batch.prompt_tokens, batch.completion_tokens) == (
+        sum(records.values_list("prompt_tokens", flat=True)),
+        sum(records.values_list("completion_tokens", flat=True)),
+    )
+    assert records.get(status=200).request_id == results["good"]["response"]["request_id"]
+
+
+def _event(principal: Principal, request_id: str, prompt_tokens: int) -> UsageEvent:
+    assert principal.key is not None
+    return UsageEvent(
+        request_id=request_id,
+        principal=principal.name,
+        key_id=principal.key.id,
+        endpoint="chat.completions",
+        model="chat-model",
+        backend="mock-a",
+        status=200,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=1,
+        latency_ms=1.0,
+        ttft_ms=None,
+        stream=False,
+    )
+
+
+def test_a_superseded_claim_records_neither_its_result_nor_its_usage(
+    batch_files_dir: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    # given a line claimed by a worker that stalled past its lease, then claimed again by another worker
+    principal = _principal("team-race")
+    batch = _batch(principal, [chat_line("a")], django_capture_on_commit_callbacks)
+    (stalled,) = lines_claim(batch_id=batch.pk, limit=1, lease_s=60)
+    BatchLine.objects.filter(pk=stalled.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+    (second,) = lines_claim(batch_id=batch.pk, limit=1, lease_s=60)
+    assert (stalled.pk, stalled.attempts, second.attempts) == (second.pk, 1, 2)
+    # when both finish, the second claim first
+    kept = line_finish(
+        line=second, request_id="r2", status_code=200, response={}, error=None, prompt_tokens=7, completion_tokens=1,
+        usage=_event(principal, "r2", 7),
+    )  # fmt: skip
+    late = line_finish(
+        line=stalled, request_id="r1", status_code=200, response={}, error=None, prompt_tokens=9, completion_tokens=1,
+        usage=_event(principal, "r1", 9),
+    )  # fmt: skip
+    # then only the current claim's result, count and usage record are kept: the key is charged once
+    assert (kept, late) == (True, False)
+    assert principal.key is not None
+    records = UsageRecord.objects.filter(key_id=principal.key.id)
+    assert list(records.values_list("request_id", "prompt_tokens")) == [("r2", 7)]
+    batch.refresh_from_db()
+    assert (batch.completed, batch.failed, batch.prompt_tokens) == (1, 0, 7)
+    assert BatchLine.objects.get(pk=second.pk).request_id == "r2"
 
 
 class _LimitedAtFirst(LocalRateLimiter):

@@ -13,6 +13,8 @@ import pytest
 
 from backends.mock_vllm import MockServer
 from batches.models import Batch, BatchLine, LineState
+from governance.models import UsageRecord
+from governance.services import api_key_create
 from tests.batches.conftest import Worker, chat_line, jsonl, wait_for
 from tests.conftest import MASTER_KEY
 from tests.live import PlatformProcess
@@ -26,12 +28,13 @@ LEASE_S = 2.0
 def test_killed_worker_is_resumed_with_each_line_run_exactly_once(
     mock_server: MockServer, chat_model: Any, batch_env: dict[str, str], start_worker: Callable[..., Worker]
 ) -> None:
-    # given a slow backend (0.2 s a request) and a batch of 30 lines on a worker (2 at once, 2 s leases)
+    # given a slow backend (0.2 s a request) and a key's batch of 30 lines on a worker (2 at once, 2 s leases)
     mock_server.config.latency_s = 0.2
     knobs = {"BATCH_LINE_LEASE_S": str(LEASE_S), "BATCH_MAX_CONCURRENCY_PER_POOL": "2"}
+    key, secret = api_key_create(name="team-kill")
     first = start_worker(**knobs)
     with PlatformProcess(master_key=MASTER_KEY, env=batch_env) as platform:
-        client = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=MASTER_KEY, max_retries=0)
+        client = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=secret, max_retries=0)
         uploaded = client.files.create(
             file=("many.jsonl", io.BytesIO(jsonl([chat_line(f"line-{i:02d}") for i in range(LINES)]))),
             purpose="batch",
@@ -60,9 +63,30 @@ def test_killed_worker_is_resumed_with_each_line_run_exactly_once(
         assert mock_server.stats.completed_requests == LINES
         assert mock_server.stats.cancelled_requests >= 1  # the line cut by the kill, run again
         assert (finished.completed, finished.failed, finished.total) == (LINES, 0, LINES)
-        output = client.files.content(finished.output_file_id).content.splitlines()
-        custom_ids = [orjson.loads(line)["custom_id"] for line in output]
-        assert sorted(custom_ids) == [f"line-{i:02d}" for i in range(LINES)]
-        assert all(orjson.loads(line)["response"]["status_code"] == 200 for line in output)
+        output = [orjson.loads(line) for line in client.files.content(finished.output_file_id).content.splitlines()]
+        custom_ids = [item["custom_id"] for item in output]
+        assert sorted(custom_ids) == [f"line-{i:02d}" for i in range(LINES)]  # each exactly once
+        assert all(item["response"]["status_code"] == 200 for item in output)
         rerun = BatchLine.objects.filter(batch_id=batch.id, attempts__gt=1)
         assert 1 <= rerun.count() <= 4  # only the lines claimed by the dead worker and unfinished
+
+        # and the key was charged exactly once per line, nothing lost and nothing doubled: one usage record for
+        # each output line (the same request id), with the tokens the output reports, and the batch's sum
+        records = UsageRecord.objects.filter(key_id=key.pk)
+        assert sorted(records.values_list("request_id", flat=True)) == sorted(
+            item["response"]["request_id"] for item in output
+        )
+        by_request = {r.request_id: r for r in records}
+        for item in output:
+            usage, record = item["response"]["body"]["usage"], by_request[item["response"]["request_id"]]
+            assert (record.prompt_tokens, record.completion_tokens) == (
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+            )
+        seen = client.batches.retrieve(batch.id).usage
+        assert seen is not None
+        assert (seen.input_tokens, seen.output_tokens) == (
+            sum(r.prompt_tokens for r in records),
+            sum(r.completion_tokens for r in records),
+        )
+        assert seen.output_tokens == sum(item["response"]["body"]["usage"]["completion_tokens"] for item in output)
