@@ -18,7 +18,7 @@ from django.utils.safestring import SafeString, mark_safe
 
 from backends.admin import STATUS_COLOURS, BackendAdmin, ModelAdmin
 from backends.checks.charts import run_latency_svg, trend_charts_html
-from backends.checks.models import CheckCase, CheckResult, CheckRun, RunStatus, RunTrigger
+from backends.checks.models import CaseEndpoint, CheckCase, CheckResult, CheckRun, RunStatus, RunTrigger
 from backends.checks.report import run_headline, run_markdown
 from backends.checks.selectors import (
     TREND_RUNS,
@@ -89,6 +89,7 @@ class CheckCaseAdmin(admin.ModelAdmin):
 
     list_display = (
         "name",
+        "endpoint",
         "expectation",
         "expected_text",
         "stream",
@@ -98,13 +99,30 @@ class CheckCaseAdmin(admin.ModelAdmin):
         "applies_to",
         "enabled",
     )
-    list_filter = ("enabled", "expectation", "stream")
+    list_filter = ("enabled", "endpoint", "expectation", "stream")
     list_editable = ("enabled",)
-    search_fields = ("name", "description", "expected_text")
+    search_fields = ("name", "description", "expected_text", "query")
     filter_horizontal = ("models",)
     fieldsets = (
         (None, {"fields": ("name", "description", "enabled")}),
-        ("Request", {"fields": ("messages", "temperature", "max_tokens", "stream", "extra_params")}),
+        (
+            "Request",
+            {
+                "fields": (
+                    "endpoint",
+                    "messages",
+                    "query",
+                    "documents",
+                    "temperature",
+                    "max_tokens",
+                    "stream",
+                    "extra_params",
+                ),
+                "description": "Chat and Responses cases send `messages` (max_tokens is the Responses API's "
+                "max_output_tokens); rerank cases send `query` and `documents`, and their answer is the text of "
+                "the document ranked first.",
+            },
+        ),
         ("Expected result", {"fields": ("expectation", "expected_text", "case_sensitive")}),
         ("Applies to", {"fields": ("models",)}),
         ("Limits", {"fields": ("latency_budget_s", "slow_threshold_s")}),
@@ -117,7 +135,9 @@ class CheckCaseAdmin(admin.ModelAdmin):
     @admin.display(description="models")
     def applies_to(self, obj: CheckCase) -> str:
         names = [m.name for m in obj.models.all()]
-        return ", ".join(names) if names else "all chat models"
+        if names:
+            return ", ".join(names)
+        return "all pooling models" if obj.endpoint == CaseEndpoint.RERANK else "all chat models"
 
 
 # -- runs ----------------------------------------------------------------------------------------------------

@@ -12,9 +12,24 @@ from backends.validators import validate_name
 
 ANSWER_MAX_CHARS = 500
 """Stored answers are cut to this many characters."""
+MAX_DOCUMENTS = 100
+"""Documents of a rerank case."""
 
 # Request fields a case may not set through `extra_params` (the runner sets them itself).
-RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options", "temperature", "max_tokens"})
+RESERVED_PARAMS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "temperature",
+        "max_tokens",
+        "input",
+        "max_output_tokens",
+        "query",
+        "documents",
+    }
+)
 
 
 class Expectation(models.TextChoices):
@@ -25,6 +40,28 @@ class Expectation(models.TextChoices):
     EQUALS = "equals", "answer equals the expected text"
     TOKEN_COUNT = "token_count", "reported prompt tokens equal the backend's /tokenize count"
     FINISH_LENGTH = "finish_length", 'finish_reason is "length" (max_tokens honoured)'
+
+
+class CaseEndpoint(models.TextChoices):
+    """The vLLM endpoint a case calls, and so the models it applies to."""
+
+    CHAT = "chat", "/v1/chat/completions (chat models)"
+    RESPONSES = "responses", "/v1/responses (chat models)"
+    RERANK = "rerank", "/v1/rerank (pooling models)"
+
+
+ENDPOINT_PATHS: dict[str, str] = {
+    CaseEndpoint.CHAT: "/v1/chat/completions",
+    CaseEndpoint.RESPONSES: "/v1/responses",
+    CaseEndpoint.RERANK: "/v1/rerank",
+}
+TEXT_EXPECTATIONS = frozenset({Expectation.CONTAINS, Expectation.EQUALS, Expectation.REGEX})
+ENDPOINT_EXPECTATIONS: dict[str, frozenset[str]] = {
+    CaseEndpoint.CHAT: frozenset(Expectation.values),
+    CaseEndpoint.RESPONSES: TEXT_EXPECTATIONS | {Expectation.FINISH_LENGTH},
+    CaseEndpoint.RERANK: TEXT_EXPECTATIONS,
+}
+"""What each endpoint's answer can be judged on (a rerank's answer is the text of the top-ranked document)."""
 
 
 class CheckCause(models.TextChoices):
@@ -71,7 +108,25 @@ class CheckCase(models.Model):
 
     name = models.CharField(max_length=100, unique=True, validators=[validate_name])
     description = models.TextField(blank=True)
-    messages = models.JSONField(help_text='OpenAI chat messages, e.g. [{"role": "user", "content": "..."}].')
+    endpoint = models.CharField(
+        max_length=16,
+        choices=CaseEndpoint.choices,
+        default=CaseEndpoint.CHAT,
+        help_text="Chat and Responses cases apply to chat models, rerank cases to pooling (embedding) models.",
+    )
+    messages = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Chat / Responses: OpenAI chat messages, e.g. [{"role": "user", "content": "..."}] '
+        "(the Responses API's `input`).",
+    )
+    query = models.TextField(blank=True, help_text="Rerank: the query.")
+    documents = models.JSONField(
+        default=list,
+        blank=True,
+        help_text=f"Rerank: the documents to rank (a list of at most {MAX_DOCUMENTS} strings); the answer judged is "
+        "the text of the document ranked first.",
+    )
     temperature = models.FloatField(null=True, blank=True, default=0.0, help_text="Empty: the backend's default.")
     max_tokens = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the backend's default.")
     stream = models.BooleanField(default=False, help_text="Stream the answer (SSE); time to first token is measured.")
@@ -101,7 +156,8 @@ class CheckCase(models.Model):
         "backends.Model",
         blank=True,
         related_name="check_cases",
-        help_text="Models this case applies to; none selected: every enabled chat model.",
+        help_text="Models this case applies to; none selected: every enabled model its endpoint serves (chat models "
+        "for chat and Responses cases, pooling models for rerank cases).",
     )
 
     class Meta:
@@ -114,12 +170,30 @@ class CheckCase(models.Model):
         """Check the messages' shape, the expectation's text or pattern, and the extra parameters."""
         errors: dict[str, str] = {}
         msgs = self.messages
-        if (
+        if self.endpoint == CaseEndpoint.RERANK:
+            docs = self.documents
+            if not self.query.strip():
+                errors["query"] = "Required for a rerank case."
+            if (
+                not isinstance(docs, list)
+                or not 2 <= len(docs) <= MAX_DOCUMENTS
+                or not all(isinstance(d, str) and d for d in docs)
+            ):
+                errors["documents"] = f"A list of 2 to {MAX_DOCUMENTS} non-empty strings."
+            if self.stream:
+                errors["stream"] = "A rerank answer is not streamed."
+        elif (
             not isinstance(msgs, list)
             or not msgs
             or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in msgs)
         ):
             errors["messages"] = 'A non-empty list of {"role": ..., "content": ...} objects.'
+        if self.endpoint == CaseEndpoint.RESPONSES and self.stream:
+            errors["stream"] = "Responses cases are not streamed (yet); use a chat case to check streaming."
+        allowed = ENDPOINT_EXPECTATIONS.get(self.endpoint, frozenset())
+        if self.expectation not in allowed:
+            labels = ", ".join(sorted(allowed))
+            errors["expectation"] = f"A {self.get_endpoint_display()} case can expect: {labels}."
         needs_text = self.expectation in {Expectation.CONTAINS, Expectation.EQUALS, Expectation.REGEX}
         if needs_text and not self.expected_text:
             errors["expected_text"] = "Required for this expectation."

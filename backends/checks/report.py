@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.checks.models import CheckResult, CheckRun, RunStatus
+from backends.checks.models import ENDPOINT_PATHS, CheckResult, CheckRun, RunStatus
 from backends.checks.selectors import check_failures, check_run_results
 
 _SLACK_SECTION_MAX = 2900  # Slack rejects section texts over 3000 characters
@@ -57,6 +57,16 @@ def _failure_line(result: CheckResult) -> str:
     )
 
 
+def _case_endpoints(results: list[CheckResult]) -> dict[str, str]:
+    """The endpoint each case of the results called (a deleted case: "?")."""
+    endpoints: dict[str, str] = {}
+    for result in results:
+        if result.case_name not in endpoints:
+            case = result.case
+            endpoints[result.case_name] = ENDPOINT_PATHS.get(case.endpoint, "?") if case is not None else "?"
+    return dict(sorted(endpoints.items()))
+
+
 def run_markdown(*, run: CheckRun) -> str:
     """The run's full report in Markdown: summary, every result, then the failures explained."""
     results = list(check_run_results(run=run))
@@ -89,6 +99,9 @@ def run_markdown(*, run: CheckRun) -> str:
                 )
                 + " |"
             )
+        lines.append("")
+        lines += ["## Cases", ""]
+        lines += [f"- {_cell(name)}: `POST {path}`" for name, path in _case_endpoints(results).items()]
         lines.append("")
     failures = check_failures(results)
     if failures:

@@ -1,5 +1,9 @@
 """The async check runner: sends each case straight to each backend and classifies the outcome precisely.
 
+A case calls one endpoint (`CaseSpec.endpoint`): a chat completion (plain or streamed), a Responses API request
+(`/v1/responses`, not stored) or a rerank (`/v1/rerank`, whose answer is the text of the top-ranked document); the
+answer is judged the same way for all (contains / equals / regex, finish reason "length", token count for chat).
+
 No database access here (the service builds the targets and stores the outcomes): the runner takes plain
 dataclasses, runs every backend in parallel with at most `per_backend` checks in flight on each, and returns one
 `CheckOutcome` per target, in order. It runs in the Celery worker or the `run_checks` command, never in a web
@@ -19,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from backends.checks.models import ANSWER_MAX_CHARS, CheckCause, Expectation
+from backends.checks.models import ANSWER_MAX_CHARS, CaseEndpoint, CheckCause, Expectation
 from backends.models import InvalidApiKeyError, bearer_headers
 from core.errors import error_message_from
 
@@ -65,6 +69,9 @@ class CaseSpec:
     case_sensitive: bool = False
     latency_budget_s: float = 120.0
     slow_threshold_s: float = 30.0
+    endpoint: str = CaseEndpoint.CHAT
+    query: str = ""
+    documents: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +126,7 @@ class BackendHTTPError(Exception):
 
 
 class BadResponse(Exception):
-    """The backend answered 200 with something that is not an OpenAI completion."""
+    """The backend answered 200 with something that is not the endpoint's answer (completion, response, ranking)."""
 
 
 # -- classification (pure functions) ------------------------------------------------------------------------
@@ -283,6 +290,88 @@ def _read_chunk(chunk: Any, observed: _Observed, parts: list[str], start: float)
             observed.finish_reason = str(choice["finish_reason"])
 
 
+def _responses_body(target: CheckTarget) -> dict[str, Any]:
+    """The Responses API request of a check: the messages as `input`, max_tokens as `max_output_tokens`."""
+    case = target.case
+    body: dict[str, Any] = {**case.extra_params, "model": target.served_name, "input": case.messages}
+    if case.temperature is not None:
+        body["temperature"] = case.temperature
+    if case.max_tokens is not None:
+        body["max_output_tokens"] = case.max_tokens
+    body["store"] = False  # a check leaves nothing on the backend
+    return body
+
+
+async def _respond(client: httpx.AsyncClient, target: CheckTarget) -> _Observed:
+    """Send a non-streamed Responses API request and read the output text, how it ended and its usage.
+
+    The answer is the text of the `output_text` parts of the `message` items (reasoning items are not the
+    answer); a response `incomplete` because of `max_output_tokens` is reported as finish reason "length".
+    """
+    response = await client.post("/v1/responses", json=_responses_body(target))
+    await _raise_for_status(response, "/v1/responses")
+    try:
+        data = response.json()
+        if data.get("object") != "response" or not isinstance(data.get("output"), list):
+            raise BadResponse(f"not a Responses API response: {response.text[:200]!r}")
+        status = str(data.get("status") or "")
+        if status == "failed":
+            raise BackendHTTPError(None, error_message_from(orjson.dumps(data)), "/v1/responses (status failed)")
+        parts = [
+            str(part.get("text") or "")
+            for item in data["output"]
+            if isinstance(item, dict) and item.get("type") == "message"
+            for part in item.get("content") or []
+            if isinstance(part, dict) and part.get("type") == "output_text"
+        ]
+        reason = str((data.get("incomplete_details") or {}).get("reason") or "")
+        usage = data.get("usage") or {}
+        return _Observed(
+            answer="".join(parts),
+            finish_reason="length" if reason == "max_output_tokens" else reason or status,
+            prompt_tokens=_int_or_none(usage.get("input_tokens")),
+            completion_tokens=_int_or_none(usage.get("output_tokens")),
+            http_status=response.status_code,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadResponse(f"not a Responses API response: {response.text[:200]!r}") from exc
+
+
+async def _rerank(client: httpx.AsyncClient, target: CheckTarget) -> _Observed:
+    """Send a rerank request (vLLM's /v1/rerank, Jina/Cohere shape); the answer is the top-ranked document's text.
+
+    vLLM sorts `results` by relevance; the runner sorts again (by `relevance_score`, highest first) rather than
+    trust the order, and reads the document through its `index` into the case's documents.
+    """
+    case = target.case
+    body: dict[str, Any] = {
+        **case.extra_params,
+        "model": target.served_name,
+        "query": case.query,
+        "documents": case.documents,
+    }
+    response = await client.post("/v1/rerank", json=body)
+    await _raise_for_status(response, "/v1/rerank")
+    try:
+        data = response.json()
+        results = data["results"]
+        if not isinstance(results, list) or not results:
+            raise BadResponse(f"the ranking has no results: {response.text[:200]!r}")
+        ranked = sorted(results, key=lambda r: float(r["relevance_score"]), reverse=True)
+        top = ranked[0]["index"]
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top < len(case.documents):
+            raise BadResponse(f"the top result's index {top!r} is not one of the {len(case.documents)} documents")
+        usage = data.get("usage") or {}
+        return _Observed(
+            answer=case.documents[top],
+            finish_reason="",
+            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+            http_status=response.status_code,
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise BadResponse(f"not a rerank answer: {response.text[:200]!r}") from exc
+
+
 async def _tokenize_count(client: httpx.AsyncClient, target: CheckTarget) -> int:
     """The backend's own prompt token count of the case's messages (vLLM's POST /tokenize)."""
     response = await client.post("/tokenize", json={"model": target.served_name, "messages": target.case.messages})
@@ -321,7 +410,11 @@ async def run_check(client: httpx.AsyncClient, target: CheckTarget) -> CheckOutc
 
     try:
         async with asyncio.timeout(case.latency_budget_s):
-            if case.stream:
+            if case.endpoint == CaseEndpoint.RESPONSES:
+                observed = await _respond(client, target)
+            elif case.endpoint == CaseEndpoint.RERANK:
+                observed = await _rerank(client, target)
+            elif case.stream:
                 observed = await _complete_streamed(client, target, start)
             else:
                 observed = await _complete(client, target)

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from backends.checks.models import CheckCase, CheckResult, CheckRun
+from backends.checks.models import CaseEndpoint, CheckCase, CheckResult, CheckRun
 from backends.checks.runner import BackendTarget, CaseSpec, CheckTarget
 from backends.models import Backend, BackendState, Model, ModelKind
 
@@ -36,7 +36,21 @@ def case_spec(case: CheckCase) -> CaseSpec:
         case_sensitive=case.case_sensitive,
         latency_budget_s=case.latency_budget_s,
         slow_threshold_s=case.slow_threshold_s,
+        endpoint=case.endpoint,
+        query=case.query,
+        documents=[str(d) for d in case.documents or []],
     )
+
+
+GENERATIVE_KINDS = frozenset({ModelKind.CHAT, ModelKind.COMPLETION})
+
+
+def endpoint_model_kinds(endpoint: str) -> frozenset[str]:
+    """The model kinds a case's endpoint serves: chat models for chat and Responses cases, pooling models (every
+    kind that is not generative: embedding, and any pooling kind the registry knows) for rerank cases."""
+    if endpoint == CaseEndpoint.RERANK:
+        return frozenset(k for k in ModelKind.values if k not in GENERATIVE_KINDS)
+    return frozenset({ModelKind.CHAT})
 
 
 def backend_target(backend: Backend) -> BackendTarget:
@@ -69,14 +83,20 @@ def check_filters_validate(*, model_names: Sequence[str] = (), backend_names: Se
 
 
 def check_targets_build(*, model_names: Sequence[str] = (), backend_names: Sequence[str] = ()) -> list[CheckTarget]:
-    """Every (backend, model, case) to check: enabled chat models x their pools' usable backends x enabled cases.
+    """Every (backend, model, case) to check: enabled models x their pools' usable backends x enabled cases.
 
     A model is checked on the backends of its pool and of its fallback pools (those not disabled, in enabled
-    pools); a case applies to the models it lists, or to every chat model when it lists none.
+    pools); a case applies to the models of the kinds its endpoint serves (chat models for chat and Responses
+    cases, pooling models for rerank cases) that it lists, or to all of them when it lists none.
     """
     check_filters_validate(model_names=model_names, backend_names=backend_names)
+    cases = list(CheckCase.objects.filter(enabled=True).prefetch_related("models").order_by("name"))
+    kinds = {case.pk: endpoint_model_kinds(case.endpoint) for case in cases}
+    wanted: set[str] = set()
+    for case_kinds in kinds.values():
+        wanted |= case_kinds
     # A model no backend lists (marked by the health probe) is not a backend's failure: it is not checked.
-    models = Model.objects.filter(enabled=True, kind=ModelKind.CHAT, unavailable_reason="").prefetch_related(
+    models = Model.objects.filter(enabled=True, kind__in=sorted(wanted), unavailable_reason="").prefetch_related(
         "fallbacks"
     )
     if model_names:
@@ -87,13 +107,14 @@ def check_targets_build(*, model_names: Sequence[str] = (), backend_names: Seque
     backends_by_pool: dict[int, list[Backend]] = {}
     for backend in backends.order_by("name"):
         backends_by_pool.setdefault(backend.pool_id, []).append(backend)
-    cases = list(CheckCase.objects.filter(enabled=True).prefetch_related("models").order_by("name"))
     applies = {case.pk: {m.pk for m in case.models.all()} for case in cases}
     specs = {case.pk: case_spec(case) for case in cases}
     targets: list[CheckTarget] = []
     for model in models.order_by("name"):
         pool_ids = [model.pool_id, *(fb.pool_id for fb in model.fallbacks.all())]
-        model_cases = [c for c in cases if not applies[c.pk] or model.pk in applies[c.pk]]
+        model_cases = [
+            c for c in cases if model.kind in kinds[c.pk] and (not applies[c.pk] or model.pk in applies[c.pk])
+        ]
         for pool_id in dict.fromkeys(pool_ids):
             for backend in backends_by_pool.get(pool_id, []):
                 target_backend = backend_target(backend)

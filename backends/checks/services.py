@@ -162,7 +162,10 @@ def _results_store(*, run: CheckRun, outcomes: list[CheckOutcome]) -> None:
         run.finished_at = timezone.now()
         if not rows:
             run.status = RunStatus.ERROR
-            run.error = "Nothing to check: no enabled case applies to an enabled chat model on a usable backend."
+            run.error = (
+                "Nothing to check: no enabled case applies to an enabled model (of its endpoint's kind) on a usable "
+                "backend."
+            )
         else:
             run.status = RunStatus.FAILED if run.failed else RunStatus.PASSED
         run.save(update_fields=["total", "passed", "failed", "finished_at", "status", "error"])
