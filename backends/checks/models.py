@@ -169,6 +169,10 @@ class CheckCase(models.Model):
     def clean(self) -> None:
         """Check the messages' shape, the expectation's text or pattern, and the extra parameters."""
         errors: dict[str, str] = {}
+        if self.messages is None:  # an empty textarea in admin (the other endpoint's field)
+            self.messages = []
+        if self.documents is None:
+            self.documents = []
         msgs = self.messages
         if self.endpoint == CaseEndpoint.RERANK:
             docs = self.documents

@@ -1,26 +1,13 @@
-"""Check cases learn the endpoint they call (chat, Responses API, rerank) and rerank's query and documents; two
-seeded cases: the capital of France through /v1/responses, and a rerank where the relevant document must come first.
+"""Check cases learn the endpoint they call (chat, Responses API, rerank) and rerank's query and documents; a seeded
+rerank case for pooling models, where the relevant document must come first.
 
 Schema written for Django 5.2 (as makemigrations writes it); the data part is written by hand.
 """
 
 from django.db import migrations, models
 
-CAPITAL_QUESTION = [{"role": "user", "content": "In one word, can you provide me the capital of France?"}]
 CAPITAL_DOCUMENT = "Paris is the capital and largest city of France."
 SEEDED_CASES = [
-    {
-        "name": "capital-of-france-responses",
-        "description": "The seed's critical question through the Responses API (/v1/responses, not stored).",
-        "endpoint": "responses",
-        "messages": CAPITAL_QUESTION,
-        "temperature": 0.1,
-        "max_tokens": 50,
-        "stream": False,
-        "extra_params": {"seed": 1},
-        "expectation": "contains",
-        "expected_text": "Paris",
-    },
     {
         "name": "rerank-capital-of-france",
         "description": "Pooling models: /v1/rerank must rank the document that answers the query first.",

@@ -164,7 +164,10 @@ def test_charts_are_plain_svg_with_escaped_labels() -> None:
 def test_case_admin_validates(admin_client: Client) -> None:
     data: dict[str, Any] = {
         "name": "bad case",
+        "endpoint": "chat",
         "messages": '{"not": "a list"}',
+        "query": "",
+        "documents": "",  # a browser posts the empty textareas of the other endpoint's fields
         "temperature": "0",
         "expectation": "regex",
         "expected_text": "(unclosed",
@@ -181,3 +184,4 @@ def test_case_admin_validates(admin_client: Client) -> None:
     )
     assert admin_client.post(reverse("admin:backends_checkcase_add"), data).status_code == 302
     assert CheckCase.objects.get(name="good-case").expectation == "regex"
+    assert CheckCase.objects.get(name="good-case").documents == []

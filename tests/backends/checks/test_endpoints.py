@@ -224,16 +224,11 @@ def test_cases_apply_to_the_models_their_endpoint_serves(registry: tuple[Model, 
     }
 
 
-def test_seeded_responses_and_rerank_cases_exist_after_migrate() -> None:
-    cases = {c.name: c for c in CheckCase.objects.all()}
-    responses = cases["capital-of-france-responses"]
-    assert (responses.endpoint, responses.expectation, responses.expected_text) == ("responses", "contains", "Paris")
-    assert responses.messages[0]["content"] == "In one word, can you provide me the capital of France?"
-    rerank = cases["rerank-capital-of-france"]
+def test_seeded_rerank_case_exists_after_migrate() -> None:
+    rerank = CheckCase.objects.get(name="rerank-capital-of-france")
     assert rerank.endpoint == "rerank" and rerank.enabled and rerank.query
     assert rerank.expected_text in rerank.documents and rerank.documents.index(rerank.expected_text) > 0
-    for case in (responses, rerank):
-        case.full_clean(exclude=["models"])  # valid as seeded
+    rerank.full_clean(exclude=["models"])  # valid as seeded
 
 
 @pytest.mark.parametrize(
@@ -273,13 +268,13 @@ def test_report_lists_each_case_with_its_endpoint(registry: Any) -> None:
 
 def test_admin_shows_and_edits_endpoint_cases(admin_client: Client) -> None:
     listing = admin_client.get(reverse("admin:backends_checkcase_changelist") + "?endpoint=rerank").content.decode()
-    assert "rerank-capital-of-france" in listing and "capital-of-france-responses" not in listing
+    assert "rerank-capital-of-france" in listing and "capital-of-france-stream" not in listing
     response = admin_client.post(
         reverse("admin:backends_checkcase_add"),
         {
             "name": "rank-admin",
             "endpoint": "rerank",
-            "messages": "[]",
+            "messages": "",
             "query": QUERY,
             "documents": orjson.dumps(DOCUMENTS).decode(),
             "extra_params": "{}",
