@@ -291,3 +291,24 @@ def test_admin_shows_and_edits_endpoint_cases(admin_client: Client) -> None:
     page = admin_client.get(reverse("admin:backends_checkcase_change", args=[case.pk])).content.decode()
     assert "all pooling models" in admin_client.get(reverse("admin:backends_checkcase_changelist")).content.decode()
     assert 'name="documents"' in page and 'name="query"' in page
+
+
+@pytest.mark.parametrize(("kind", "knob"), [("embedding", "embed_models"), ("rerank", "rerank_models")])
+def test_seeded_rerank_case_passes_on_the_mock_pooling_models(kind: str, knob: str) -> None:
+    # given the bundled mock serving a pooling model (an embedding model reranks as a bi-encoder, a reranker as a
+    # cross-encoder), registered with its kind next to a chat model
+    from backends.mock_vllm import MockServer
+
+    with MockServer(models=["served-chat"], **{knob: ["served-pool"]}) as mock:
+        pool = pool_create(name="p-pool")
+        backend_create(pool=pool, name="b-pool", base_url=mock.url)
+        model_create(pool=pool, name="pool-model", served_name="served-pool", kind=kind)
+        # when the checks run on it
+        run = check_run_now(trigger=RunTrigger.COMMAND, model_names=["pool-model"])
+    # then only the seeded rerank case applied, and the Paris document came first
+    results = list(run.results.all())
+    assert [(r.case_name, r.outcome) for r in results] == [("rerank-capital-of-france", "pass")], [
+        r.error for r in results
+    ]
+    assert results[0].answer == CheckCase.objects.get(name="rerank-capital-of-france").expected_text
+    assert results[0].prompt_tokens and results[0].http_status == 200

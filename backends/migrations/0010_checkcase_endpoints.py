@@ -43,7 +43,7 @@ def unseed(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("backends", "0006_backend_api_key_model_unavailable_reason"),
+        ("backends", "0009_model_kind_rerank"),
     ]
 
     operations = [
