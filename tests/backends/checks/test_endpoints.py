@@ -299,7 +299,8 @@ def test_seeded_rerank_case_passes_on_the_mock_pooling_models(kind: str, knob: s
     # cross-encoder), registered with its kind next to a chat model
     from backends.mock_vllm import MockServer
 
-    with MockServer(models=["served-chat"], **{knob: ["served-pool"]}) as mock:
+    knobs: dict[str, Any] = {knob: ["served-pool"]}
+    with MockServer(models=["served-chat"], **knobs) as mock:
         pool = pool_create(name="p-pool")
         backend_create(pool=pool, name="b-pool", base_url=mock.url)
         model_create(pool=pool, name="pool-model", served_name="served-pool", kind=kind)
