@@ -508,4 +508,6 @@ def _prefix_index(live: dict) -> str:
     blocks = live.get("prefix_index_blocks")
     if blocks is None:
         return "–"
-    return f"{blocks:,} blocks ({_ratio(live.get('prefix_estimated_hit_ratio'))})"
+    text = f"{blocks:,} blocks ({_ratio(live.get('prefix_estimated_hit_ratio'))})"
+    events = live.get("kv_events_blocks")
+    return text if events is None else f"{text}; engine events: {events:,} blocks"

@@ -70,6 +70,11 @@ class BackendStateCollector:
             "Share of routed prompt blocks the router expected the backend to hold (prefix_aware pools).",
             labels=["backend", "pool"],
         )
+        kv_events = GaugeMetricFamily(
+            "llm_backend_kv_events_blocks",
+            "Blocks the engine reports holding through its KV-cache events (precise prefix mode, ROUTER_KV_EVENTS).",
+            labels=["backend", "pool"],
+        )
         engine_prefix = GaugeMetricFamily(
             "llm_backend_engine_prefix_cache_hit_ratio",
             "vLLM's own prefix-cache hit rate since it started (prefix_cache_hits / prefix_cache_queries).",
@@ -82,6 +87,7 @@ class BackendStateCollector:
                 (prefix_blocks, "prefix_index_blocks"),
                 (prefix_estimated, "prefix_estimated_hit_ratio"),
                 (engine_prefix, "engine_prefix_cache_hit_rate"),
+                (kv_events, "kv_events_blocks"),
             ):
                 if stats.get(key) is not None:
                     family.add_metric(labels, float(stats[key]))
@@ -97,7 +103,7 @@ class BackendStateCollector:
             if stats.get("kv_cache_usage") is not None:
                 kv_cache.add_metric(labels, float(stats["kv_cache_usage"]))
         yield from (in_flight, circuit, circuits_open, latency, waiting, kv_cache)
-        yield from (prefix_blocks, prefix_estimated, engine_prefix)
+        yield from (prefix_blocks, prefix_estimated, engine_prefix, kv_events)
         yield from _health_families(rows)
 
 

@@ -59,6 +59,7 @@ def merge_views(views: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[st
                     "engine_prefix_cache_hit_rate": None,
                     "prefix_index_blocks": None,
                     "prefix_estimated_hit_ratio": None,
+                    "kv_events_blocks": None,
                 },
             )
             entry["processes"] += 1
@@ -78,6 +79,10 @@ def merge_views(views: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[st
             if blocks is not None and (entry["prefix_index_blocks"] is None or blocks > entry["prefix_index_blocks"]):
                 entry["prefix_index_blocks"] = blocks
                 entry["prefix_estimated_hit_ratio"] = stats.get("prefix_estimated_hit_ratio")
+            # Each process hears the engine's KV-cache events itself: the largest index is the most complete.
+            events = stats.get("kv_events_blocks")
+            if events is not None and (entry["kv_events_blocks"] is None or events > entry["kv_events_blocks"]):
+                entry["kv_events_blocks"] = events
     for name, values in latencies.items():
         merged[name]["latency_ms"] = round(sum(values) / len(values), 2)
     return merged

@@ -132,6 +132,7 @@ class GpuPoolSerializer(FullCleanMixin, serializers.ModelSerializer):
                     "engine_prefix_cache_hit_rate": live.get("engine_prefix_cache_hit_rate"),
                     "prefix_index_blocks": live.get("prefix_index_blocks"),
                     "prefix_estimated_hit_ratio": live.get("prefix_estimated_hit_ratio"),
+                    "kv_events_blocks": live.get("kv_events_blocks"),
                     "latency_ms": live.get("latency_ms"),
                 }
             )

@@ -312,6 +312,16 @@ ROUTER_PREFIX_MIN_MATCH = env_float("ROUTER_PREFIX_MIN_MATCH", 0.3)
 ROUTER_PREFIX_BALANCE_ABS = env_int("ROUTER_PREFIX_BALANCE_ABS", 16)
 ROUTER_PREFIX_BALANCE_REL = env_float("ROUTER_PREFIX_BALANCE_REL", 1.5)
 ROUTER_PREFIX_SYNC = env_bool("ROUTER_PREFIX_SYNC", True)
+# Precise prefix mode (docs/kv-events.md): score prefix_aware pools by the blocks vLLM engines report holding
+# (their KV-cache events, found through GET /kv_event_sources), with token ids from the backend's POST /tokenize
+# (bounded; on failure the request is routed in approximate mode). Off by default.
+ROUTER_KV_EVENTS = env_bool("ROUTER_KV_EVENTS", False)
+ROUTER_KV_EVENTS_MAX_BLOCKS = max(1, env_int("ROUTER_KV_EVENTS_MAX_BLOCKS", 65536))
+ROUTER_KV_EVENTS_TOKENIZE_TIMEOUT_MS = max(1, env_int("ROUTER_KV_EVENTS_TOKENIZE_TIMEOUT_MS", 100))
+ROUTER_KV_EVENTS_DISCOVERY_S = max(1.0, env_float("ROUTER_KV_EVENTS_DISCOVERY_S", 30.0))
+# How long this router's own placements count beside the events (an engine publishes a prompt's blocks only
+# after its prefill), in milliseconds.
+ROUTER_KV_EVENTS_RECENT_MS = max(0, env_int("ROUTER_KV_EVENTS_RECENT_MS", 2000))
 # Send `x-router-backend` (the backend's name) to every client key, not only to the master key.
 ROUTER_EXPOSE_BACKEND = env_bool("ROUTER_EXPOSE_BACKEND", False)
 # OpenTelemetry tracing is set up from the standard OTEL_* variables (core/telemetry.py, docs/operations.md). With

@@ -17,12 +17,12 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from backends.models import InvalidApiKeyError, bearer_headers
+from backends.models import InvalidApiKeyError, RoutingStrategy, bearer_headers
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
 from governance.priority import BY_RANK, DEFAULT_FLOW, Flow, Priority
 from routing import errors
@@ -32,6 +32,7 @@ from routing.health import CircuitBreakers, MetricsScraper, RetryBudget
 from routing.prefix import PrefixConfig, PrefixSync, prefix_blocks, prompt_bytes
 from routing.strategies import (
     NEEDS_AFFINITY_KEY,
+    NEEDS_CACHED_BLOCKS,
     NEEDS_METRICS,
     NEEDS_PREFIX,
     PrefixAware,
@@ -52,6 +53,9 @@ from routing.upstream import (
     UpstreamReadTimeout,
     UpstreamResponse,
 )
+
+if TYPE_CHECKING:
+    from routing.precise import PreciseRouting
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,8 @@ class RequestContext:
     headers: Sequence[tuple[bytes, bytes]] = field(default_factory=tuple)
     endpoint: str = ""
     data: dict[str, Any] | None = None
+    token_ids: Sequence[int] | None = None
+    """The prompt's token ids, in precise prefix mode only (`routing.precise`)."""
 
     def prefix_blocks(self, block_bytes: int) -> tuple[int, ...]:
         """The prompt's chained block keys (empty without a prompt)."""
@@ -153,6 +159,7 @@ class Dispatcher:
         prefix: PrefixConfig | None = None,
         prefix_sync: PrefixSync | None = None,
         upstream_limits: dict[str, Any] | None = None,
+        precise: PreciseRouting | None = None,
     ) -> None:
         self.max_attempts = max(1, max_attempts)
         # Backends (http:// and https://) are reached through FastUpstream (asyncio + httptools: ~50 us of CPU a
@@ -185,6 +192,7 @@ class Dispatcher:
         self._registry: RegistrySnapshot | None = None
         self.prefix_config = prefix or PrefixConfig()
         self.prefix_sync = prefix_sync
+        self.precise = precise  # KV-cache events (ROUTER_KV_EVENTS); None: off, and nothing below costs anything
         self._scraped_pools: set[str] = set()
         LIVE_DISPATCHERS.add(self)
 
@@ -199,6 +207,8 @@ class Dispatcher:
         await self.scraper.aclose()
         if self.prefix_sync is not None:
             await self.prefix_sync.aclose()
+        if self.precise is not None:
+            await self.precise.aclose()
         await self._httpx.aclose()
         if self._fast is not None:
             await self._fast.aclose()
@@ -277,6 +287,11 @@ class Dispatcher:
                 metrics=self.scraper.fresh() if NEEDS_METRICS in needs else {},
                 affinity_key=context.affinity_key(pool.affinity_key) if NEEDS_AFFINITY_KEY in needs else None,
                 prefix=context.prefix_blocks(self.prefix_config.block_bytes) if NEEDS_PREFIX in needs else (),
+                cached_blocks=(
+                    self.precise.cached_blocks(candidates, context.token_ids)
+                    if context.token_ids is not None and self.precise is not None and NEEDS_CACHED_BLOCKS in needs
+                    else {}
+                ),
             )
             return strategy.select(candidates, stats), any_full
         return None, any_full
@@ -514,6 +529,8 @@ class Dispatcher:
         tried: set[str] = set()
         failure: APIError | None = None
         self.retry_budget.request()
+        if self.precise is not None:
+            context = await self._with_token_ids(model, registry, context)
         for attempt in range(max_attempts or self.max_attempts):
             if attempt and not self.retry_budget.try_retry():
                 logger.warning("retry budget exhausted; not retrying request %s", request_id)
@@ -588,6 +605,39 @@ class Dispatcher:
             return response, backend
         raise failure if failure is not None else errors.no_backend(model.name)
 
+    async def _with_token_ids(
+        self, model: ModelSnap, registry: RegistrySnapshot, context: RequestContext
+    ) -> RequestContext:
+        """Precise prefix mode: the request's token ids from a backend whose KV-cache events are live, when one of
+        the model's pools is prefix_aware (else, or on any failure, the context as it was: approximate mode)."""
+        precise = self.precise
+        assert precise is not None
+        precise.observe(registry, self.client)
+        if context.data is None:
+            return context
+        for pool_name in (model.pool, *model.fallback_pools):
+            pool = registry.pools.get(pool_name)
+            if pool is None or not pool.enabled or pool.strategy != RoutingStrategy.PREFIX_AWARE:
+                continue
+            usable = (b for b in pool.backends if b.usable and self.circuits.allows(b.name))
+            backend = precise.tokenizer(usable, self.in_flight)
+            if backend is None:
+                continue
+            try:
+                prep = self.prepared(backend, registry.version)
+            except InvalidApiKeyError:
+                continue
+            ids = await precise.token_ids(
+                context.endpoint,
+                context.data,
+                backend=backend,
+                upstream=prep.upstream,
+                url=prep.base_url,
+                headers=prep.headers,
+            )
+            return context if ids is None else replace(context, token_ids=ids)
+        return context
+
     # --- visibility ---------------------------------------------------------------------------------------------
 
     def runtime_stats(self) -> dict[str, dict[str, object]]:
@@ -595,6 +645,7 @@ class Dispatcher:
         names = set(self.in_flight) | set(self.latency_ms) | set(self.circuits.snapshot())
         metrics = self.scraper.fresh()
         prefix = self.prefix_view()
+        precise = self.precise.view() if self.precise is not None else {}
         names |= set(metrics) | set(prefix)
         out: dict[str, dict[str, object]] = {}
         for name in names:
@@ -611,6 +662,7 @@ class Dispatcher:
                 "engine_prefix_cache_queries": m.prefix_cache_queries if m else None,
                 "prefix_index_blocks": prefix.get(name, {}).get("prefix_index_blocks"),
                 "prefix_estimated_hit_ratio": prefix.get(name, {}).get("prefix_estimated_hit_ratio"),
+                "kv_events_blocks": precise.get(name, {}).get("kv_events_blocks"),
             }
         return out
 

@@ -212,6 +212,7 @@ class Gateway:
         from backends.selectors import registry_snapshot_build, registry_version_get
         from governance.selectors import key_registry_version_get, key_snapshot_build
         from governance.usage import BatchUsageWriter
+        from routing.precise import precise_routing_from_settings  # pyzmq and msgspec only when precise mode is on
 
         configure_capture(settings.ROUTER_TRACE_CAPTURE_PROMPTS)
         dispatcher = Dispatcher(
@@ -234,6 +235,7 @@ class Gateway:
                 min_match=settings.ROUTER_PREFIX_MIN_MATCH,
                 balance_abs=settings.ROUTER_PREFIX_BALANCE_ABS,
                 balance_rel=settings.ROUTER_PREFIX_BALANCE_REL,
+                recent_s=settings.ROUTER_KV_EVENTS_RECENT_MS / 1000.0,
             ),
             upstream_limits={
                 "max_header_line_bytes": settings.ROUTER_UPSTREAM_MAX_HEADER_LINE_BYTES,
@@ -246,6 +248,7 @@ class Gateway:
                 if settings.REDIS_URL and settings.ROUTER_PREFIX_SYNC
                 else None
             ),
+            precise=precise_routing_from_settings() if settings.ROUTER_KV_EVENTS else None,
         )
         return cls(
             fallback,

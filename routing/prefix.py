@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,8 @@ class PrefixConfig:
     balance_rel: float = 1.5
     """A backend is overloaded when its load exceeds the least loaded one's by more than `balance_abs` requests
     and by more than `balance_rel` times; overloaded backends are not chosen for their cache."""
+    recent_s: float = 2.0
+    """Precise mode (KV-cache events): how long the router's own placements count beside the engine's events."""
 
 
 def prompt_bytes(endpoint: str, data: dict[str, Any]) -> bytes:
@@ -154,6 +157,56 @@ class PrefixIndex:
         """Share of the prompt blocks routed to a backend that routing expected it to hold (None: none routed)."""
         counts = self._observed.get(backend)
         return counts[0] / counts[1] if counts and counts[1] else None
+
+
+class RecentPlacements:
+    """The blocks of prompts placed in the last `window_s` seconds, per backend (precise mode's short memory).
+
+    An engine publishes a prompt's blocks only after computing them (its prefill), so for that long the KV-cache
+    events show nothing of a prompt just sent; a second request sharing it would look new and could be split off
+    to another backend. What the router itself placed a moment ago covers that gap; after `window_s` only the
+    engine's events count. Bounded by `max_entries` (oldest dropped first) as well as by time.
+    """
+
+    def __init__(
+        self, window_s: float = 2.0, *, max_entries: int = 16_384, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window_s = window_s
+        self.max_entries = max(1, max_entries)
+        self._clock = clock
+        self._placed: OrderedDict[tuple[str, int], float] = OrderedDict()  # (backend, block key) -> placed at
+
+    def __len__(self) -> int:
+        return len(self._placed)
+
+    def add(self, backend: str, blocks: Sequence[int]) -> None:
+        """Note that these blocks were just sent to the backend."""
+        now = self._clock()
+        placed = self._placed
+        for key in blocks:
+            entry = (backend, key)
+            placed[entry] = now
+            placed.move_to_end(entry)
+        horizon = now - self.window_s
+        while placed and (len(placed) > self.max_entries or next(iter(placed.values())) < horizon):
+            placed.popitem(last=False)
+
+    def match(self, blocks: Sequence[int], backend: str) -> int:
+        """How many leading blocks were sent to the backend within the window."""
+        horizon = self._clock() - self.window_s
+        placed = self._placed
+        matched = 0
+        for key in blocks:
+            at = placed.get((backend, key))
+            if at is None or at < horizon:
+                break
+            matched += 1
+        return matched
+
+    def drop(self, backend: str) -> None:
+        """Forget a backend's placements."""
+        for entry in [e for e in self._placed if e[0] == backend]:
+            del self._placed[entry]
 
 
 class PrefixSync:

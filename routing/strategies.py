@@ -15,7 +15,7 @@ from typing import Protocol
 
 from backends.models import RoutingStrategy
 from backends.snapshot import BackendSnap
-from routing.prefix import PrefixConfig, PrefixIndex
+from routing.prefix import PrefixConfig, PrefixIndex, RecentPlacements
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +48,16 @@ class RoutingStats:
     affinity_key: str | None = None
     prefix: tuple[int, ...] = ()
     """The request's prompt as chained block keys (`routing.prefix.prefix_blocks`)."""
+    cached_blocks: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """Precise mode (vLLM's KV-cache events, `routing.precise`): per backend that publishes them, how many of the
+    request's leading token blocks its engine holds, and how many full blocks the request has. A backend absent
+    here is scored by the approximate index."""
 
 
 NEEDS_METRICS = "metrics"
 NEEDS_AFFINITY_KEY = "affinity_key"
 NEEDS_PREFIX = "prefix"
+NEEDS_CACHED_BLOCKS = "cached_blocks"
 
 
 class Strategy(Protocol):
@@ -165,20 +170,26 @@ class PrefixAware:
     1. Load guard: a candidate whose load (this process's in-flight requests plus vLLM's waiting queue where
        scraped) exceeds the least loaded one's by more than `balance_abs` and by more than `balance_rel` times is
        overloaded and not chosen for its cache, so a popular prefix cannot melt one server.
-    2. Among the others, the longest matched prefix wins when it covers at least `min_match` of the prompt's
-       blocks; ties go to the less loaded, then to the highest rendezvous hash of the prompt's first block.
+    2. Among the others, the longest matched share of the prompt wins when it is at least `min_match`; ties go
+       to the less loaded, then to the highest rendezvous hash of the prompt's first block.
     3. Otherwise (a new prompt) the least loaded wins, ties broken by the same hash, so that processes which
        see the same loads make the same choice for the same prompt.
-    The choice is recorded in the index (`routing.prefix.PrefixIndex`) and, through `on_insert`, shared.
+    The match of a backend is the share of the prompt's blocks it holds: in precise mode (`stats.cached_blocks`
+    has the backend: its engine's own KV-cache events) the leading token blocks its engine reports, or those
+    this router sent it in the last `recent_s` seconds (not yet published), whichever is longer; otherwise the
+    approximate index of what the router sent it. The choice is recorded in the index
+    (`routing.prefix.PrefixIndex`) and, through `on_insert`, shared.
     """
 
-    needs = frozenset({NEEDS_PREFIX, NEEDS_METRICS})
+    needs = frozenset({NEEDS_PREFIX, NEEDS_METRICS, NEEDS_CACHED_BLOCKS})
 
     def __init__(self, rng: random.Random | None = None, *, config: PrefixConfig | None = None) -> None:
         self.config = config or PrefixConfig()
         self._rng = rng or random.Random()
         self.index = PrefixIndex(self.config.max_blocks)
+        self.recent = RecentPlacements(self.config.recent_s)
         self.on_insert: Callable[[str, tuple[int, ...]], None] | None = None
+        self.precise_decisions = 0
 
     def select(self, candidates: Sequence[BackendSnap], stats: RoutingStats) -> BackendSnap:
         """Pick by cached prefix within the load guard; see the class docstring."""
@@ -195,11 +206,16 @@ class PrefixAware:
             lightest = [b for b in eligible if loads[b.name] == least]
             return lightest[0] if len(lightest) == 1 else self._rng.choice(lightest)
         seed = f"{blocks[0]:x}"
-        matches = {b.name: self.index.match(blocks, b.name) for b in eligible}
-        best = max(matches.values())
+        total = len(blocks)
+        cached = stats.cached_blocks
+        if cached:
+            shares = {b.name: self._precise_share(b.name, blocks, cached.get(b.name)) for b in eligible}
+        else:
+            shares = {b.name: self.index.match(blocks, b.name) / total for b in eligible}
+        best = max(shares.values())
         pool = eligible
-        if best and best >= config.min_match * len(blocks):
-            pool = [b for b in eligible if matches[b.name] == best]
+        if best and best >= config.min_match:
+            pool = [b for b in eligible if shares[b.name] == best]
         else:
             pool = [b for b in eligible if loads[b.name] == least] or eligible
         if len(pool) == 1:
@@ -207,15 +223,27 @@ class PrefixAware:
         else:
             lowest = min(loads[b.name] for b in pool)
             chosen = max((b for b in pool if loads[b.name] == lowest), key=lambda b: _hrw_score(seed, b.name))
-        self.index.observe(chosen.name, matches[chosen.name], len(blocks))
+        self.index.observe(chosen.name, round(shares[chosen.name] * total), total)
         self.index.insert(chosen.name, blocks)
+        if cached:
+            self.precise_decisions += 1
+            self.recent.add(chosen.name, blocks)
         if self.on_insert is not None:
             self.on_insert(chosen.name, blocks)
         return chosen
 
+    def _precise_share(self, name: str, blocks: tuple[int, ...], engine: tuple[int, int] | None) -> float:
+        """A backend's matched share of the prompt: its engine's events when it publishes them, else the index."""
+        if engine is None:
+            return self.index.match(blocks, name) / len(blocks)
+        held, request_blocks = engine
+        recent = self.recent.match(blocks, name) / len(blocks)
+        return max(held / request_blocks if request_blocks else 0.0, recent)
+
     def forget(self, backend: str) -> None:
         """Drop what is known of a backend's cache (drained, disabled, circuit open, removed)."""
         self.index.drop(backend)
+        self.recent.drop(backend)
 
 
 def _load(name: str, stats: RoutingStats) -> float:

@@ -7,7 +7,7 @@ import random
 import tracemalloc
 
 from routing.dispatch import RequestContext
-from routing.prefix import PrefixConfig, PrefixIndex, prefix_blocks, prompt_bytes
+from routing.prefix import PrefixConfig, PrefixIndex, RecentPlacements, prefix_blocks, prompt_bytes
 from routing.strategies import BackendMetrics, PrefixAware, RoutingStats
 from tests.factories import backend_snap
 
@@ -149,3 +149,115 @@ def test_index_memory_stays_within_its_cap() -> None:
     assert all(index.size(f"b{i}") == 20_000 for i in range(3))
     assert used <= peak_after_fill * 1.1
     assert used < 3 * 20_000 * 200  # under 200 bytes a block
+
+
+# --- precise mode: the engines' own KV-cache events (stats.cached_blocks) -------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def route_precise(
+    strategy: PrefixAware,
+    data: dict,
+    cached: dict[str, tuple[int, int]],
+    in_flight: dict[str, int] | None = None,
+) -> str:
+    stats = RoutingStats(in_flight=in_flight or {}, prefix=blocks_of(data), cached_blocks=cached)
+    return strategy.select(BACKENDS, stats).name
+
+
+def test_precise_counts_what_the_engine_holds_not_what_the_router_sent() -> None:
+    # given a document this process sent to b1 (its approximate memory), which b1's engine has since evicted,
+    # while b3's engine reports holding all five of its blocks (sent there by another router)
+    strategy = PrefixAware()
+    assert route(strategy, chat("q0"), in_flight={"b2": 1, "b3": 1}) == "b1"
+    strategy.recent = RecentPlacements(0.0)  # nothing of the router's own placements counts here
+    # when the next question arrives with every engine's events
+    chosen = route_precise(strategy, chat("q1"), {"b1": (0, 5), "b2": (0, 5), "b3": (5, 5)})
+    # then it goes where the blocks are, and the estimated hit ratio counts the engine's figure
+    assert chosen == "b3"
+    assert strategy.index.hit_ratio("b3") == 1.0
+    assert strategy.precise_decisions == 1
+
+
+def test_a_backend_without_events_is_scored_by_the_approximate_index() -> None:
+    # given a document sent to b1, which publishes no events, while b2 and b3 report holding nothing of it
+    strategy = PrefixAware()
+    assert route(strategy, chat("q0"), in_flight={"b2": 1, "b3": 1}) == "b1"
+    # when the next question arrives
+    chosen = route_precise(strategy, chat("q1"), {"b2": (0, 5), "b3": (0, 5)}, in_flight={"b1": 1})
+    # then b1 wins on its approximate match
+    assert chosen == "b1"
+
+
+def test_precise_mode_keeps_the_load_guard() -> None:
+    # given b2's engine holding the whole prompt, but b2 far busier than the others
+    strategy = PrefixAware(config=PrefixConfig(balance_abs=4, balance_rel=1.5))
+    cached = {"b1": (0, 5), "b2": (5, 5), "b3": (0, 5)}
+    # when a request arrives within the guard, then the cache wins
+    assert route_precise(strategy, chat("q0"), cached, in_flight={"b2": 4}) == "b2"
+    # when b2 is over the guard, then the least loaded takes it
+    assert route_precise(strategy, chat("q1"), cached, in_flight={"b1": 1, "b2": 9}) == "b3"
+
+
+def test_precise_mode_keeps_the_minimum_match() -> None:
+    # given b2's engine holding only the first of ten blocks (below the 0.3 threshold) and b2 busier by one
+    strategy = PrefixAware(config=PrefixConfig(min_match=0.3))
+    cached = {"b1": (0, 10), "b2": (1, 10), "b3": (0, 10)}
+    # when the request arrives, then it is treated as new: a least loaded backend
+    assert route_precise(strategy, chat("q", system="alpha " * 300), cached, in_flight={"b2": 1}) in {"b1", "b3"}
+    # and with four blocks held it is a match
+    cached["b2"] = (4, 10)
+    assert route_precise(strategy, chat("q", system="beta " * 300), cached, in_flight={"b2": 1}) == "b2"
+
+
+def test_precise_ties_go_by_the_prompt_hash_the_same_way_in_every_process() -> None:
+    # given two processes whose approximate memories differ (only the first has routed anything)
+    one, two = PrefixAware(), PrefixAware()
+    for i in range(50):
+        route(one, chat(system=f"other document {i} " * 60))
+    prompts = [chat(system=f"document {i} " * 60) for i in range(200)]
+    nothing = {"b1": (0, 6), "b2": (0, 6), "b3": (0, 6)}
+    # when both route the same new prompts with the same events (nothing cached anywhere)
+    first = [route_precise(one, p, nothing) for p in prompts]
+    second = [route_precise(two, p, nothing) for p in prompts]
+    # then they agree on every one, spread over all backends
+    assert first == second
+    assert {first.count(b.name) for b in BACKENDS} <= set(range(40, 95))
+
+
+def test_a_prompt_still_in_prefill_is_followed_until_its_events_arrive() -> None:
+    # given a new document placed on one backend a moment ago: its engine has not published its blocks yet
+    clock = Clock()
+    strategy = PrefixAware(config=PrefixConfig(recent_s=2.0))
+    strategy.recent = RecentPlacements(2.0, clock=clock)
+    nothing = {"b1": (0, 5), "b2": (0, 5), "b3": (0, 5)}
+    placed = route_precise(strategy, chat("q0"), nothing)
+    # when a second question about it arrives 1 s later, its backend busier by one
+    clock.now += 1.0
+    # then it follows the first (the router's own recent placement counts beside the events)
+    assert route_precise(strategy, chat("q1"), nothing, in_flight={placed: 1}) == placed
+    # but 3 s after the last placement only the events count: nothing cached, so the least loaded
+    clock.now += 3.0
+    assert route_precise(strategy, chat("q2"), nothing, in_flight={placed: 1}) != placed
+
+
+def test_recent_placements_are_bounded() -> None:
+    clock = Clock()
+    recent = RecentPlacements(10.0, max_entries=100, clock=clock)
+    for i in range(1_000):
+        recent.add("b1", (i, i + 1_000_000))
+    assert len(recent) == 100
+    assert recent.match((999, 1_000_999), "b1") == 2
+    assert recent.match((0,), "b1") == 0
+    clock.now += 11.0
+    recent.add("b2", (1,))
+    assert len(recent) == 1  # the expired ones went with the next placement
+    recent.drop("b2")
+    assert len(recent) == 0
