@@ -361,6 +361,24 @@ def start_engines(ports: list[int], event_ports: list[int], capacity: int) -> li
     return procs
 
 
+def start_mock_engines(ports: list[int], event_ports: list[int], capacity: int) -> list[subprocess.Popen[bytes]]:
+    """Two bundled mock engines with a prefix cache of `capacity` x 8 blocks of 16 tokens, publishing KV events."""
+    procs = []
+    for port, events in zip(ports, event_ports, strict=True):
+        argv = [sys.executable, "-m", "backends.mock_vllm", "--port", str(port), "--model", "smollm2"]
+        argv += ["--kv-events-port", str(events), "--prefix-cache-blocks", str(capacity * 8)]
+        argv += ["--prefix-cache-block-size", "16", "--prefill-ms-per-token", "0.2"]
+        procs.append(subprocess.Popen(argv, cwd=ROOT, start_new_session=True))
+    for port in ports:
+        deadline = time.monotonic() + 30
+        while not healthy(f"http://127.0.0.1:{port}"):
+            if time.monotonic() > deadline:
+                stop_engines(procs)
+                raise RuntimeError(f"mock engine on {port} did not come up")
+            time.sleep(0.2)
+    return procs
+
+
 def stop_engines(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
@@ -370,7 +388,9 @@ def stop_engines(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(timeout=60)
 
 
-def start_routers(mode: str, urls: list[str], redis_url: str, tokenize_ms: int) -> tuple[list[str], list]:
+def start_routers(
+    mode: str, urls: list[str], redis_url: str, tokenize_ms: int
+) -> tuple[list[str], list[subprocess.Popen[bytes]]]:
     """Two router processes on one fresh registry (the engines as pool `vllm`, strategy prefix_aware)."""
     from backends.mock_vllm import free_port
     from bench.stack import platform_env, start_platform
@@ -533,9 +553,12 @@ def platform_report(results: list[PlatformResult], args: argparse.Namespace) -> 
 async def platform_main(args: argparse.Namespace) -> None:
     ports = [int(p) for p in args.ports.split(",")]
     urls = {f"vllm-{p}": f"http://127.0.0.1:{p}" for p in ports}
-    engines = (
-        start_engines(ports, [int(p) for p in args.event_ports.split(",")], args.capacity) if args.start_engines else []
-    )
+    event_ports = [int(p) for p in args.event_ports.split(",")]
+    if args.mock:
+        engines = start_mock_engines(ports, event_ports, args.capacity)
+        args.block_size = 16
+    else:
+        engines = start_engines(ports, event_ports, args.capacity) if args.start_engines else []
     try:
         async with httpx.AsyncClient(timeout=300) as client:
             endpoints = {}
@@ -583,6 +606,7 @@ async def main() -> None:
     parser.add_argument("--platform", action="store_true", help="through the platform: two router processes")
     parser.add_argument("--platform-modes", default=",".join(PLATFORM_MODES))
     parser.add_argument("--start-engines", action="store_true", help="start (and stop) the two engines here")
+    parser.add_argument("--mock", action="store_true", help="--platform against two bundled mock engines (a dry run)")
     parser.add_argument("--event-ports", default="5581,5582")
     parser.add_argument("--redis-url", default=os.environ.get("KV_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
     parser.add_argument("--tokenize-timeout-ms", type=int, default=2000, help="ROUTER_KV_EVENTS_TOKENIZE_TIMEOUT_MS")

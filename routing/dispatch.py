@@ -646,7 +646,7 @@ class Dispatcher:
         metrics = self.scraper.fresh()
         prefix = self.prefix_view()
         precise = self.precise.view() if self.precise is not None else {}
-        names |= set(metrics) | set(prefix)
+        names |= set(metrics) | set(prefix) | set(precise)
         out: dict[str, dict[str, object]] = {}
         for name in names:
             m = metrics.get(name)

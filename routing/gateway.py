@@ -212,9 +212,13 @@ class Gateway:
         from backends.selectors import registry_snapshot_build, registry_version_get
         from governance.selectors import key_registry_version_get, key_snapshot_build
         from governance.usage import BatchUsageWriter
-        from routing.precise import precise_routing_from_settings  # pyzmq and msgspec only when precise mode is on
 
         configure_capture(settings.ROUTER_TRACE_CAPTURE_PROMPTS)
+        precise = None
+        if settings.ROUTER_KV_EVENTS:  # routing.precise (pyzmq, msgspec) is imported only when precise mode is on
+            from routing.precise import precise_routing_from_settings
+
+            precise = precise_routing_from_settings()
         dispatcher = Dispatcher(
             max_attempts=settings.ROUTER_MAX_ATTEMPTS,
             max_connections=settings.ROUTER_MAX_CONNECTIONS,
@@ -248,7 +252,7 @@ class Gateway:
                 if settings.REDIS_URL and settings.ROUTER_PREFIX_SYNC
                 else None
             ),
-            precise=precise_routing_from_settings() if settings.ROUTER_KV_EVENTS else None,
+            precise=precise,
         )
         return cls(
             fallback,

@@ -8,6 +8,8 @@ and an environment variable (``MOCK_VLLM_LATENCY_S=0.05``); flags win over the e
 ``MOCK_VLLM_EMBED_MODELS`` / ``MOCK_VLLM_RERANK_MODELS``); ``--embed-model ''`` serves no embedding model.
 Prefix cache: ``--prefix-cache-blocks 4096`` (0: off), ``--prefix-cache-block-size 16`` and
 ``--prefill-ms-per-token 0.5`` (first-token delay per uncached prompt token).
+KV-cache events as vLLM publishes them (ZMQ on 127.0.0.1, announced at GET /kv_event_sources):
+``--kv-events-port 5557``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from backends.mock_vllm.kv_events import KvEventPublisher, events_from_journal, kv_event_sources
 from backends.mock_vllm.prefix_cache import PrefixCache
 
 __all__ = [
@@ -94,6 +95,17 @@ def count_tokens(text: str) -> int:
 def _token_id(token: str) -> int:
     """Map one token string to a stable integer id."""
     return _TOKEN_ID_BASE + zlib.crc32(token.encode()) % _TOKEN_ID_SPAN
+
+
+_TEMPLATE_IDS = {"\x00bos": _SPECIAL_IDS["bos"], "\x00sep": _SPECIAL_IDS["sep"], "\x00eom": _SPECIAL_IDS["eom"]}
+
+
+def _event_token_id(token: Any) -> int:
+    """The id /tokenize hands out for a prefix-cache token (a token string, a template sentinel, or an id)."""
+    if isinstance(token, int):
+        return token
+    special = _TEMPLATE_IDS.get(token)
+    return special if special is not None else _token_id(token)
 
 
 def token_ids(text: str) -> list[int]:
@@ -216,6 +228,8 @@ class MockConfig:
     """Capacity of the LRU prefix cache in blocks (0 disables it, like --no-enable-prefix-caching)."""
     prefix_cache_block_size: int = 16
     """Tokens per prefix-cache block (vLLM: 16 on GPUs, 128 on the CPU build)."""
+    kv_events_port: int | None = None
+    """Publish the prefix cache's KV-cache events as vLLM does (ZMQ PUB on 127.0.0.1:PORT; kv_events.py)."""
     fail_status: int | None = None
     """When set, every work request answers this status with a JSON error."""
     fail_next: int = 0
@@ -418,6 +432,9 @@ class MockVLLM:
         self.prefix_cache = PrefixCache(cfg.prefix_cache_blocks, cfg.prefix_cache_block_size)
         self._prefix_cache_size = (cfg.prefix_cache_blocks, cfg.prefix_cache_block_size)
         self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+        self._kv_publisher: KvEventPublisher | None = None
+        if cfg.kv_events_port is not None:
+            self._kv_events_publisher()  # bound at start, as vLLM's publisher is
         """Waits before the first token (latency_s + prefill); tests may swap in a recording fake."""
         self._get_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             "/health": self._health,
@@ -425,6 +442,7 @@ class MockVLLM:
             "/v1/models": self._models,
             "/metrics": self._metrics,
             "/version": self._version,
+            "/kv_event_sources": self._kv_event_sources,
             "/mock/stats": self._mock_stats,
             "/mock/config": self._mock_get_config,
         }
@@ -754,10 +772,34 @@ class MockVLLM:
         """
         if not self._prefix_cache_enabled():
             return 0
-        hit = self.prefix_cache.match_and_insert(tokens)
+        publisher = self._kv_events_publisher()
+        cache = self.prefix_cache
+        cache.journal = [] if publisher is not None else None
+        hit = cache.match_and_insert(tokens)
+        if publisher is not None and cache.journal:
+            ids = [_event_token_id(t) for t in tokens]
+            publisher.publish(events_from_journal(cache.journal, ids, cache.block_size))
+        cache.journal = None
         self.stats.prefix_cache_queries_total += len(tokens)
         self.stats.prefix_cache_hits_total += hit
         return hit
+
+    def _kv_events_publisher(self) -> KvEventPublisher | None:
+        """The KV-cache event publisher of the configured port (re-bound when the port changes; None: off)."""
+        port = self.config.kv_events_port
+        current = self._kv_publisher
+        if current is not None and current.port != port:
+            current.close()
+            current = self._kv_publisher = None
+        if current is None and port is not None:
+            current = self._kv_publisher = KvEventPublisher(port)
+        return current
+
+    def close(self) -> None:
+        """Release what the app holds outside its event loop (the KV-cache event socket)."""
+        if self._kv_publisher is not None:
+            self._kv_publisher.close()
+            self._kv_publisher = None
 
     # -- /v1/chat/completions ------------------------------------------------------------------
 
@@ -1202,6 +1244,10 @@ class MockVLLM:
         status = self.config.health_status
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
         await send(_EMPTY_BODY)
+
+    async def _kv_event_sources(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve GET /kv_event_sources (where KV-cache events are published; {} without them)."""
+        await _send_json(send, 200, orjson.dumps(kv_event_sources(self.config.kv_events_port)))
 
     async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve GET /version."""

@@ -15,12 +15,17 @@ prompt sent twice gave ``vllm:prefix_cache_queries_total`` +256 both times and
 Tokens are any hashable values (the mock tokenizer's strings, or token ids); a block's key is
 Python's hash of ``(parent_hash, *block_tokens)``, computed per block (C-level tuple hashing, no
 per-token Python loop). Memory is bounded by ``capacity`` ints.
+
+When ``journal`` is a list, each change is appended to it, in order, for the mock's KV-cache events
+(``kv_events.py``): ``("stored", parent hash or None, [new block hashes], index of the first one)`` for
+each run of newly cached blocks, ``("removed", [hashes])`` for evictions, ``("cleared",)``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 __all__ = ["MAX_PREFIX_CACHE_BLOCKS", "PrefixCache"]
 
@@ -33,11 +38,12 @@ _ROOT_HASH = 0x5EED_CAFE  # the parent hash of a prompt's first block
 class PrefixCache:
     """LRU set of chained block hashes; see the module docstring."""
 
-    __slots__ = ("_blocks", "block_size", "capacity")
+    __slots__ = ("_blocks", "block_size", "capacity", "journal")
 
     def __init__(self, capacity: int, block_size: int = 16) -> None:
         """Create an empty cache holding at most capacity blocks of block_size tokens (0: disabled)."""
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        self.journal: list[tuple[Any, ...]] | None = None
         self.capacity = 0
         self.block_size = 1
         self.configure(capacity, block_size)
@@ -46,7 +52,7 @@ class PrefixCache:
         """Apply a (possibly changed) size; a new block size empties the cache, a smaller capacity evicts."""
         block_size = max(1, int(block_size))
         if block_size != self.block_size:
-            self._blocks.clear()
+            self.clear()
             self.block_size = block_size
         self.capacity = min(max(0, int(capacity)), MAX_PREFIX_CACHE_BLOCKS)
         self._evict()
@@ -58,6 +64,8 @@ class PrefixCache:
     def clear(self) -> None:
         """Forget every cached block."""
         self._blocks.clear()
+        if self.journal is not None:
+            self.journal.append(("cleared",))
 
     def block_hashes(self, tokens: Sequence[Hashable]) -> list[int]:
         """Return the chained hashes of the full blocks of tokens (a partial last block has none)."""
@@ -85,6 +93,8 @@ class PrefixCache:
             if block_hash not in blocks:
                 break
             hit += 1
+        if self.journal is not None:
+            self._journal_stored(hashes)
         for block_hash in reversed(hashes):  # tail first: the first blocks end up most recently used
             if block_hash in blocks:
                 blocks.move_to_end(block_hash)
@@ -93,9 +103,23 @@ class PrefixCache:
         self._evict()
         return hit * self.block_size
 
+    def _journal_stored(self, hashes: list[int]) -> None:
+        """Note each run of blocks about to be newly cached, with the block before it (its parent)."""
+        assert self.journal is not None
+        blocks = self._blocks
+        start = None
+        for i, block_hash in enumerate([*hashes, None]):
+            new = block_hash is not None and block_hash not in blocks
+            if new and start is None:
+                start = i
+            elif not new and start is not None:
+                self.journal.append(("stored", hashes[start - 1] if start else None, hashes[start:i], start))
+                start = None
+
     def _evict(self) -> None:
         """Drop least recently used blocks until the cache fits its capacity."""
         blocks = self._blocks
         excess = len(blocks) - self.capacity
-        for _ in range(excess):
-            blocks.popitem(last=False)
+        evicted = [blocks.popitem(last=False)[0] for _ in range(max(0, excess))]
+        if evicted and self.journal is not None:
+            self.journal.append(("removed", evicted))

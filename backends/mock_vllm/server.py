@@ -138,6 +138,7 @@ class MockServer:
             except RuntimeError:  # loop already closed
                 pass
         thread.join(timeout=10.0)
+        self.app.close()
         self._thread = None
         self._event_loop = None
         self._stop_event = None

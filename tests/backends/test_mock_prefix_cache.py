@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -382,3 +383,58 @@ async def test_continuous_usage_needs_include_usage(client: httpx.AsyncClient, o
     events = _sse((await client.post(CHAT, json=body)).text)
     assert events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-1])
+
+
+def test_the_cache_journals_what_vllm_would_publish() -> None:
+    # given a cache of 4 blocks of 2 tokens that journals its changes
+    cache = PrefixCache(4, 2)
+    cache.journal = []
+    # when a 5-token prompt is cached, then a prompt sharing its first block, then one that evicts
+    cache.match_and_insert(["a", "b", "c", "d", "e"])
+    cache.match_and_insert(["a", "b", "x", "y"])
+    cache.match_and_insert(["p", "q", "r", "s"])
+    first, second = cache.block_hashes(["a", "b", "c", "d"]), cache.block_hashes(["a", "b", "x", "y"])
+    # then each run of new blocks is stored with its parent, and the evicted blocks are removed
+    assert cache.journal[0] == ("stored", None, first, 0)
+    assert cache.journal[1] == ("stored", first[0], second[1:], 1)
+    assert cache.journal[2][0] == "stored" and cache.journal[3] == ("removed", [first[1], second[1]])
+    cache.clear()
+    assert cache.journal[-1] == ("cleared",)
+
+
+async def test_kv_events_are_published_as_vllm_does() -> None:
+    import zmq
+
+    from backends.mock_vllm import chat_prompt_token_ids, free_port
+    from routing.kv_events import BackendBlockIndex, block_keys, handle_message
+
+    # given a mock publishing its KV-cache events, and a subscriber to the endpoint it announces
+    port = free_port()
+    app = MockVLLM(MockConfig(models=["m"]), kv_events_port=port)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVTIMEO, 5000)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mock") as client:
+            sources = (await client.get("/kv_event_sources")).json()
+            assert sources["0"]["endpoint"] == f"tcp://*:{port}" and sources["0"]["enable_kv_cache_events"] is True
+            messages = [{"role": "user", "content": _words("w", 60)}]
+            sub.connect(f"tcp://127.0.0.1:{port}")
+            await asyncio.sleep(0.5)  # PUB drops what it sends before the subscription is connected
+            # when a chat request is served
+            await client.post(CHAT, json={"model": "m", "messages": messages, "max_tokens": 1})
+            frames = sub.recv_multipart()
+            # then the router's decoder reads it, and its blocks are those of the ids /tokenize gives
+            index = BackendBlockIndex(max_blocks=1000)
+            assert handle_message(index, frames)
+            ids = (await client.post("/tokenize", json={"model": "m", "messages": messages})).json()["tokens"]
+            keys = block_keys(ids, 16)
+            assert ids == chat_prompt_token_ids(messages) and len(keys) == len(ids) // 16 > 0
+            assert index.matched_blocks(keys) == len(keys) and index.block_size == 16
+        # and without the setting there is nothing to subscribe to, as on vLLM
+        plain = httpx.AsyncClient(transport=httpx.ASGITransport(app=MockVLLM()), base_url="http://mock")
+        async with plain:
+            assert (await plain.get("/kv_event_sources")).json() == {}
+    finally:
+        sub.close(linger=0)
+        app.close()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
-from backends.mock_vllm import MockConfig, MockVLLM, await_until, chat_prompt_token_ids
+from backends.mock_vllm import MockConfig, MockServer, MockVLLM, await_until, chat_prompt_token_ids, free_port
 from backends.snapshot import RegistrySnapshot
 from routing.dispatch import Dispatcher
 from routing.gateway import Gateway
@@ -230,3 +231,49 @@ def _no_upstream() -> dict[str, Any]:
             pass
 
     return {"upstream": Refuse(), "url": "http://unused", "headers": {}}
+
+
+async def test_live_engines_publishing_events_route_traffic_the_router_never_sent() -> None:
+    # given two mock engines on real sockets publishing their KV-cache events, behind a gateway in precise mode
+    servers = [MockServer(models=["served-chat", "served-text"], kv_events_port=free_port()) for _ in range(2)]
+    async with servers[0], servers[1]:
+        backends = [backend_snap(f"b{i + 1}", base_url=s.url) for i, s in enumerate(servers)]
+        precise = PreciseRouting(PreciseConfig(tokenize_timeout_s=5.0))
+        gw = Gateway(
+            None,
+            registry=RegistryCache.static(registry_snap(backends=backends, strategy="prefix_aware")),
+            dispatcher=Dispatcher(precise=precise),
+            master_key=MASTER_KEY,
+            usage=MemoryUsageSink(),
+        )
+        hub = precise.hub
+        async with client(gw) as c, httpx.AsyncClient(timeout=10) as direct:
+            # the first request makes the process find the publishers and subscribe (it is routed approximately)
+            await ask(c, 100, "warm up")
+            assert await await_until(lambda: all(hub.index(b.name) is not None for b in backends), timeout=10)
+            await asyncio.sleep(0.5)  # a SUB socket hears only what is published after it connected
+
+            async def straight_to(server: MockServer, document: int, question: str) -> None:
+                body = {"model": "served-chat", "messages": messages(document, question), "max_tokens": 1}
+                (await direct.post(f"{server.url}/v1/chat/completions", json=body)).raise_for_status()
+
+            for i, server in enumerate(servers):
+                await straight_to(server, 200 + i, "prime")
+            assert await await_until(lambda: all(precise.live(b.name) for b in backends), timeout=10)
+            chosen = []
+            for doc in range(6):
+                # when a document is first sent straight to one engine (traffic this router never saw)
+                name, server = backends[doc % 2].name, servers[doc % 2]
+                index = hub.index(name)
+                assert index is not None
+                stored = index.stats().stored
+                await straight_to(server, doc, "first question")
+                assert await await_until(lambda index=index, stored=stored: index.stats().stored > stored, timeout=10)
+                # and then asked about through the router
+                chosen.append(await ask(c, doc, "another question?"))
+            # then every question went to the engine holding its document
+            assert chosen == ["b1", "b2"] * 3
+            assert precise.tokenized >= 6 and precise.tokenize_failures == 0
+        await gw.dispatcher.aclose()
+    # and shutting down closed every subscription
+    assert all(hub.index(b.name) is None for b in backends)
