@@ -277,3 +277,18 @@ async def test_live_engines_publishing_events_route_traffic_the_router_never_sen
         await gw.dispatcher.aclose()
     # and shutting down closed every subscription
     assert all(hub.index(b.name) is None for b in backends)
+
+
+def test_settings_turn_precise_mode_on(settings: Any) -> None:
+    # given the default settings, then precise mode is off: the dispatcher holds nothing of it
+    assert Gateway.from_settings(None).dispatcher.precise is None
+    # given ROUTER_KV_EVENTS and its bounds, then each web process's dispatcher gets it, configured
+    settings.ROUTER_KV_EVENTS = True
+    settings.ROUTER_KV_EVENTS_TOKENIZE_TIMEOUT_MS = 250
+    settings.ROUTER_KV_EVENTS_MAX_BLOCKS = 1234
+    settings.ROUTER_KV_EVENTS_RECENT_MS = 500
+    gw = Gateway.from_settings(None)
+    precise = gw.dispatcher.precise
+    assert precise is not None
+    assert precise.config.tokenize_timeout_s == 0.25 and precise.config.max_blocks == 1234
+    assert gw.dispatcher.prefix_config.recent_s == 0.5
