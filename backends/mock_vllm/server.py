@@ -138,7 +138,9 @@ class MockServer:
             except RuntimeError:  # loop already closed
                 pass
         thread.join(timeout=10.0)
-        self.app.close()
+        close = getattr(self.app, "close", None)  # the mock's KV-cache event socket (any ASGI app may be served)
+        if close is not None:
+            close()
         self._thread = None
         self._event_loop = None
         self._stop_event = None

@@ -397,7 +397,7 @@ def test_the_cache_journals_what_vllm_would_publish() -> None:
     # then each run of new blocks is stored with its parent, and the evicted blocks are removed
     assert cache.journal[0] == ("stored", None, first, 0)
     assert cache.journal[1] == ("stored", first[0], second[1:], 1)
-    assert cache.journal[2][0] == "stored" and cache.journal[3] == ("removed", [first[1], second[1]])
+    assert cache.journal[2][0] == "stored" and cache.journal[3] == ("removed", [first[1]])  # the least recent
     cache.clear()
     assert cache.journal[-1] == ("cleared",)
 
