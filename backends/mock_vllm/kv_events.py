@@ -79,7 +79,7 @@ class KvEventPublisher:
         import zmq
 
         self.port = port
-        self._socket = zmq.Context.instance().socket(zmq.PUB)
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(f"tcp://127.0.0.1:{port}")
         self._seq = 0

@@ -411,7 +411,7 @@ async def test_kv_events_are_published_as_vllm_does() -> None:
     # given a mock publishing its KV-cache events, and a subscriber to the endpoint it announces
     port = free_port()
     app = MockVLLM(MockConfig(models=["m"]), kv_events_port=port)
-    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.RCVTIMEO, 5000)
     try:
