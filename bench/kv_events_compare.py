@@ -29,7 +29,7 @@ cached were evicted or never there) or too low, and how long events took to show
 one registry, requests alternating between them, as between web processes or replicas), the pool's strategy
 `prefix_aware`, in each of these modes:
 
-- `approximate, unshared`: ROUTER_KV_EVENTS=0 and ROUTER_PREFIX_SYNC=0 (two replicas without a shared Redis);
+- `approximate-unshared`: ROUTER_KV_EVENTS=0 and ROUTER_PREFIX_SYNC=0 (two replicas without a shared Redis);
 - `approximate`: ROUTER_KV_EVENTS=0, the indexes shared through Redis (the default with REDIS_URL);
 - `precise`: ROUTER_KV_EVENTS=1 (the engines' KV-cache events; endpoints found at GET /kv_event_sources).
 
@@ -298,7 +298,7 @@ def report(results: list[Result], args: argparse.Namespace, hub_stats: dict) -> 
 
 REAL_BACKEND = Path(os.environ.get("REAL_BACKEND_CACHE", "~/.cache/llm-platform-real-backend")).expanduser()
 PLATFORM_MODES = {
-    "approximate, unshared": {"ROUTER_KV_EVENTS": "0", "ROUTER_PREFIX_SYNC": "0"},
+    "approximate-unshared": {"ROUTER_KV_EVENTS": "0", "ROUTER_PREFIX_SYNC": "0"},
     "approximate": {"ROUTER_KV_EVENTS": "0", "ROUTER_PREFIX_SYNC": "1"},
     "precise": {"ROUTER_KV_EVENTS": "1", "ROUTER_PREFIX_SYNC": "1"},
 }
