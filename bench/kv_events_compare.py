@@ -392,8 +392,8 @@ def start_routers(
     mode: str, urls: list[str], redis_url: str, tokenize_ms: int
 ) -> tuple[list[str], list[subprocess.Popen[bytes]]]:
     """Two router processes on one fresh registry (the engines as pool `vllm`, strategy prefix_aware)."""
-    from core.procs import free_port
     from bench.stack import platform_env, start_platform
+    from core.procs import free_port
 
     state = Path(tempfile.mkdtemp(prefix="kv-events-bench-"))
     env = platform_env(
