@@ -15,10 +15,11 @@ import openai
 import orjson
 import pytest
 
+from tests import live
 from tests.batches.conftest import Worker
 from tests.conftest import MASTER_KEY
 from tests.integration.conftest import E2ERegistry
-from tests.live import PlatformProcess, test_database_url
+from tests.live import PlatformProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +75,7 @@ def batch_platform(
     with django_db_blocker.unblock():
         _, secret = api_key_create(name=f"e2e-batch-{uuid.uuid4().hex[:6]}")
         env = {
-            "DATABASE_URL": test_database_url(),
+            "DATABASE_URL": live.test_database_url(),
             "DJANGO_SETTINGS_MODULE": "llm_platform.settings",
             "LOG_LEVEL": "WARNING",
             "BATCH_FILES_DIR": str(Path(tmp_path_factory.mktemp("batch-files"))),
