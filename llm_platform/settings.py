@@ -335,7 +335,7 @@ ROUTER_CIRCUIT_COOLDOWN_S = env_float("ROUTER_CIRCUIT_COOLDOWN_S", 10.0)
 ROUTER_RETRY_BUDGET_RATIO = env_float("ROUTER_RETRY_BUDGET_RATIO", 0.2)
 ROUTER_RETRY_BUDGET_MIN = env_int("ROUTER_RETRY_BUDGET_MIN", 10)
 # Requests waiting for a backend slot (max concurrent requests reached): how many per pool and process, how long;
-# a request waiting this long in its priority class moves up one class (docs/routing.md, "Admission queue").
+# a class served nothing for this long has its oldest request moved up one class (docs/routing.md, "Priority classes").
 ROUTER_QUEUE_MAX = env_int("ROUTER_QUEUE_MAX", 100)
 ROUTER_QUEUE_TIMEOUT_S = env_float("ROUTER_QUEUE_TIMEOUT_S", 10.0)
 ROUTER_QUEUE_PROMOTE_AFTER_S = env_float("ROUTER_QUEUE_PROMOTE_AFTER_S", 5.0)

@@ -10,8 +10,10 @@ usable backend of a pool is at its `max_concurrent_requests`:
   start tag and its virtual time `V_c` follows the tags it serves. A key that queued a hundred requests has tags
   far ahead; a key arriving with one is served next: each backlogged key gets answers in proportion to its
   weight, whatever the others send. The cost of a request is 1 (its length is unknown before it runs).
-- **Promotion**: a ticket that waited `promote_after_s` in its class moves up one class (and again after as long
-  again there), so no class starves under a flood of a higher one.
+- **Promotion** (against starvation): when a class has had no request served for `promote_after_s` while its oldest
+  ticket has waited that long, that ticket moves up one class; at most one per class per period, so a class starved
+  by a flood of a higher one still gets a request through every `promote_after_s`, and a class that is being
+  served (however slowly) never dilutes the one above it.
 - **Shedding**: when the queue holds `max_size` tickets, the ticket that would be served last (the lowest class,
   then the largest start tag) is shed to make room; if that is the newcomer itself, the newcomer is refused. A
   flooding key thus loses its own newest requests first, and a batch request goes before an interactive one.
@@ -60,7 +62,7 @@ def _current(entry: tuple[float, int, Ticket[T]], rank: int) -> bool:
 class _Class(Generic[T]):
     """One class's state: its heap of (start tag, seq, ticket), arrival order, virtual time, keys' finish tags."""
 
-    __slots__ = ("arrivals", "finish", "heap", "live", "vtime")
+    __slots__ = ("arrivals", "finish", "heap", "live", "served_at", "vtime")
 
     def __init__(self) -> None:
         self.heap: list[tuple[float, int, Ticket[T]]] = []
@@ -68,6 +70,7 @@ class _Class(Generic[T]):
         self.finish: dict[str, float] = {}
         self.vtime = 0.0
         self.live = 0
+        self.served_at = float("-inf")  # when a ticket of this class was last served (or promoted out of it)
 
 
 class FairQueue(Generic[T]):
@@ -151,6 +154,7 @@ class FairQueue(Generic[T]):
             return
         cls = self._classes[ticket.rank]
         cls.vtime = max(cls.vtime, ticket.tag)
+        cls.served_at = self.clock()
         self._drop(ticket)
 
     def remove(self, ticket: Ticket[T]) -> bool:
@@ -212,23 +216,26 @@ class FairQueue(Generic[T]):
         return None
 
     def _promote(self, now: float) -> None:
-        """Move every ticket that waited `promote_after_s` in its class up one class."""
+        """In each class not served for `promote_after_s`, move its oldest ticket up one class if it waited as long."""
         after = self.promote_after_s
         if after <= 0:
             return
         for rank in range(1, len(self._classes)):
             cls = self._classes[rank]
+            if not cls.live or now - cls.served_at < after:
+                continue
             while cls.arrivals:  # (re-read each time: dropping a ticket may rebuild the deque)
                 ticket = cls.arrivals[0]
                 if not ticket.live or ticket.rank != rank:
                     cls.arrivals.popleft()
                     continue
-                if now - ticket.since < after:
-                    break
-                cls.arrivals.popleft()
-                self._remove(ticket)  # out of this class (its tag given back), then into the next one up
-                ticket.live = True
-                ticket.since = now
-                ticket.promoted += 1
-                self.promotions += 1
-                self._enter(ticket, rank - 1)
+                if now - ticket.since >= after:
+                    cls.arrivals.popleft()
+                    self._remove(ticket)  # out of this class (its tag given back), then into the next one up
+                    ticket.live = True
+                    ticket.since = now
+                    ticket.promoted += 1
+                    self.promotions += 1
+                    cls.served_at = now  # the next promotion out of this class comes a period later
+                    self._enter(ticket, rank - 1)
+                break

@@ -129,6 +129,29 @@ def test_promotion_reaches_the_top_class_so_nothing_starves() -> None:
     assert "nightly0" in _serve(queue, 2)
 
 
+def test_a_class_that_is_being_served_is_not_promoted_so_it_does_not_dilute_the_one_above() -> None:
+    # given batch requests waiting far past the age, while batch is served now and then (spare slots)
+    clock = FixedClock(0.0)
+    queue = _queue(clock, promote_after_s=1.5)
+    batch = _offer(queue, "nightly", BATCH, n=10)
+    for second in range(1, 4):
+        clock.now = float(second)
+        _offer(queue, "web", STANDARD)
+        standard, spare = _serve(queue, 2)
+        assert standard == "web0" and spare.startswith("nightly")  # standard first, then batch: it is served
+    # then none of the batch requests was promoted
+    assert queue.promotions == 0 and all(t.rank == BATCH for t in batch if t.live)
+    # but once batch goes unserved for the age, its oldest waiting request moves up, one per period
+    clock.now = 4.5
+    queue.peek()
+    assert queue.promotions == 1 and queue.depth() == [0, 1, 6]
+    queue.peek()
+    assert queue.promotions == 1
+    clock.now = 6.0  # a period later: the next batch one, and the first (unserved in standard) moves on up
+    queue.peek()
+    assert queue.promotions == 3 and queue.depth() == [1, 1, 5]
+
+
 def test_no_promotion_before_the_age() -> None:
     clock = FixedClock(0.0)
     queue = _queue(clock, promote_after_s=2.0)
