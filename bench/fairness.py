@@ -6,10 +6,12 @@
 Starts the mock vLLM and one platform process (uvicorn, fresh SQLite) whose one backend takes `--slots` requests at
 a time (`max_concurrent_requests`) with the admission queue on (ROUTER_QUEUE_MAX 32, ROUTER_QUEUE_TIMEOUT_S 10), and
 API keys made with `manage.py create_api_key --priority/--max-priority`. Service times come from the mock's
-per-token delay (20 ms a token, no prefill delay): an interactive request asks for 50 tokens (1.0 s), a flooding one
-for 5 to 25 (0.1 to 0.5 s, 0.3 s on average, so the slots do not free up in lockstep). The capacity is thus
-slots / 0.3 s (8 slots: about 27 requests per second). Clients are open-loop (requests sent at a fixed rate whatever
-the answers, on keep-alive connections, by a small asyncio + httptools client), so a flood really is 10x capacity.
+per-token delay (40 ms a token, no prefill delay): an interactive request asks for 50 tokens (2.0 s), a flooding one
+for 5 to 25 (0.2 to 1.0 s, 0.6 s on average, so the slots do not free up in lockstep). The capacity is thus
+slots / 0.6 s (8 slots: about 13 requests per second; a flood at 10x is 133 requests per second, which one platform
+process on a loaded 2-core machine refuses without starving its event loop). Clients are open-loop (requests sent
+at a fixed rate whatever the answers, on keep-alive connections, by a small asyncio + httptools client), so a flood
+really is 10x capacity.
 
 1. **unloaded**: the interactive key alone, at 0.1x capacity: its p50 / p99 latency.
 2. **(a) flooded**: the same interactive key while a second key of the same class floods at 10x capacity: the
@@ -53,12 +55,13 @@ sys.path.insert(0, str(ROOT))
 from backends.mock_vllm import free_port  # noqa: E402
 from bench.stack import platform_env, start_platform, wait_http  # noqa: E402
 
-TOKEN_DELAY_S = 0.02
+TOKEN_DELAY_S = 0.04
 INTERACTIVE_TOKENS = 50
 FLOOD_TOKENS = (5, 25)
 MEAN_FLOOD_S = TOKEN_DELAY_S * sum(FLOOD_TOKENS) / 2
 QUEUE_MAX = 32
 CLIENT_TIMEOUT_S = 15.0
+IDLE_REUSE_S = 3.0
 SHED_WORDS = "took its place"  # in the message of a 429 whose queued request was shed for another
 
 
@@ -76,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.body: list[bytes] = []
         self.closed = False
+        self.last_used = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -175,11 +179,15 @@ class Client:
         result.sent += 1
         loop = asyncio.get_running_loop()
         connection = None
+        now = time.monotonic()
         while self.idle:
             candidate = self.idle.pop()
-            if not candidate.closed:
+            # uvicorn closes a connection idle for 5 s: one idle for 3 s is not reused (no race with that close)
+            if not candidate.closed and now - candidate.last_used < IDLE_REUSE_S:
                 connection = candidate
                 break
+            if candidate.transport is not None:
+                candidate.transport.close()
         started = time.perf_counter()
         try:
             if connection is None:
@@ -201,6 +209,7 @@ class Client:
         elif status == 429:
             (result.shed_ms if SHED_WORDS.encode() in body else result.rejected_ms).append(elapsed_ms)
         if not connection.closed:
+            connection.last_used = time.monotonic()
             self.idle.append(connection)
 
     async def run(self, seconds: float) -> Result:
@@ -367,7 +376,9 @@ def main() -> int:
     report["targets"] = [{"target": t, "met": ok, "measured": m} for t, ok, m in targets]
 
     print(
-        f"backend: {args.slots} slots, flood service 0.1-0.5 s (capacity ~{capacity:.0f} req/s), interactive 1.0 s; "
+        f"backend: {args.slots} slots, flood service {FLOOD_TOKENS[0] * TOKEN_DELAY_S:g}-"
+        f"{FLOOD_TOKENS[1] * TOKEN_DELAY_S:g} s (capacity ~{capacity:.0f} req/s), "
+        f"interactive {INTERACTIVE_TOKENS * TOKEN_DELAY_S:g} s; "
         f"queue {QUEUE_MAX}; {args.seconds:g} s per scenario"
     )
     print(
