@@ -435,6 +435,7 @@ class PlatformResult:
     engine_hits: float = 0.0
     engine_queries: float = 0.0
     seconds: float = 0.0
+    outside: int = 0
 
 
 def engine_counters(urls: list[str]) -> tuple[float, float]:
@@ -483,34 +484,50 @@ async def run_platform_mode(
     hits0, queries0 = engine_counters(list(urls.values()))
     t0 = time.perf_counter()
     first = next(iter(urls.values()))
-    for i in range(args.requests):
-        messages = [
-            {"role": "system", "content": texts[rng.randrange(args.docs)]},
-            {"role": "user", "content": rng.choice(QUESTIONS)},
-        ]
-        tok = await client.post(f"{first}/tokenize", json={"model": args.model, "messages": messages})
-        tok.raise_for_status()
-        tokens = tok.json()["tokens"]
-        keys = block_keys(tokens, args.block_size)
-        usable = (len(tokens) - 1) // args.block_size
-        held = {name: min(hub.matched_blocks(name, keys) or 0, usable) for name in urls}
-        body = {"model": args.model, "messages": messages, "max_tokens": 1, "temperature": 0}
-        t = time.perf_counter()
-        response = await client.post(f"{routers[i % 2]}/v1/chat/completions", json=body, headers=auth)
-        elapsed = time.perf_counter() - t
-        result.requests += 1
-        if response.status_code != 200:
-            result.failed += 1
-            continue
-        result.latency_s.append(elapsed)
-        chosen = by_url[backend_url[response.headers["x-router-backend"]]]
-        result.per_backend[chosen] = result.per_backend.get(chosen, 0) + 1
-        usage = response.json()["usage"]
-        result.prompt_tokens += usage["prompt_tokens"]
-        result.cached_tokens += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-        best = max(held.values())
-        result.best_tokens += best * args.block_size
-        result.best_choice += held[chosen] == best
+    plan = [
+        (
+            [
+                {"role": "system", "content": texts[rng.randrange(args.docs)]},
+                {"role": "user", "content": rng.choice(QUESTIONS)},
+            ],
+            rng.random() < args.outside,
+            rng.choice(list(urls.values())),
+        )
+        for _ in range(args.requests)
+    ]
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def one(i: int, messages: list[dict[str, str]], outside: bool, engine: str) -> None:
+        async with gate:
+            body = {"model": args.model, "messages": messages, "max_tokens": 1, "temperature": 0}
+            if outside:  # a client (or another router) reaching an engine directly: the engines' cache changes
+                result.outside += 1
+                (await client.post(f"{engine}/v1/chat/completions", json=body)).raise_for_status()
+                return
+            tok = await client.post(f"{first}/tokenize", json={"model": args.model, "messages": messages})
+            tok.raise_for_status()
+            tokens = tok.json()["tokens"]
+            keys = block_keys(tokens, args.block_size)
+            usable = (len(tokens) - 1) // args.block_size
+            held = {name: min(hub.matched_blocks(name, keys) or 0, usable) for name in urls}
+            t = time.perf_counter()
+            response = await client.post(f"{routers[i % 2]}/v1/chat/completions", json=body, headers=auth)
+            elapsed = time.perf_counter() - t
+            result.requests += 1
+            if response.status_code != 200:
+                result.failed += 1
+                return
+            result.latency_s.append(elapsed)
+            chosen = by_url[backend_url[response.headers["x-router-backend"]]]
+            result.per_backend[chosen] = result.per_backend.get(chosen, 0) + 1
+            usage = response.json()["usage"]
+            result.prompt_tokens += usage["prompt_tokens"]
+            result.cached_tokens += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+            best = max(held.values())
+            result.best_tokens += best * args.block_size
+            result.best_choice += held[chosen] == best
+
+    await asyncio.gather(*(one(i, *item) for i, item in enumerate(plan)))
     result.seconds = time.perf_counter() - t0
     await asyncio.sleep(0.5)
     hits1, queries1 = engine_counters(list(urls.values()))
@@ -527,8 +544,9 @@ async def run_platform_mode(
 def platform_report(results: list[PlatformResult], args: argparse.Namespace) -> str:
     lines = [
         f"through the platform: two router processes (requests alternate), pool prefix_aware; docs {args.docs}, "
-        f"requests {args.requests} per mode, one at a time, seed {args.seed}; engine cache {args.capacity} blocks of "
-        f"{args.block_size} tokens each",
+        f"requests {args.requests} per mode, {args.concurrency} at a time, {args.outside:.0%} of them straight to an "
+        f"engine (not counted below), seed {args.seed}; engine cache {args.capacity} blocks of {args.block_size} "
+        "tokens each",
         "",
         "| mode | hit rate (cached / prompt tokens) | engine counters | best choice | cached tokens missed vs best "
         "| router's estimated hit ratio | latency p50 / p90 | requests per backend | failed |",
@@ -606,6 +624,10 @@ async def main() -> None:
     parser.add_argument("--platform", action="store_true", help="through the platform: two router processes")
     parser.add_argument("--platform-modes", default=",".join(PLATFORM_MODES))
     parser.add_argument("--start-engines", action="store_true", help="start (and stop) the two engines here")
+    parser.add_argument("--concurrency", type=int, default=1, help="--platform: requests in flight")
+    parser.add_argument(
+        "--outside", type=float, default=0.0, help="--platform: share of requests sent straight to a random engine"
+    )
     parser.add_argument("--mock", action="store_true", help="--platform against two bundled mock engines (a dry run)")
     parser.add_argument("--event-ports", default="5581,5582")
     parser.add_argument("--redis-url", default=os.environ.get("KV_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
