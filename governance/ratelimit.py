@@ -307,10 +307,11 @@ class RedisRateLimiter:
 
 
 def estimate_tokens_size(body_size: int, data: dict[str, object]) -> int:
-    """Tokens to reserve at admission: the body's size / 4 (about 4 bytes a token) plus `max_tokens`.
+    """Tokens to reserve at admission: the body's size / 4 (about 4 bytes a token) plus `max_tokens` (or the
+    Responses API's `max_output_tokens`).
 
     It over-counts the JSON syntax on purpose; `settle` brings the counters back to the real usage.
     """
-    max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+    max_tokens = data.get("max_completion_tokens") or data.get("max_tokens") or data.get("max_output_tokens")
     completion = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 0
     return body_size // 4 + completion

@@ -85,6 +85,8 @@ if not DEBUG and SECRET_KEY == "dev-insecure-secret-key-change-me-in-production-
     from django.core.exceptions import ImproperlyConfigured
 
     raise ImproperlyConfigured("DJANGO_SECRET_KEY is a published example value: set a long random one.")
+# Earlier keys, still accepted when verifying (sessions, signed values, Responses API ids) during a rotation.
+SECRET_KEY_FALLBACKS = env_list("DJANGO_SECRET_KEY_FALLBACKS")
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 

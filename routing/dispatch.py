@@ -81,7 +81,8 @@ class _Prepared:
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """What routing may read from the request itself: the `user` field and the headers (for affinity keys), and
-    the validated body (for the prompt's prefix), computed only for strategies that declare they need them."""
+    the validated body (for the prompt's prefix), computed only for strategies that declare they need them.
+    `pin`: the one backend the request must go to (a stored response's), whatever the strategy."""
 
     user: str | None = None
     headers: Sequence[tuple[bytes, bytes]] = field(default_factory=tuple)
@@ -89,6 +90,7 @@ class RequestContext:
     data: dict[str, Any] | None = None
     token_ids: Sequence[int] | None = None
     """The prompt's token ids, in precise prefix mode only (`routing.precise`)."""
+    pin: BackendSnap | None = None
 
     def prefix_blocks(self, block_bytes: int) -> tuple[int, ...]:
         """The prompt's chained block keys (empty without a prompt)."""
@@ -263,6 +265,8 @@ class Dispatcher:
 
         Returns the backend (or None) and whether some usable backend was only at its concurrency limit.
         """
+        if context.pin is not None:
+            return self._pick_pinned(context.pin, exclude)
         any_full = False
         for pool_name in (model.pool, *model.fallback_pools):
             pool = registry.pools.get(pool_name)
@@ -295,6 +299,14 @@ class Dispatcher:
             )
             return strategy.select(candidates, stats), any_full
         return None, any_full
+
+    def _pick_pinned(self, backend: BackendSnap, exclude: set[str]) -> tuple[BackendSnap | None, bool]:
+        """A pinned request's backend, unless disabled, already tried, its circuit open, or at its limit (full)."""
+        if backend.state == "disabled" or backend.name in exclude or not self.circuits.allows(backend.name):
+            return None, False
+        if backend.max_concurrent_requests and self.in_flight[backend.name] >= backend.max_concurrent_requests:
+            return None, True
+        return backend, False
 
     def _scrape_targets(self) -> list[BackendSnap]:
         registry = self._registry
@@ -516,6 +528,7 @@ class Dispatcher:
         observer: AttemptObserver | None = None,
         flow: Flow = DEFAULT_FLOW,
         max_attempts: int | None = None,
+        method: str = "POST",
     ) -> tuple[UpstreamResponse, BackendSnap]:
         """Send the request; on connect errors and 502/503 (nothing sent to the client yet) retry on another
         backend, within the attempt limit (`max_attempts`, default the dispatcher's) and the retry budget.
@@ -556,7 +569,7 @@ class Dispatcher:
             started = time.perf_counter()
             try:
                 response = await prep.upstream.send(
-                    "POST",
+                    method,
                     prep.base_url + path,
                     headers=headers,
                     content=payload,

@@ -215,7 +215,7 @@ class Lifecycle:
         trace = self.trace
         try:
             response, backend = await self.dispatcher.send(
-                path=prepared.endpoint.upstream_path,
+                path=prepared.path or prepared.endpoint.upstream_path,
                 body=prepared.body,
                 model=prepared.model,
                 registry=prepared.registry,
@@ -225,6 +225,7 @@ class Lifecycle:
                 observer=trace,
                 flow=self.flow,
                 max_attempts=self.max_attempts,
+                method=prepared.method,
             )
         except BaseException as exc:
             if trace is not None:

@@ -15,12 +15,12 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from rest_framework import serializers
 
-from backends.snapshot import ModelSnap, RegistrySnapshot
+from backends.snapshot import BackendSnap, ModelSnap, RegistrySnapshot
 from core import telemetry
 from governance.metrics import metrics_endpoint
 from governance.priority import Priority, priority_requested
@@ -35,6 +35,13 @@ from routing.fastcheck import fast_valid_chat, fast_valid_completion, fast_valid
 from routing.health import CircuitBreakers, MetricsScraper, RetryBudget
 from routing.prefix import PrefixConfig, PrefixSync
 from routing.registry import RegistryCache
+from routing.responses import (
+    RESPONSES_HOOKS,
+    STORED_PATH,
+    ResponsesRequestSerializer,
+    fast_valid_responses,
+    serve_stored,
+)
 from routing.runtime import PROCESS_ID, RuntimePublisher
 from routing.serializers import (
     ChatCompletionRequestSerializer,
@@ -75,6 +82,27 @@ DISCONNECT_WATCH_AFTER_S = 0.5
 T = TypeVar("T")
 
 
+class EndpointHooks(Protocol):
+    """What an endpoint does beyond the common path (the Responses API's: `routing.responses.ResponsesHooks`).
+
+    An endpoint with hooks gets no `stream_options` added: its stream reports usage its own way.
+    """
+
+    def prepare(
+        self, data: dict[str, Any], *, model: ModelSnap, registry: RegistrySnapshot, principal: Principal | None
+    ) -> tuple[BackendSnap | None, Any]:
+        """Rewrite the validated body for the backend; return the backend it must go to (or None) and a state."""
+
+    def answer(self, result: dict[str, Any], lc: Lifecycle) -> None:
+        """Rewrite a JSON answer for the client (after the model name)."""
+
+    def stream_state(self, lc: Lifecycle) -> StreamState:
+        """The SSE relay state of a stream."""
+
+    def error(self, exc: APIError, lc: Lifecycle) -> APIError:
+        """The error the client sees for this one."""
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A POST endpoint of the OpenAI API (or of vLLM's own) and the model kinds that may serve it.
@@ -90,6 +118,7 @@ class Endpoint:
     can_stream: bool
     fast_valid: Callable[[dict[str, Any]], bool]
     tokens: bool = True
+    hooks: EndpointHooks | None = None
 
 
 def _never_fast(data: dict[str, Any]) -> bool:
@@ -138,6 +167,15 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/detokenize": Endpoint(
         "detokenize", "/detokenize", DetokenizeRequestSerializer, ALL_KINDS, False, _never_fast, False
     ),
+    "/v1/responses": Endpoint(
+        "responses",
+        "/v1/responses",
+        ResponsesRequestSerializer,
+        frozenset({"chat"}),
+        True,
+        fast_valid_responses,
+        hooks=RESPONSES_HOOKS,
+    ),
 }
 ROOT_ENDPOINTS = frozenset(path for path in ENDPOINTS if not path.startswith("/v1/"))
 """The endpoints outside /v1 (vLLM's): served here, not by Django."""
@@ -160,6 +198,11 @@ class PreparedRequest:
     priority: Priority | None = None  # the class the request asked for (header or body), before the key's ceiling
     split_from: str = ""  # the model the client asked for, when its traffic split chose `model` (routing.traffic)
     shadow: ShadowTicket | None = None  # set when the request is mirrored (routing.shadow)
+    method: str = "POST"
+    path: str = ""
+    """The upstream path when not the endpoint's (a stored response's)."""
+    hook_state: Any = None
+    """The endpoint hooks' state for this request."""
 
 
 class Gateway:
@@ -378,6 +421,9 @@ class Gateway:
                     raise _method_not_allowed(method, path, "POST")
                 await self._completion(scope, receive, send, endpoint, request_id, started)
                 return
+            if path.startswith(STORED_PATH):
+                await serve_stored(self, scope, receive, send, path, request_id, started)
+                return
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 if method != "GET":
                     raise _method_not_allowed(method, path, "GET")
@@ -490,13 +536,15 @@ class Gateway:
         error: BaseException | None = None
         try:
             lc.principal = await self._authenticate(scope)
-            prepared, body_size = await self._read_request(scope, receive, endpoint)
+            prepared, body_size = await self._read_request(scope, receive, endpoint, lc.principal)
             await lc.admit(prepared, body_size)
             if prepared.stream:
                 await self._stream(receive, send, lc)
             else:
                 await _until_disconnect(self._forward(send, lc), receive)
         except APIError as exc:
+            if endpoint.hooks is not None:
+                exc = endpoint.hooks.error(exc, lc)
             error = exc
             if lc.reservation is not None:
                 exc.headers = (*exc.headers, *lc.limit_headers)
@@ -507,7 +555,9 @@ class Gateway:
         finally:
             await lc.finish(error)
 
-    async def _read_request(self, scope: Scope, receive: Receive, endpoint: Endpoint) -> tuple[PreparedRequest, int]:
+    async def _read_request(
+        self, scope: Scope, receive: Receive, endpoint: Endpoint, principal: Principal | None = None
+    ) -> tuple[PreparedRequest, int]:
         """Check the headers, read the body (bounded), parse and validate it: the request ready to route."""
         content_type = b""
         content_length = -1
@@ -530,7 +580,8 @@ class Gateway:
             ) from None
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_body")
-        return await self.prepare(endpoint, data, headers=scope["headers"], size=len(raw)), len(raw)
+        prepared = await self.prepare(endpoint, data, headers=scope["headers"], size=len(raw), principal=principal)
+        return prepared, len(raw)
 
     async def prepare(
         self,
@@ -540,10 +591,12 @@ class Gateway:
         force_stream: bool = False,
         headers: Sequence[tuple[bytes, bytes]] = (),
         size: int | None = None,
+        principal: Principal | None = None,
     ) -> PreparedRequest:
         """Validate a request body, resolve its model and rewrite the body for the backend (400/404/503 APIError).
 
-        `size` is the body's length in bytes when known (it decides whether validation runs in a worker thread).
+        `size` is the body's length in bytes when known (it decides whether validation runs in a worker thread);
+        `principal` is whose request it is (the Responses API binds stored response ids to it).
         """
         if force_stream and endpoint.can_stream:
             data["stream"] = True  # before validation: `stream_options` is valid only on a stream
@@ -563,12 +616,15 @@ class Gateway:
                 param="model",
                 code="model_not_supported",
             )
+        pin = hook_state = None
+        if endpoint.hooks is not None:  # (a stored conversation goes on where it is stored: no split, no shadow)
+            pin, hook_state = endpoint.hooks.prepare(data, model=model, registry=registry, principal=principal)
         user = data.get("user")
         context = RequestContext(
-            user=user if isinstance(user, str) else None, headers=headers, endpoint=endpoint.name, data=data
+            user=user if isinstance(user, str) else None, headers=headers, endpoint=endpoint.name, data=data, pin=pin
         )
-        shadow = self.shadow.plan(registry, model)
-        split = registry.splits.get(model.name)
+        shadow = self.shadow.plan(registry, model) if endpoint.hooks is None else None
+        split = registry.splits.get(model.name) if pin is None else None
         split_from = ""
         if split is not None:  # canary: the split chooses the model that serves (once, here; docs/routing.md)
             served, _ = split_choose(split, context)
@@ -577,7 +633,7 @@ class Gateway:
         data["model"] = model.served_name
         stream = endpoint.can_stream and data.get("stream") is True
         strip_usage = strip_continuous = False
-        if stream:
+        if stream and endpoint.hooks is None:
             # Ask for usage anyway, on every chunk (accounting, even when the client leaves early), and strip what
             # the client did not ask for, so it sees the stream it requested.
             options = data.get("stream_options") or {}
@@ -608,6 +664,7 @@ class Gateway:
             priority,
             split_from,
             shadow,
+            hook_state=hook_state,
         )
 
     async def _forward(self, send: Send, lc: Lifecycle) -> None:
@@ -626,6 +683,8 @@ class Gateway:
                 raise TypeError(type(result).__name__)
             if "model" in result or prepared.endpoint.tokens:  # vLLM's tokenizer answers name no model
                 result["model"] = prepared.requested
+            if prepared.endpoint.hooks is not None:
+                prepared.endpoint.hooks.answer(result, lc)
         except (orjson.JSONDecodeError, TypeError) as exc:
             raise errors.backend_failed(backend.name, "answered 200 with a body that is not a JSON object") from exc
         lc.take_usage(result.get("usage"))
@@ -651,7 +710,8 @@ class Gateway:
         response = await _until_disconnect(lc.open(), receive)
         if response.status_code != 200:
             raise await lc.upstream_error()  # nothing was sent yet: a JSON error, as without streaming
-        state = stream_state(prepared)
+        hooks = prepared.endpoint.hooks
+        state = stream_state(prepared) if hooks is None else hooks.stream_state(lc)
         pump = asyncio.ensure_future(self._pump(send, lc, state))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:

@@ -64,6 +64,8 @@ def prompt_bytes(endpoint: str, data: dict[str, Any]) -> bytes:
             return orjson.dumps(tools) + messages if tools else messages
         if endpoint == "completions":
             return orjson.dumps(data.get("prompt"))
+        if endpoint == "responses":
+            return orjson.dumps(data.get("instructions")) + orjson.dumps(data.get("input"))
     except orjson.JSONEncodeError:
         return b""
     return b""

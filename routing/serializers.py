@@ -600,22 +600,24 @@ def check_counts(data: dict[str, Any], limits: RequestLimits) -> None:
 
 
 def check_message_items(data: dict[str, Any], limits: RequestLimits) -> None:
-    """Raise a 400 for a message whose `content` parts or `tool_calls` are over their limit.
+    """Raise a 400 for a message whose `content` parts or `tool_calls` are over their limit (chat `messages`, and
+    the Responses API's `input` items).
 
     One look per message (their number is bounded by `check_counts`); needed only for bodies the serializers
     validate, since the fast check accepts string contents only.
     """
-    messages = data.get("messages")
-    if not isinstance(messages, list):
-        return
     limit = limits.max_content_parts
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
+    for param in ("messages", "input"):
+        messages = data.get(param)
+        if not isinstance(messages, list):
             continue
-        for field in ("content", "tool_calls"):
-            value = message.get(field)
-            if isinstance(value, list) and len(value) > limit:
-                raise _too_long(f"messages[{index}].{field}", limit, len(value))
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                continue
+            for field in ("content", "tool_calls"):
+                value = message.get(field)
+                if isinstance(value, list) and len(value) > limit:
+                    raise _too_long(f"{param}[{index}].{field}", limit, len(value))
 
 
 async def validate_request_offloaded(

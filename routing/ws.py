@@ -43,7 +43,8 @@ CLOSE_UNAUTHORIZED = 4401
 """Close code after a missing or invalid key (4000-4999 are free for applications; 4401 mirrors HTTP 401)."""
 CLOSE_TOO_BIG = 1009
 """Close code for a frame over the pre-authentication limit (RFC 6455: message too big)."""
-WS_ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS.values() if e.can_stream}
+# Endpoints with hooks (the Responses API: ids bound to the key, pinned follow-ups) are served over HTTP only.
+WS_ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS.values() if e.can_stream and e.hooks is None}
 """Endpoints a `request` message may name: the streaming ones, by their public name."""
 MAX_ID_LENGTH = 200
 NOT_AUTHENTICATED = 'Not authenticated: send {"type": "auth", "api_key": "<key>"} first.'

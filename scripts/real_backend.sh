@@ -38,6 +38,8 @@
 #                            OTLP/HTTP URL (e.g. http://127.0.0.1:4318/v1/traces): vLLM's --otlp-traces-endpoint,
 #                            with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf (vLLM's default is gRPC). vLLM
 #                            then continues the `traceparent` the platform sends (its `llm_request` span).
+#   VLLM_ENABLE_RESPONSES_API_STORE  store Responses API answers in memory, for retrieval and
+#                            previous_response_id (default 1 here; vLLM's own default is 0)
 set -euo pipefail
 
 # --------------------------------------------------------------------------- configuration
@@ -196,6 +198,7 @@ launch() {
   VLLM_CACHE_ROOT=$CACHE_DIR/vllm-cache \
   VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_OMP_THREADS_BIND=$core \
   VLLM_SERVER_DEV_MODE=${VLLM_SERVER_DEV_MODE:-1} \
+  VLLM_ENABLE_RESPONSES_API_STORE=${VLLM_ENABLE_RESPONSES_API_STORE:-1} \
     setsid bash -c 'echo $$ > "$0"; exec "$@"' "$(pid_file "$port")" \
       "$PY" -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port "$port" "$@" \
       </dev/null >"$lf" 2>&1 &

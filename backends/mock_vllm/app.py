@@ -35,6 +35,7 @@ import orjson
 
 from backends.mock_vllm.kv_events import KvEventPublisher, events_from_journal, kv_event_sources
 from backends.mock_vllm.prefix_cache import PrefixCache
+from backends.mock_vllm.responses import MockResponses
 
 __all__ = [
     "CHAT_PER_MESSAGE_OVERHEAD",
@@ -252,6 +253,8 @@ class MockConfig:
     """Status answered by GET /health."""
     fill_to_max_tokens: bool = True
     """The default answer repeats to fill max_tokens when the request sets it (finish 'length')."""
+    responses_store: bool = True
+    """Store Responses API answers in memory (vLLM: VLLM_ENABLE_RESPONSES_API_STORE=1; its default is off)."""
     embedding_dim: int = 384
 
     def to_dict(self) -> dict[str, Any]:
@@ -435,6 +438,8 @@ class MockVLLM:
         self._kv_publisher: KvEventPublisher | None = None
         if cfg.kv_events_port is not None:
             self._kv_events_publisher()  # bound at start, as vLLM's publisher is
+        self.responses = MockResponses(self)
+        """The Responses API and its in-memory store (`backends.mock_vllm.responses`)."""
         """Waits before the first token (latency_s + prefill); tests may swap in a recording fake."""
         self._get_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             "/health": self._health,
@@ -455,6 +460,7 @@ class MockVLLM:
             "/v2/rerank": self._rerank,
             "/score": self._score,
             "/v1/score": self._score,
+            "/v1/responses": self.responses.create,
             "/tokenize": self._tokenize,
             "/detokenize": self._detokenize,
         }
@@ -473,6 +479,7 @@ class MockVLLM:
             setattr(self.config, key, value)
         self.stats.reset()
         self.prefix_cache.clear()
+        self.responses.reset()
 
     # -- ASGI entry point ----------------------------------------------------------------------
 
@@ -506,6 +513,9 @@ class MockVLLM:
             if handler is not None:
                 await handler(scope, receive, send)
                 return
+        if path.startswith("/v1/responses/"):
+            await self.responses.serve_stored(scope, receive, send, path)
+            return
         if path in self._get_routes or path in self._work_routes or path in self._control_routes:
             await _send_json(send, 405, b'{"detail":"Method Not Allowed"}')
         else:

@@ -298,6 +298,81 @@ def score_pairs(engine: Engine, http: httpx.Client) -> Observation:
     return _json_obs(http.post(f"{url}/v1/score", json=body))
 
 
+# --- the Responses API (stored responses need VLLM_ENABLE_RESPONSES_API_STORE=1, as scripts/real_backend.sh sets) ---
+
+
+def _responses(engine: Engine, *, text: str = CAPITAL, **extra: Any) -> dict[str, Any]:
+    return {"model": engine.model, "input": text, "temperature": 0, **extra}
+
+
+def _response_values(body: dict[str, Any]) -> dict[str, Any]:
+    if "error" in body:
+        return _error_values(body)
+    return {"status": body.get("status"), "incomplete_details": body.get("incomplete_details")}
+
+
+def _event_types(events: list[Any]) -> list[str]:
+    """The stream's event types, consecutive repeats collapsed (the number of deltas is the model's business)."""
+    types: list[str] = []
+    for event in events:
+        kind = event.get("type") if isinstance(event, dict) else str(event)
+        if not types or types[-1] != kind:
+            types.append(str(kind))
+    return types
+
+
+def responses_stop(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /v1/responses that ends by itself: status "completed", one output message."""
+    body = _responses(engine, max_output_tokens=50)
+    return _json_obs(http.post(f"{engine.url}/v1/responses", json=body), _response_values)
+
+
+def responses_length(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /v1/responses cut by max_output_tokens: status "incomplete", reason max_output_tokens."""
+    body = _responses(engine, text=STORY, max_output_tokens=CUT)
+    return _json_obs(http.post(f"{engine.url}/v1/responses", json=body), _response_values)
+
+
+def responses_stream(engine: Engine, http: httpx.Client) -> Observation:
+    """Streamed /v1/responses: typed events (`event:` lines), created ... deltas ... completed, no [DONE]."""
+    body = _responses(engine, text=STORY, max_output_tokens=CUT, stream=True)
+    with http.stream("POST", f"{engine.url}/v1/responses", json=body) as response:
+        response.read()
+    if _media(response) != "text/event-stream":
+        return _json_obs(response, _error_values)
+    events = parse_sse(response.text)
+    named = [line[len("event: ") :] for line in response.text.splitlines() if line.startswith("event: ")]
+    return Observation(
+        status=response.status_code,
+        media_type="text/event-stream",
+        shape=stream_shape(events),
+        values={"types": _event_types(events), "event_lines_match": named == [e.get("type") for e in events]},
+        raw=events,
+    )
+
+
+def responses_retrieve(engine: Engine, http: httpx.Client) -> Observation:
+    """GET /v1/responses/{id} of a stored response: the same object again."""
+    created = http.post(f"{engine.url}/v1/responses", json=_responses(engine, max_output_tokens=50)).json()
+    return _json_obs(http.get(f"{engine.url}/v1/responses/{created.get('id')}"), _response_values)
+
+
+def error_responses_unknown_id(engine: Engine, http: httpx.Client) -> Observation:
+    """GET /v1/responses/{id} of no stored response: 404."""
+    return _json_obs(http.get(f"{engine.url}/v1/responses/resp_{'0' * 32}"), _error_values)
+
+
+def error_responses_cancel_sync(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /v1/responses/{id}/cancel of a response that was not a background one: 400."""
+    created = http.post(f"{engine.url}/v1/responses", json=_responses(engine, max_output_tokens=5)).json()
+    return _json_obs(http.post(f"{engine.url}/v1/responses/{created.get('id')}/cancel"), _error_values)
+
+
+def error_responses_missing_input(engine: Engine, http: httpx.Client) -> Observation:
+    """POST /v1/responses without input: 400 (request validation)."""
+    return _json_obs(http.post(f"{engine.url}/v1/responses", json={"model": engine.model}), _error_values)
+
+
 # --- errors: the same bad input must give the same status and error object ----------------------------------
 
 
@@ -431,6 +506,13 @@ CASES: dict[str, Callable[[Engine, httpx.Client], Observation]] = {
         rerank_top_n,
         score,
         score_pairs,
+        responses_stop,
+        responses_length,
+        responses_stream,
+        responses_retrieve,
+        error_responses_unknown_id,
+        error_responses_cancel_sync,
+        error_responses_missing_input,
         error_unknown_model,
         error_max_tokens_negative,
         error_max_tokens_over_context,

@@ -190,3 +190,41 @@ def test_score_gives_one_score_per_pair(engine: Engine, http: httpx.Client) -> N
     pairs = observe("score_pairs", engine, http).raw["data"]
     assert [d["index"] for d in pairs] == [0, 1]
     assert pairs[0]["score"] < pairs[1]["score"] == pytest.approx(1.0, abs=1e-3)
+
+
+# --- the Responses API ----------------------------------------------------------------------------------------
+
+
+def _response_usage_ok(usage: dict[str, Any]) -> None:
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"], f"usage arithmetic: {usage}"
+
+
+def test_responses_usage_adds_up_and_the_cut_is_max_output_tokens(engine: Engine, http: httpx.Client) -> None:
+    # given a response that stops by itself and one cut by max_output_tokens
+    stop = observe("responses_stop", engine, http).raw
+    cut = observe("responses_length", engine, http).raw
+    # then both report usage the Responses way, and the cut one generated exactly max_output_tokens
+    for body in (stop, cut):
+        _response_usage_ok(body["usage"])
+        assert body["object"] == "response" and body["model"] == engine.model
+    assert stop["status"] == "completed" and stop["output"][0]["content"][0]["text"]
+    assert cut["status"] == "incomplete" and cut["usage"]["output_tokens"] == CUT
+
+
+def test_responses_stream_deltas_make_the_completed_text(engine: Engine, http: httpx.Client) -> None:
+    # given a streamed response, then its deltas add up to the text of response.completed, which carries usage,
+    # and sequence numbers count up from 0
+    events = observe("responses_stream", engine, http).raw
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    completed = events[-1]["response"]
+    assert completed["output"][0]["content"][0]["text"] == deltas
+    _response_usage_ok(completed["usage"])
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert len({e["response"]["id"] for e in events if "response" in e}) == 1
+
+
+def test_responses_retrieve_returns_the_stored_object(engine: Engine, http: httpx.Client) -> None:
+    # given a stored response, then a retrieval answers it again (vLLM: VLLM_ENABLE_RESPONSES_API_STORE=1)
+    body = observe("responses_retrieve", engine, http).raw
+    assert body["object"] == "response" and body["status"] == "completed"
+    _response_usage_ok(body["usage"])
