@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from governance.auth import MasterKeyAuthentication
+from routing.responses import ResponsesRequestSerializer
 from routing.serializers import (
     ChatCompletionRequestSerializer,
     CompletionRequestSerializer,
@@ -87,6 +88,11 @@ FIELD_EXTENSIONS = [
         "routing.serializers.ScoreInputsField",
         {"oneOf": [_SCORE_TEXT, {"type": "array", "items": _SCORE_TEXT}]},
     ),
+    _field_extension(
+        "routing.responses.ResponseInputField",
+        {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "additionalProperties": {}}}]},
+    ),
+    _field_extension("routing.responses.MetadataField", {"type": "object", "additionalProperties": {"type": "string"}}),
 ]
 
 # --- the gateway's endpoints, for the schema only -------------------------------------------------------------
@@ -241,6 +247,11 @@ GATEWAY_ENDPOINTS: list[tuple[str, str, Callable[..., Any]]] = [
         "/detokenize",
         "POST",
         _completion_doc(DetokenizeRequestSerializer, "detokenize", "Token ids back to text", False).as_view(),
+    ),
+    (
+        "/v1/responses",
+        "POST",
+        _completion_doc(ResponsesRequestSerializer, "responses_create", "Create a response", True).as_view(),
     ),
     ("/v1/models", "GET", ModelsDoc.as_view()),
     ("/metrics", "GET", MetricsDoc.as_view()),

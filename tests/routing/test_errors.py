@@ -274,7 +274,7 @@ async def test_unknown_model_on_models_endpoint_is_404(gateway_client: Client) -
     assert_openai_error(response, 404, type="invalid_request_error", param="model", code="model_not_found")
 
 
-@pytest.mark.parametrize("path", ["/v1/nope", "/v1", "/v1/chat", "/v1/chat/completions/extra", "/v1/responses"])
+@pytest.mark.parametrize("path", ["/v1/nope", "/v1", "/v1/chat", "/v1/chat/completions/extra", "/v1/responsez"])
 async def test_unknown_v1_path_is_404(gateway_client: Client, path: str) -> None:
     """Unknown /v1 URLs answer an OpenAI-shaped 404 (with or without a key)."""
     client, _ = gateway_client
