@@ -55,21 +55,27 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _float(value: Any, default: float) -> float:
+    """A sampling parameter as vLLM echoes it: from its SamplingParams, always a float."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
+    # vLLM 0.32 leaves the per-turn lists empty for a plain (single-turn, no tool) generation.
     return {
         "input_tokens": prompt,
         "input_tokens_details": {
             "cached_tokens": 0,
             "cache_write_tokens": 0,
-            "input_tokens_per_turn": [prompt],
-            "cached_tokens_per_turn": [0],
+            "input_tokens_per_turn": [],
+            "cached_tokens_per_turn": [],
         },
         "output_tokens": completion,
         "output_tokens_details": {
             "reasoning_tokens": 0,
             "tool_output_tokens": 0,
-            "output_tokens_per_turn": [completion],
-            "tool_output_tokens_per_turn": [0],
+            "output_tokens_per_turn": [],
+            "tool_output_tokens_per_turn": [],
         },
         "total_tokens": prompt + completion,
     }
@@ -208,10 +214,10 @@ class MockResponses:
             "object": "response",
             "output": [],
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "temperature": body.get("temperature") if body.get("temperature") is not None else 1.0,
+            "temperature": _float(body.get("temperature"), 1.0),
             "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools") or [],
-            "top_p": body.get("top_p") if body.get("top_p") is not None else 1.0,
+            "top_p": _float(body.get("top_p"), 1.0),
             "background": bool(body.get("background")),
             "max_output_tokens": max_tokens,
             "max_tool_calls": body.get("max_tool_calls"),
@@ -225,8 +231,8 @@ class MockResponses:
             "truncation": body.get("truncation", "disabled"),
             "usage": None,
             "user": body.get("user"),
-            "presence_penalty": body.get("presence_penalty", 0.0),
-            "frequency_penalty": body.get("frequency_penalty", 0.0),
+            "presence_penalty": _float(body.get("presence_penalty"), 0.0),
+            "frequency_penalty": _float(body.get("frequency_penalty"), 0.0),
             "kv_transfer_params": None,
             "ec_transfer_params": None,
             "input_messages": None,
