@@ -223,6 +223,11 @@ def stored_backend(
 # --- request validation ---------------------------------------------------------------------------------------
 
 
+def _item_error(index: int, field: str, message: str) -> Any:
+    """A list item's error, keyed by its index (the parameter is then named `input[<index>].<field>`)."""
+    return {index: {field: message}}
+
+
 class ResponseInputField(serializers.Field):
     """`input`: a string, or a list of input items (objects; message items are checked, others left to vLLM)."""
 
@@ -238,15 +243,19 @@ class ResponseInputField(serializers.Field):
         for index, item in enumerate(data):
             kind = item.get("type", "message")
             if not isinstance(kind, str):
-                raise serializers.ValidationError({index: {"type": "Must be a string."}})
+                raise serializers.ValidationError(_item_error(index, "type", "Must be a string."))
             if kind != "message":
                 continue  # function_call_output, reasoning, ...: vLLM checks them
             if item.get("role") not in _INPUT_ROLES:
-                raise serializers.ValidationError({index: {"role": f"Must be one of {', '.join(_INPUT_ROLES)}."}})
+                raise serializers.ValidationError(
+                    _item_error(index, "role", f"Must be one of {', '.join(_INPUT_ROLES)}.")
+                )
             content = item.get("content")
             parts = isinstance(content, list) and all(isinstance(part, dict) for part in content)
             if not (isinstance(content, str) or parts):
-                raise serializers.ValidationError({index: {"content": "Must be a string or a list of content parts."}})
+                raise serializers.ValidationError(
+                    _item_error(index, "content", "Must be a string or a list of content parts.")
+                )
         return data
 
     def to_representation(self, value: Any) -> Any:

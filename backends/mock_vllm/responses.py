@@ -47,7 +47,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     out = []
-    for item in value:
+    for item in value or ():
         if item.get("type", "message") == "message" and item.get("role") in _ROLES:
             out.append({"role": item["role"], "content": _text_of(item.get("content"))})
         elif item.get("type") == "function_call_output":
@@ -172,7 +172,8 @@ class MockResponses:
         prompt_tokens = _count(messages)
         room = app._check_length(prompt_tokens)
         plan = app._plan(chat_prompt_text(messages), body, max_tokens, room)
-        rid = body.get("request_id") if isinstance(body.get("request_id"), str) else "resp_" + _uuid()
+        given = body.get("request_id")
+        rid: str = given if isinstance(given, str) else "resp_" + _uuid()
         response = self._object(rid, body, model, max_tokens if max_tokens is not None else room)
         generation = _Generation(response, plan.pieces, prompt_tokens, plan.finish_reason)
         app._account(prompt_tokens, len(plan.pieces))

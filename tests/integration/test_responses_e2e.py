@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+from openai.types.responses import ResponseCompletedEvent, ResponseCreatedEvent, ResponseTextDeltaEvent
 
 from tests.conftest import MASTER_KEY
 from tests.integration.conftest import E2ERegistry, LatencyLog
@@ -43,10 +44,13 @@ def test_responses_streamed_events(client: openai.OpenAI, e2e_registry: E2ERegis
             events.append(event)
     types = [e.type for e in events]
     assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.completed"
-    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")  # type: ignore[union-attr]
-    final = events[-1].response  # type: ignore[union-attr]
+    text = "".join(e.delta for e in events if isinstance(e, ResponseTextDeltaEvent))
+    completed = events[-1]
+    assert isinstance(completed, ResponseCompletedEvent)
+    final = completed.response
     assert "Paris" in text and final.output_text == text
-    assert {e.response.model for e in events if hasattr(e, "response")} == {e2e_registry.model}  # type: ignore[union-attr]
+    models = {e.response.model for e in events if isinstance(e, ResponseCreatedEvent | ResponseCompletedEvent)}
+    assert models == {e2e_registry.model}
     assert final.usage is not None and final.usage.output_tokens > 0
 
 

@@ -96,7 +96,7 @@ def test_sdk_responses_across_two_processes_and_two_backends(backends: tuple[Moc
         assert wrong_kind.value.code == "model_not_supported"
         with pytest.raises(openai.BadRequestError) as bad_input:
             first.responses.create(model="chat-model", input="hi", max_output_tokens=0)
-        assert bad_input.value.param == "max_output_tokens"  # type: ignore[attr-defined]
+        assert bad_input.value.param == "max_output_tokens"
 
         # and when the backend holding the response is disabled, both processes say it is gone
         row = Backend.objects.get(pk=rows[backends.index(holder)].pk)
