@@ -8,13 +8,14 @@ REQ_HASH := $(shell cat requirements.txt requirements-dev.txt 2>/dev/null | sha1
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-postgres lint typecheck format check e2e real-backend-start real-backend-stop bench bench-quick bench-scaling bench-prefix clean
+.PHONY: help venv run test test-postgres lint typecheck format check e2e real-backend-start real-backend-stop bench bench-quick bench-scaling bench-prefix clean browser docs-screenshots
 
 help:
 	@echo "make run        start web + worker + beat + demo backend (http://127.0.0.1:$${PORT:-8000})"
 	@echo "make test       the fast mock suite (no network, no real backend)"
 	@echo "make e2e        start a real CPU vLLM pool, run the E2E suite through the platform, stop it"
 	@echo "make lint       ruff, Django checks, import layers and mypy (docs/architecture.md)"
+	@echo "make browser    the admin in Debian's Chromium through Playwright (docs/operations.md)"
 	@echo "make typecheck  mypy with django-stubs and djangorestframework-stubs"
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -31,6 +32,17 @@ run: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The admin in Debian's Chromium (Playwright): installs Chromium when missing (root), then runs the browser tests
+# (they are in `make test` too, skipped there when Chromium is missing).
+browser: venv
+	bash scripts/ensure_chromium.sh
+	BROWSER_TESTS_REQUIRED=1 $(PY) -m pytest -m browser $(PYTEST_ARGS)
+
+# Retake the screenshots docs/operations.md shows (docs/img/) with the browser test.
+docs-screenshots: venv
+	bash scripts/ensure_chromium.sh
+	DOCS_SCREENSHOTS=1 BROWSER_TESTS_REQUIRED=1 $(PY) -m pytest -m browser $(PYTEST_ARGS)
 
 test-postgres: venv
 	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test} $(PY) -m pytest $(PYTEST_ARGS)

@@ -222,3 +222,12 @@ CHECKS_ERROR_PREFIX = "Checks failed"
 def checks_hold_degraded(*, status: str, last_error: str) -> bool:
     """Whether a backend's status is the degradation written by failed checks (which a passing run lifts)."""
     return status == HealthStatus.DEGRADED and (last_error or "").startswith(CHECKS_ERROR_PREFIX)
+
+
+def pools_with_backends() -> list[tuple[GpuPool, list[Backend]]]:
+    """Every pool (by name) with its backends (by name): two queries."""
+    pools = list(GpuPool.objects.order_by("name"))
+    by_pool: dict[int, list[Backend]] = {pool.pk: [] for pool in pools}
+    for backend in Backend.objects.order_by("name"):
+        by_pool.setdefault(backend.pool_id, []).append(backend)
+    return [(pool, by_pool[pool.pk]) for pool in pools]

@@ -7,16 +7,19 @@ from typing import Any
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
 from core.admin_ui import badge
 from governance import admin_keys  # noqa: F401
 from governance.charts import GREEN, RED, hbars_svg, lines_svg, stacked_bars_svg
-from governance.models import UsageHourly, UsageRecord
+from governance.models import UsageBackendBucket, UsageHourly, UsageRecord
+from governance.selectors import trace_url
 from governance.usage import UsageRow, usage_report, usage_totals
 
 WINDOWS: dict[str, tuple[str, str, int]] = {  # name: (label, period, number of periods)
@@ -45,33 +48,146 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class StatusClassFilter(admin.SimpleListFilter):
+    """Records by outcome: success, client errors, rate limited, client gone, server errors."""
+
+    title = "outcome"
+    parameter_name = "outcome"
+    CLASSES: dict[str, tuple[str, Q]] = {
+        "2xx": ("2xx success", Q(status__lt=300)),
+        "4xx": ("4xx client error", Q(status__gte=400, status__lt=499) & ~Q(status=429)),
+        "429": ("429 rate limited / busy", Q(status=429)),
+        "499": ("499 client went away", Q(status=499)),
+        "5xx": ("5xx server error", Q(status__gte=500)),
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [(value, label) for value, (label, _) in self.CLASSES.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+        chosen = self.CLASSES.get(self.value() or "")
+        return queryset.filter(chosen[1]) if chosen else queryset
+
+
+class RetriedFilter(admin.SimpleListFilter):
+    """Records whose request was retried on another backend (or not)."""
+
+    title = "retried"
+    parameter_name = "retried"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", "Retried"), ("no", "Not retried")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+        if self.value() == "yes":
+            return queryset.filter(attempts__gt=1)
+        if self.value() == "no":
+            return queryset.filter(attempts__lte=1)
+        return queryset
+
+
+class TracedFilter(admin.SimpleListFilter):
+    """Records that carry a trace id (tracing was on and the request sampled)."""
+
+    title = "traced"
+    parameter_name = "traced"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", "With a trace"), ("no", "Without")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+        if self.value() == "yes":
+            return queryset.exclude(trace_id__isnull=True).exclude(trace_id="")
+        if self.value() == "no":
+            return queryset.filter(Q(trace_id__isnull=True) | Q(trace_id=""))
+        return queryset
+
+
+def trace_link(trace_id: str | None, *, short: bool = False) -> str:
+    """The trace id (its first 8 digits when `short`, the whole one on hover), linked to the tracing UI when
+    ROUTER_TRACE_LINK_TEMPLATE is set."""
+    if not trace_id:
+        return "—"
+    text = f"{trace_id[:8]}…" if short else trace_id
+    url = trace_url(trace_id)
+    if url is None:
+        return format_html('<code class="trace-id" title="{}">{}</code>', trace_id, text)
+    return format_html(
+        '<a class="trace-link" href="{}" title="{}" target="_blank" rel="noopener noreferrer"><code>{}</code> ↗</a>',
+        url,
+        trace_id,
+        text,
+    )
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
-    """One row per /v1 request, written in batches by the web processes."""
+    """The request log: one row per /v1 request, written in batches by the web processes.
+
+    Search: a request id or trace id (exact, fast), a key name, a model or a backend (contains), or a status code.
+    """
 
     change_list_template = "admin/governance/usage_change_list.html"
     list_display = (
-        "created_at",
+        "created",
+        "request_id",
         "principal",
-        "endpoint",
         "model",
         "backend",
         "status_display",
-        "stream",
-        "prompt_tokens",
-        "completion_tokens",
+        "tokens",
         "latency",
         "ttft",
+        "queue_wait",
+        "attempts",
+        "trace_short",
     )
-    list_filter = ("principal", "model", "status", "stream", "endpoint")
-    search_fields = ("request_id", "principal", "model", "backend")
+    list_display_links = ("created", "request_id")
+    list_filter = (
+        StatusClassFilter,
+        "status",
+        RetriedFilter,
+        TracedFilter,
+        "stream",
+        "endpoint",
+        "principal",
+        "model",
+        "backend",
+    )
+    search_fields = ("=request_id", "=trace_id", "principal", "model", "backend")
+    search_help_text = "A request id or trace id (exact), a key name, model or backend, or a status code (e.g. 502)."
     date_hierarchy = "created_at"
     show_full_result_count = False
     list_per_page = 100
+    fieldsets = (
+        (None, {"fields": ("created_at", "request_id", "trace", "principal", "key", "endpoint", "model", "backend")}),
+        ("Outcome", {"fields": ("status_display", "stream", "prompt_tokens", "completion_tokens")}),
+        ("Timing", {"fields": ("latency", "ttft", "queue_wait")}),
+        ("Retries", {"fields": ("attempts", "retries")}),
+    )
+    readonly_fields = ("status_display", "trace", "latency", "ttft", "queue_wait", "retries")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[UsageRecord], search_term: str
+    ) -> tuple[QuerySet[UsageRecord], bool]:
+        """The text fields, plus the status when the term is a three-digit code."""
+        term = search_term.strip()
+        results, may_have_duplicates = super().get_search_results(request, queryset, term)
+        if len(term) == 3 and term.isdigit():
+            results = results | queryset.filter(status=int(term))
+        return results, may_have_duplicates
 
     @admin.display(description="status", ordering="status")
     def status_display(self, obj: UsageRecord) -> str:
         return status_badge(obj.status)
+
+    @admin.display(description="finished (UTC)", ordering="created_at")
+    def created(self, obj: UsageRecord) -> str:
+        return obj.created_at.astimezone(UTC).strftime("%m-%d %H:%M:%S")
+
+    @admin.display(description="tokens (in / out)")
+    def tokens(self, obj: UsageRecord) -> str:
+        return f"{obj.prompt_tokens} / {obj.completion_tokens}"
 
     @admin.display(description="latency", ordering="latency_ms")
     def latency(self, obj: UsageRecord) -> str:
@@ -80,6 +196,38 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="TTFT", ordering="ttft_ms")
     def ttft(self, obj: UsageRecord) -> str:
         return "—" if obj.ttft_ms is None else f"{obj.ttft_ms:.0f} ms"
+
+    @admin.display(description="queue wait", ordering="queue_wait_ms")
+    def queue_wait(self, obj: UsageRecord) -> str:
+        return "—" if obj.queue_wait_ms is None else f"{obj.queue_wait_ms:.0f} ms"
+
+    @admin.display(description="trace")
+    def trace(self, obj: UsageRecord) -> str:
+        return trace_link(obj.trace_id)
+
+    @admin.display(description="trace")
+    def trace_short(self, obj: UsageRecord) -> str:
+        return trace_link(obj.trace_id, short=True)
+
+    @admin.display(description="retry history")
+    def retries(self, obj: UsageRecord) -> str:
+        history = [item for item in obj.retry_history or [] if isinstance(item, list) and len(item) == 2]
+        if not history:
+            return "—"
+        return format_html(
+            '<ol class="retry-history">{}</ol>',
+            format_html_join("", "<li><b>{}</b>: {}</li>", ((b, r.replace("_", " ")) for b, r in history)),
+        )
+
+
+@admin.register(UsageBackendBucket)
+class UsageBackendBucketAdmin(ReadOnlyAdmin):
+    """Per-backend traffic in 5-minute buckets, summed by the usage writer; what the operations dashboard reads."""
+
+    list_display = ("bucket", "backend", "requests", "errors", "client_errors", "failed_attempts", "ttft_count")
+    list_filter = ("backend",)
+    date_hierarchy = "bucket"
+    show_full_result_count = False
 
 
 @admin.register(UsageHourly)

@@ -80,17 +80,30 @@ def stacked_bars_svg(labels: Sequence[str], series: Sequence[Series], title: str
     return _svg(parts, title)
 
 
-def lines_svg(labels: Sequence[str], series: Sequence[Series], title: str) -> str:
-    """One line per series over the labels (e.g. prompt and completion tokens per hour)."""
-    top = _nice_max(max((v for _, _, values in series for v in values), default=0.0))
+GappedSeries = tuple[str, str, Sequence[float | None]]  # a None value: nothing measured (a gap in the line)
+
+
+def lines_svg(labels: Sequence[str], series: Sequence[Series] | Sequence[GappedSeries], title: str) -> str:
+    """One line per series over the labels (e.g. prompt and completion tokens per hour); a None value leaves a gap
+    (e.g. an hour without streams has no time to first token, which is not 0)."""
+    top = _nice_max(max((v for _, _, values in series for v in values if v is not None), default=0.0))
     parts = _frame(title, _ticks(top), top)
     xs, _ = _x_positions(len(labels))
     for name, colour, values in series:
         if not values:
             continue
-        path = " ".join(f"{x:.1f},{_y(v, top):.1f}" for x, v in zip(xs, values, strict=True))
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        segments: list[list[str]] = [[]]
+        for x, v in zip(xs, values, strict=True):
+            if v is None:
+                segments.append([])
+            else:
+                segments[-1].append(f"{x:.1f},{_y(v, top):.1f}")
+        for points in segments:
+            if len(points) > 1:
+                parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="{colour}" stroke-width="2"/>')
         for x, label, value in zip(xs, labels, values, strict=True):
+            if value is None:
+                continue
             parts.append(
                 f'<circle cx="{x:.1f}" cy="{_y(value, top):.1f}" r="2.5" fill="{colour}">'
                 f"<title>{escape(f'{label}: {name} {value:g}')}</title></circle>"

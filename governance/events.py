@@ -27,6 +27,10 @@ class UsageEvent:
     ttft_ms: float | None
     stream: bool
     code: str | None = None  # the error code of a failed request (e.g. rate_limit_exceeded)
+    trace_id: str | None = None  # the request's OpenTelemetry trace id (32 hex digits) when tracing is on
+    queue_wait_ms: float | None = None  # time waited for a backend slot (None: never dispatched)
+    attempts: int = 0  # backends tried (1 without retry; 0: never dispatched)
+    failures: tuple[tuple[str, str], ...] = ()  # (backend, reason) of each failed attempt, in order
 
 
 class UsageSink(Protocol):

@@ -103,8 +103,18 @@ class UsageRecord(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField()
-    ttft_ms = models.FloatField(null=True, blank=True)
+    ttft_ms = models.FloatField(null=True, blank=True, help_text="Time to first token (streams), ms.")
     stream = models.BooleanField(default=False)
+    trace_id = models.CharField(
+        max_length=32, null=True, blank=True, help_text="OpenTelemetry trace id (32 hex digits) when tracing is on."
+    )
+    queue_wait_ms = models.FloatField(
+        null=True, blank=True, help_text="Time waited for a free backend slot, ms (empty: never dispatched)."
+    )
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="Backends tried (1: no retry).")
+    retry_history = models.JSONField(
+        default=list, blank=True, help_text="[backend, reason] of each failed attempt, in order."
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -144,3 +154,56 @@ class UsageHourly(models.Model):
     def mean_latency_ms(self) -> float | None:
         """Average latency over the hour."""
         return self.latency_ms_sum / self.requests if self.requests else None
+
+
+TTFT_BOUNDS_MS = (50, 100, 200, 350, 500, 750, 1000, 1500, 2500, 5000, 10000)
+"""Upper bounds of the time-to-first-token histogram buckets of `UsageBackendBucket` (one more: above the last)."""
+TTFT_COLUMNS = tuple(f"ttft_h{i}" for i in range(len(TTFT_BOUNDS_MS) + 1))
+BUCKET_SECONDS = 300
+"""Width of a `UsageBackendBucket` (5 minutes)."""
+
+
+class UsageBackendBucket(models.Model):
+    """Traffic of one backend in one 5-minute bucket, added to by the usage writer at every flush (off the request
+    path); what the operations dashboard reads instead of the records. Time to first token is kept as a bounded
+    histogram (`TTFT_BOUNDS_MS`), from which percentiles are interpolated. Requests that reached no backend are
+    counted under the backend "". Rows older than USAGE_BACKEND_RETENTION_D are pruned by the rollup task."""
+
+    bucket = models.DateTimeField(help_text="Start of the 5-minute bucket (UTC).")
+    backend = models.CharField(max_length=100, blank=True)
+    requests = models.PositiveIntegerField(default=0, help_text="Requests answered through this backend.")
+    errors = models.PositiveIntegerField(default=0, help_text="Of which ended with a 5xx.")
+    client_errors = models.PositiveIntegerField(default=0, help_text="Of which ended with a 4xx.")
+    failed_attempts = models.PositiveIntegerField(default=0, help_text="Attempts on it that failed and were retried.")
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0.0)
+    queue_wait_ms_sum = models.FloatField(default=0.0)
+    ttft_count = models.PositiveIntegerField(default=0)
+    ttft_ms_sum = models.FloatField(default=0.0)
+    ttft_h0 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 50 ms.")
+    ttft_h1 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 100 ms.")
+    ttft_h2 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 200 ms.")
+    ttft_h3 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 350 ms.")
+    ttft_h4 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 500 ms.")
+    ttft_h5 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 750 ms.")
+    ttft_h6 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 1000 ms.")
+    ttft_h7 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 1500 ms.")
+    ttft_h8 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 2500 ms.")
+    ttft_h9 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 5000 ms.")
+    ttft_h10 = models.PositiveIntegerField(default=0, help_text="TTFT ≤ 10000 ms.")
+    ttft_h11 = models.PositiveIntegerField(default=0, help_text="TTFT > 10000 ms.")
+
+    class Meta:
+        ordering = ["-bucket", "backend"]
+        verbose_name = "backend traffic (5 min)"
+        verbose_name_plural = "backend traffic (5 min)"
+        constraints = [models.UniqueConstraint(fields=["bucket", "backend"], name="unique_usage_bucket_backend")]
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d %H:%M} {self.backend or '(no backend)'}"
+
+    @property
+    def ttft_histogram(self) -> list[int]:
+        """Counts per `TTFT_BOUNDS_MS` bucket, the overflow last."""
+        return [getattr(self, name) for name in TTFT_COLUMNS]

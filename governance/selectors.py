@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from django.conf import settings
+
 from governance.models import ApiKey, KeyRegistryState
 from governance.priority import Priority
 from governance.snapshot import KeySnap, KeySnapshot
@@ -40,3 +42,14 @@ def _priority(value: str) -> Priority:
         return Priority(value)
     except ValueError:
         return Priority.STANDARD
+
+
+def trace_url(trace_id: str | None) -> str | None:
+    """The link to a trace in the operators' tracing UI (ROUTER_TRACE_LINK_TEMPLATE with `{trace_id}` replaced),
+    or None without a template or a well-formed trace id (32 hex digits, so nothing else reaches the URL)."""
+    template = settings.ROUTER_TRACE_LINK_TEMPLATE
+    if not template or not trace_id or len(trace_id) != 32:
+        return None
+    if any(c not in "0123456789abcdef" for c in trace_id):
+        return None
+    return template.replace("{trace_id}", trace_id)

@@ -17,8 +17,8 @@ import logging
 import time
 from asyncio.events import _get_running_loop
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -37,7 +37,15 @@ from governance.metrics import (
     RequestMetrics,
     register_live,
 )
-from governance.models import ApiKey, UsageHourly, UsageRecord
+from governance.models import (
+    BUCKET_SECONDS,
+    TTFT_BOUNDS_MS,
+    TTFT_COLUMNS,
+    ApiKey,
+    UsageBackendBucket,
+    UsageHourly,
+    UsageRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +227,29 @@ _COLUMNS = (
     "latency_ms",
     "ttft_ms",
     "stream",
+    "trace_id",
+    "queue_wait_ms",
+    "attempts",
+    "retry_history",
 )
+_JSON_COLUMN = _COLUMNS.index("retry_history")
+
+
+def _trace_id(value: Any) -> str | None:
+    """A W3C trace id as stored: 32 lowercase hex digits, else nothing."""
+    if not isinstance(value, str) or len(value) != 32:
+        return None
+    value = value.lower()
+    return value if all(c in "0123456789abcdef" for c in value) and value != "0" * 32 else None
+
+
+def _history(failures: Any) -> list[list[str]]:
+    """A retry history as stored: at most 10 [backend, reason] pairs of bounded strings."""
+    out: list[list[str]] = []
+    for item in list(failures or ())[:10]:
+        if isinstance(item, tuple | list) and len(item) == 2:
+            out.append([str(item[0])[:100], str(item[1])[:40]])
+    return out
 
 
 def _values(created: float, event: UsageEvent, known_keys: set[int]) -> tuple[Any, ...]:
@@ -238,12 +268,117 @@ def _values(created: float, event: UsageEvent, known_keys: set[int]) -> tuple[An
         float(event.latency_ms),
         float(event.ttft_ms) if event.ttft_ms is not None else None,
         bool(event.stream),
+        _trace_id(event.trace_id),
+        float(event.queue_wait_ms) if event.queue_wait_ms is not None else None,
+        min(max(int(event.attempts), 0), 32767),
+        _history(event.failures),
     )
 
 
-def _insert(rows: Sequence[tuple[Any, ...]]) -> None:
+# --- per-backend 5-minute buckets (the operations dashboard) ------------------------------------------------------
+
+_BUCKET_SUMS = (
+    "requests",
+    "errors",
+    "client_errors",
+    "failed_attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms_sum",
+    "queue_wait_ms_sum",
+    "ttft_count",
+    "ttft_ms_sum",
+    *TTFT_COLUMNS,
+)
+_TTFT_OFFSET = _BUCKET_SUMS.index(TTFT_COLUMNS[0])
+
+
+def ttft_bucket_index(ttft_ms: float) -> int:
+    """The histogram bucket of a time to first token (the last one holds everything above the last bound)."""
+    for index, bound in enumerate(TTFT_BOUNDS_MS):
+        if ttft_ms <= bound:
+            return index
+    return len(TTFT_BOUNDS_MS)
+
+
+def usage_backend_buckets(entries: Sequence[Entry]) -> dict[tuple[int, str], list[float]]:
+    """Sum events per (5-minute bucket start in epoch seconds, backend) into `_BUCKET_SUMS` order.
+
+    A request counts on the backend that answered it ("" when none did); each failed attempt counts on the
+    backend that failed it, so a backend whose failures were retried away shows them too.
+    """
+    sums: dict[tuple[int, str], list[float]] = {}
+    width = len(_BUCKET_SUMS)
+    for created, event in entries:
+        start = int(created // BUCKET_SECONDS) * BUCKET_SECONDS
+        backend = str(event.backend)[:100]
+        row = sums.get((start, backend))
+        if row is None:
+            row = sums[(start, backend)] = [0.0] * width
+        status = int(event.status)
+        row[0] += 1
+        if status >= 500:
+            row[1] += 1
+        elif 400 <= status < 499:
+            row[2] += 1
+        row[4] += _count(event.prompt_tokens)
+        row[5] += _count(event.completion_tokens)
+        row[6] += float(event.latency_ms)
+        row[7] += float(event.queue_wait_ms or 0.0)
+        if event.ttft_ms is not None:
+            row[8] += 1
+            row[9] += float(event.ttft_ms)
+            row[_TTFT_OFFSET + ttft_bucket_index(float(event.ttft_ms))] += 1
+        if event.failures:
+            for failed_backend, _reason in _history(event.failures):
+                other = sums.get((start, failed_backend))
+                if other is None:
+                    other = sums[(start, failed_backend)] = [0.0] * width
+                other[3] += 1
+    return sums
+
+
+def _upsert_buckets(sums: dict[tuple[int, str], list[float]]) -> None:
+    """Add bucket sums to the stored rows (one INSERT ... ON CONFLICT DO UPDATE, PostgreSQL and SQLite alike), so
+    that several web processes can add to the same bucket concurrently."""
+    if not sums:
+        return
+    from django.db import connection
+
+    meta = UsageBackendBucket._meta
+    quote = connection.ops.quote_name
+    table = quote(meta.db_table)
+    names = ("bucket", "backend", *_BUCKET_SUMS)
+    columns = ", ".join(quote(name) for name in names)
+    updates = ", ".join(f"{quote(n)} = {table}.{quote(n)} + EXCLUDED.{quote(n)}" for n in _BUCKET_SUMS)
+    sql = (
+        f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(names))}) "
+        f"ON CONFLICT ({quote('bucket')}, {quote('backend')}) DO UPDATE SET {updates}"
+    )
+    adapt = connection.ops.adapt_datetimefield_value
+    floats = {"latency_ms_sum", "queue_wait_ms_sum", "ttft_ms_sum"}
+    params = [
+        (
+            adapt(datetime.fromtimestamp(start, tz=UTC)),
+            backend,
+            *(value if name in floats else int(value) for name, value in zip(_BUCKET_SUMS, values, strict=True)),
+        )
+        for (start, backend), values in sorted(sums.items())  # one order for every writer: no deadlock
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
+def usage_backend_buckets_prune(*, before: datetime) -> int:
+    """Delete the backend buckets older than `before`; return how many."""
+    deleted, _ = UsageBackendBucket.objects.filter(bucket__lt=before).delete()
+    return deleted
+
+
+def _insert(rows: Sequence[tuple[Any, ...]], entries: Sequence[Entry]) -> None:
     """One multi-row INSERT through the cursor (executemany): about 10x less CPU than `bulk_create`'s model
-    instances and compiler, which matters because the writer thread shares the GIL with the event loop."""
+    instances and compiler, which matters because the writer thread shares the GIL with the event loop. The
+    backend buckets of the same events are added in the same transaction (a retried batch is not counted twice)."""
     from django.db import connection
 
     meta = UsageRecord._meta
@@ -251,9 +386,14 @@ def _insert(rows: Sequence[tuple[Any, ...]]) -> None:
     columns = ", ".join(quote(str(cast(Field, meta.get_field(name)).column)) for name in _COLUMNS)
     sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
     adapt = connection.ops.adapt_datetimefield_value
-    params = [(adapt(row[0]), *row[1:]) for row in rows]
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.executemany(sql, params)
+    history = cast(Field, meta.get_field("retry_history"))
+    params = [
+        (adapt(row[0]), *row[1:_JSON_COLUMN], history.get_db_prep_value(row[_JSON_COLUMN], connection)) for row in rows
+    ]
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.executemany(sql, params)
+        _upsert_buckets(usage_backend_buckets(entries))
 
 
 def usage_records_write(entries: Sequence[Entry]) -> int:
@@ -266,14 +406,14 @@ def usage_records_write(entries: Sequence[Entry]) -> int:
     known = set(ApiKey.objects.filter(pk__in=key_ids).values_list("pk", flat=True)) if key_ids else set()
     rows = [_values(created, event, known) for created, event in entries]
     try:
-        _insert(rows)
+        _insert(rows, entries)
         return len(rows)
     except (DataError, IntegrityError) as exc:
         logger.warning("usage writer: batch refused (%s); writing row by row", exc)
     written = 0
-    for row in rows:
+    for row, entry in zip(rows, entries, strict=True):
         try:
-            _insert([row])
+            _insert([row], [entry])
             written += 1
         except (DataError, IntegrityError) as exc:
             logger.error("usage writer: dropping record %s: %s", row[1], exc)
@@ -468,3 +608,116 @@ def usage_totals(rows: Sequence[UsageRow]) -> UsageRow:
     for row in rows:
         total.add(row.requests, row.errors, row.prompt_tokens, row.completion_tokens, row.latency_ms_sum)
     return total
+
+
+# --- backend traffic (the operations dashboard): read from the 5-minute buckets, never from the records ---------
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Sums of backend buckets (any backends, any period) and the figures derived from them."""
+
+    requests: int = 0
+    errors: int = 0
+    client_errors: int = 0
+    failed_attempts: int = 0
+    latency_ms_sum: float = 0.0
+    queue_wait_ms_sum: float = 0.0
+    ttft_count: int = 0
+    ttft_ms_sum: float = 0.0
+    histogram: list[int] = field(default_factory=lambda: [0] * len(TTFT_COLUMNS))
+
+    def add(self, other: Traffic) -> None:
+        """Accumulate another sum (histograms bucket by bucket)."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.client_errors += other.client_errors
+        self.failed_attempts += other.failed_attempts
+        self.latency_ms_sum += other.latency_ms_sum
+        self.queue_wait_ms_sum += other.queue_wait_ms_sum
+        self.ttft_count += other.ttft_count
+        self.ttft_ms_sum += other.ttft_ms_sum
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
+
+    @property
+    def error_rate(self) -> float | None:
+        """Share of attempts that failed: 5xx answers plus failed attempts retried elsewhere (None: no traffic)."""
+        attempts = self.requests + self.failed_attempts
+        return (self.errors + self.failed_attempts) / attempts if attempts else None
+
+    @property
+    def mean_latency_ms(self) -> float | None:
+        """Mean latency of the requests (None: none)."""
+        return self.latency_ms_sum / self.requests if self.requests else None
+
+    def ttft_percentile(self, quantile: float) -> float | None:
+        """The time to first token at `quantile` (0..1), interpolated linearly inside its histogram bucket: exact
+        to the bucket's width (`TTFT_BOUNDS_MS`); past the last bound, the last bound. None without streams."""
+        total = sum(self.histogram)
+        if not total:
+            return None
+        target = quantile * total
+        seen = 0
+        lower = 0.0
+        for index, count in enumerate(self.histogram):
+            if index == len(TTFT_BOUNDS_MS):
+                return float(TTFT_BOUNDS_MS[-1])
+            upper = float(TTFT_BOUNDS_MS[index])
+            if count and seen + count >= target:
+                return lower + (upper - lower) * max(0.0, target - seen) / count
+            seen += count
+            lower = upper
+        return float(TTFT_BOUNDS_MS[-1])
+
+
+_TRAFFIC_FIELDS = (
+    "requests",
+    "errors",
+    "client_errors",
+    "failed_attempts",
+    "latency_ms_sum",
+    "queue_wait_ms_sum",
+    "ttft_count",
+    "ttft_ms_sum",
+)
+
+
+def _traffic(row: Mapping[str, Any]) -> Traffic:
+    return Traffic(
+        **{name: row[name] or 0 for name in _TRAFFIC_FIELDS},
+        histogram=[int(row[name] or 0) for name in TTFT_COLUMNS],
+    )
+
+
+def _sums() -> dict[str, Sum]:
+    return {name: Sum(name) for name in (*_TRAFFIC_FIELDS, *TTFT_COLUMNS)}
+
+
+def bucket_start(moment: datetime) -> datetime:
+    """The start of the 5-minute bucket holding `moment` (UTC)."""
+    epoch = int(moment.timestamp()) // BUCKET_SECONDS * BUCKET_SECONDS
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def usage_backend_traffic(*, start: datetime, end: datetime) -> dict[str, Traffic]:
+    """Traffic per backend ("" for requests that reached none) of the buckets starting in [start, end): one
+    grouped query over at most (backends x buckets in the range) rows."""
+    rows = (
+        UsageBackendBucket.objects.filter(bucket__gte=start, bucket__lt=end)
+        .values("backend")
+        .annotate(**_sums())
+        .order_by()
+    )
+    return {row["backend"]: _traffic(row) for row in rows}
+
+
+def usage_backend_traffic_hourly(*, start: datetime, end: datetime) -> dict[tuple[datetime, str], Traffic]:
+    """Traffic per (UTC hour, backend) of the buckets starting in [start, end), for the 24-hour charts."""
+    rows = (
+        UsageBackendBucket.objects.filter(bucket__gte=start, bucket__lt=end)
+        .annotate(hour=TruncHour("bucket", tzinfo=UTC))
+        .values("hour", "backend")
+        .annotate(**_sums())
+        .order_by()
+    )
+    return {(row["hour"].astimezone(UTC), row["backend"]): _traffic(row) for row in rows}

@@ -109,7 +109,8 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS
 SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", HTTPS)
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # django.contrib.admin, with the operations dashboard as its front page (llm_platform/ops, docs/operations.md)
+    "llm_platform.ops.admin_config.OpsAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -122,6 +123,7 @@ INSTALLED_APPS = [
     "routing",
     "governance",
     "batches",
+    "llm_platform.ops",
 ]
 
 MIDDLEWARE = [
@@ -365,6 +367,13 @@ USAGE_FLUSH_MAX = env_int("USAGE_FLUSH_MAX", 500)
 USAGE_BUFFER_MAX = env_int("USAGE_BUFFER_MAX", 100_000)
 # The periodic rollup (every 10 min) rebuilds the hourly usage of this many past hours.
 USAGE_ROLLUP_LOOKBACK_H = env_int("USAGE_ROLLUP_LOOKBACK_H", 3)
+# Days of per-backend 5-minute traffic buckets kept for the operations dashboard (pruned by that rollup task).
+USAGE_BACKEND_RETENTION_D = max(1, env_int("USAGE_BACKEND_RETENTION_D", 8))
+# Link from a usage record to its trace in a tracing UI: "{trace_id}" is replaced by the record's trace id, e.g.
+# https://jaeger.example/trace/{trace_id} or https://grafana.example/explore?...{trace_id}; empty: no link.
+ROUTER_TRACE_LINK_TEMPLATE = os.environ.get("ROUTER_TRACE_LINK_TEMPLATE", "")
+# How often the operations dashboard (admin front page) refreshes its figures in the browser, seconds.
+OPS_DASHBOARD_REFRESH_S = max(1, env_int("OPS_DASHBOARD_REFRESH_S", 5))
 # /metrics (Prometheus) answers clients whose address is in these networks, or that send this bearer token.
 METRICS_ALLOWED_CIDRS = env_list("METRICS_ALLOWED_CIDRS", "127.0.0.1/32,::1/128")
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")

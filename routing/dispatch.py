@@ -112,6 +112,24 @@ class RequestContext:
 
 NO_CONTEXT = RequestContext()
 
+MAX_FAILURES_LOGGED = 10
+"""Failed attempts kept in a request's retry history (the attempt limit is normally far lower)."""
+
+
+@dataclass(slots=True)
+class Attempts:
+    """What one `send` went through besides its answer, for the request log: the time waited for a backend slot,
+    how many backends were tried, and the (backend, reason) of each failed attempt. Filled by the dispatcher."""
+
+    queue_wait_ms: float = 0.0
+    tried: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def failed(self, backend: str, reason: str) -> None:
+        """Note one failed attempt (bounded)."""
+        if len(self.failures) < MAX_FAILURES_LOGGED:
+            self.failures.append((backend, reason))
+
 
 class AttemptObserver(Protocol):
     """Told of the queue and of each upstream attempt (routing.tracing.RequestTrace, while tracing is on)."""
@@ -328,12 +346,13 @@ class Dispatcher:
         context: RequestContext = NO_CONTEXT,
         observer: AttemptObserver | None = None,
         flow: Flow = DEFAULT_FLOW,
+        attempts: Attempts | None = None,
     ) -> BackendSnap | None:
         """Take a backend for one attempt: wait in the pool's bounded fair queue while every usable one is at its
         limit (or others already wait for the pool).
 
         Returns None when no backend is usable at all; raises 429 when the request is refused or shed from a full
-        queue, or its wait times out.
+        queue, or its wait times out. The time spent in the queue is added to `attempts.queue_wait_ms`.
         """
         queue = self._queues.get(model.pool)
         if not queue:  # nobody waits for this pool: a free slot is this request's
@@ -347,7 +366,13 @@ class Dispatcher:
                 queue = self._queues[model.pool] = FairQueue(
                     classes=len(BY_RANK), max_size=self.queue_max, promote_after_s=self.queue_promote_after_s
                 )
-        return await self._wait(queue, model, registry, exclude, context, flow, observer)
+        if attempts is None:
+            return await self._wait(queue, model, registry, exclude, context, flow, observer)
+        waiting_since = time.monotonic()
+        try:
+            return await self._wait(queue, model, registry, exclude, context, flow, observer)
+        finally:
+            attempts.queue_wait_ms += (time.monotonic() - waiting_since) * 1000.0
 
     def _take(self, backend: BackendSnap) -> None:
         self.in_flight[backend.name] += 1
@@ -529,6 +554,7 @@ class Dispatcher:
         flow: Flow = DEFAULT_FLOW,
         max_attempts: int | None = None,
         method: str = "POST",
+        attempts: Attempts | None = None,
     ) -> tuple[UpstreamResponse, BackendSnap]:
         """Send the request; on connect errors and 502/503 (nothing sent to the client yet) retry on another
         backend, within the attempt limit (`max_attempts`, default the dispatcher's) and the retry budget.
@@ -537,10 +563,12 @@ class Dispatcher:
         stays taken: the caller calls `done(backend, ok)` when the exchange is over. An `observer` (tracing) is
         told of the queue and of every attempt, and adds its headers (`traceparent`) to each. `flow` places the
         request in a full pool's queue; pools running vLLM's priority scheduler receive its class as vLLM's
-        `priority`.
+        `priority`. `attempts`, when given, is filled with the queue wait, the backends tried and why each failed
+        attempt failed (the request log).
         """
         tried: set[str] = set()
         failure: APIError | None = None
+        log = attempts if attempts is not None else Attempts()
         self.retry_budget.request()
         if self.precise is not None:
             context = await self._with_token_ids(model, registry, context)
@@ -548,18 +576,20 @@ class Dispatcher:
             if attempt and not self.retry_budget.try_retry():
                 logger.warning("retry budget exhausted; not retrying request %s", request_id)
                 break
-            backend = await self.acquire(model, registry, tried, context, observer, flow)
+            backend = await self.acquire(model, registry, tried, context, observer, flow, log)
             if backend is None:
                 break
             if attempt:
                 self.retries += 1
             tried.add(backend.name)
+            log.tried += 1
             traced = observer.attempt(backend, registry, failure) if observer is not None else None
             try:
                 prep = self.prepared(backend, registry.version)
             except InvalidApiKeyError as exc:  # a key that slipped past validation: that backend alone fails
                 failure = errors.backend_failed(backend.name, "its API key cannot be sent", detail=str(exc))
                 self.done(backend, False, failure.message)
+                log.failed(backend.name, "bad_api_key")
                 continue
             headers = prep.headers | {"x-request-id": request_id}
             if traced:
@@ -579,10 +609,12 @@ class Dispatcher:
             except UpstreamConnectTimeout:
                 failure = errors.backend_timeout(backend.name, backend.connect_timeout_s, "accept the connection")
                 self.done(backend, False, failure.message)
+                log.failed(backend.name, "connect_timeout")
                 continue
             except UpstreamConnectError as exc:
                 failure = errors.backend_failed(backend.name, "cannot connect", detail=errors.describe(exc))
                 self.done(backend, False, failure.message)
+                log.failed(backend.name, "connect_error")
                 logger.warning("backend %s: %s; trying another", backend.name, failure.message)
                 continue
             except UpstreamClosed as exc:
@@ -592,16 +624,20 @@ class Dispatcher:
                     backend.name, "connection closed before an answer", detail=errors.describe(exc)
                 )
                 self.done(backend, False, failure.message)
+                log.failed(backend.name, "closed")
                 continue
             except UpstreamReadTimeout:
                 self.done(backend, False, "read timeout")
+                log.failed(backend.name, "read_timeout")
                 raise errors.backend_timeout(backend.name, backend.read_timeout_s) from None
             except UpstreamPoolTimeout:
                 self.done(backend, None)
+                log.failed(backend.name, "pool_timeout")
                 failure = errors.no_backend(model.name)
                 continue
             except UpstreamError as exc:
                 self.done(backend, False, errors.describe(exc))
+                log.failed(backend.name, "broken_answer")
                 raise errors.backend_failed(backend.name, "broken answer", detail=errors.describe(exc)) from None
             except BaseException:
                 self.done(backend, None)
@@ -613,6 +649,7 @@ class Dispatcher:
                     backend.name, f"HTTP {response.status_code}: {detail}", status=response.status_code
                 )
                 self.done(backend, False, failure.message)
+                log.failed(backend.name, f"http_{response.status_code}")
                 logger.warning("backend %s answered %s; trying another", backend.name, response.status_code)
                 continue
             return response, backend

@@ -27,7 +27,7 @@ from governance.priority import DEFAULT_FLOW, MASTER_CEILING, Flow, priority_cla
 from governance.ratelimit import RateLimiter, Reservation, estimate_tokens_size
 from routing import errors
 from routing.auth import MASTER, Principal
-from routing.dispatch import Dispatcher
+from routing.dispatch import Attempts, Dispatcher
 from routing.errors import APIError
 from routing.sse import StreamState
 from routing.tracing import RequestTrace
@@ -83,6 +83,7 @@ class Lifecycle:
         "_closed",
         "_finished",
         "_verdict_given",
+        "attempts",
         "backend",
         "code",
         "completion_tokens",
@@ -145,6 +146,7 @@ class Lifecycle:
         self.ttft_ms: float | None = None
         self.max_attempts: int | None = None  # None: the dispatcher's; 1 for shadow requests
         self.tap: ShadowTicket | None = None  # keeps a mirrored stream's bytes for its comparison
+        self.attempts: Attempts | None = None  # set by open(): queue wait, backends tried, failed attempts
         self._verdict_given = False
         self._closed = False
         self._finished = False
@@ -213,6 +215,7 @@ class Lifecycle:
         prepared = self.prepared
         assert prepared is not None, "admit() comes first"
         trace = self.trace
+        attempts = self.attempts = Attempts()
         try:
             response, backend = await self.dispatcher.send(
                 path=prepared.path or prepared.endpoint.upstream_path,
@@ -226,6 +229,7 @@ class Lifecycle:
                 flow=self.flow,
                 max_attempts=self.max_attempts,
                 method=prepared.method,
+                attempts=attempts,
             )
         except BaseException as exc:
             if trace is not None:
@@ -415,6 +419,7 @@ class Lifecycle:
             and self.endpoint.tokens  # the tokenizer endpoints report no usage: recorded with 0 tokens
         ):
             code = MISSING_USAGE  # asked for usage, got none: charged the reservation
+        attempts = self.attempts
         self.usage_sink.record(
             UsageEvent(
                 request_id=self.request_id,
@@ -431,5 +436,9 @@ class Lifecycle:
                 ttft_ms=self.ttft_ms,
                 stream=self.stream,
                 code=code,
+                trace_id=self.trace_id,
+                queue_wait_ms=attempts.queue_wait_ms if attempts is not None else None,
+                attempts=attempts.tried if attempts is not None else 0,
+                failures=tuple(attempts.failures) if attempts is not None and attempts.failures else (),
             )
         )

@@ -7,9 +7,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 
-from backends.checks.models import CaseEndpoint, CheckCase, CheckResult, CheckRun
+from backends.checks.models import CaseEndpoint, CheckCase, CheckResult, CheckRun, Outcome, RunStatus, RunTrigger
 from backends.checks.runner import BackendTarget, CaseSpec, CheckTarget
 from backends.models import Backend, BackendState, Model, ModelKind
 
@@ -216,3 +216,26 @@ def check_trend_for_model(*, model: Model, limit: int = TREND_RUNS) -> list[Tren
 def check_failures(results: Iterable[CheckResult]) -> list[CheckResult]:
     """The failed results among some results."""
     return [r for r in results if not r.passed]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """The latest finished check run (the nightly one when there is one) and its results per backend."""
+
+    run: CheckRun
+    per_backend: dict[str, tuple[int, int]]  # backend name -> (passed, total)
+
+
+def check_run_latest_summary() -> RunSummary | None:
+    """The latest finished scheduled run (else the latest finished run of any trigger), with (passed, total) per
+    backend: two small queries (the run, then its results grouped by backend)."""
+    finished = CheckRun.objects.filter(status__in=[RunStatus.PASSED, RunStatus.FAILED, RunStatus.ERROR])
+    run = finished.filter(trigger=RunTrigger.SCHEDULE).order_by("-id").first() or finished.order_by("-id").first()
+    if run is None:
+        return None
+    rows = (
+        run.results.values("backend_name")
+        .annotate(total=Count("id"), passes=Count("id", filter=Q(outcome=Outcome.PASS)))
+        .order_by()
+    )
+    return RunSummary(run=run, per_backend={r["backend_name"]: (r["passes"], r["total"]) for r in rows})

@@ -1,0 +1,1 @@
+"""The operations dashboard: the admin's front page (docs/operations.md "Dashboard")."""
