@@ -15,7 +15,7 @@ import pytest
 from django.utils import timezone
 
 import routing.runtime  # noqa: F401  (registers this process's dispatchers as the local runtime view)
-from backends.checks.models import CheckResult, CheckRun, Outcome, RunStatus, RunTrigger
+from backends.checks.models import CheckCause, CheckResult, CheckRun, Outcome, RunStatus, RunTrigger
 from backends.mock_vllm import MockVLLM
 from backends.models import Backend, BackendState, GpuPool, HealthStatus
 from governance.events import UsageEvent
@@ -66,7 +66,7 @@ class Fleet:
 @pytest.fixture
 def fleet() -> Iterator[Fleet]:
     now = timezone.now()
-    chat = pool_create(name="chat-a100", routing_strategy="least_busy")
+    chat = pool_create(name="chat-a100", routing_strategy="kv_cache_aware")
     batch = pool_create(name="batch-l4")
     gpu1 = backend_create(pool=chat, name="gpu-1", status=HealthStatus.HEALTHY)
     gpu2 = backend_create(
@@ -100,11 +100,11 @@ def fleet() -> Iterator[Fleet]:
         passed=3,
         failed=1,
     )
-    for backend, case, outcome in (
-        (gpu1, "arithmetic", Outcome.PASS),
-        (gpu1, "capital", Outcome.PASS),
-        (gpu2, "arithmetic", Outcome.PASS),
-        (gpu2, "capital", Outcome.FAIL),
+    for backend, case, outcome, error in (
+        (gpu1, "arithmetic", Outcome.PASS, ""),
+        (gpu1, "capital", Outcome.PASS, ""),
+        (gpu2, "arithmetic", Outcome.PASS, ""),
+        (gpu2, "capital", Outcome.FAIL, "the answer does not contain 'Paris'"),
     ):
         CheckResult.objects.create(
             run=run,
@@ -113,6 +113,8 @@ def fleet() -> Iterator[Fleet]:
             model_name="llama-3-8b",
             case_name=case,
             outcome=outcome,
+            cause=CheckCause.WRONG_ANSWER if error else "",
+            error=error,
             latency_ms=300.0,
         )
     # the runtime view of this process: 3 requests in flight on gpu-1, gpu-2's circuit open, and gpu-1's engine
