@@ -22,6 +22,7 @@ EMBED_URL = os.environ.get("VLLM_EMBED_URL", "").split(",")[0].strip()
 SEEDED = {
     "capital-of-france",
     "capital-of-france-stream",
+    "capital-of-france-responses",
     "prompt-token-count",
     "finish-reason-length",
 }
@@ -58,6 +59,8 @@ def test_seeded_cases_pass_on_the_real_vllm() -> None:
         assert by_case[(name, "finish-reason-length")].finish_reason == "length"
         assert by_case[(name, "finish-reason-length")].completion_tokens == 5
         assert by_case[(name, "prompt-token-count")].prompt_tokens  # equal to /tokenize, or it would have failed
+        responses = by_case[(name, "capital-of-france-responses")]
+        assert "paris" in responses.answer.lower() and responses.prompt_tokens and responses.completion_tokens
     assert not any(r.case_name == RERANK for r in results)  # a chat model is not reranked
 
 

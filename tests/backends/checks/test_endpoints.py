@@ -224,11 +224,17 @@ def test_cases_apply_to_the_models_their_endpoint_serves(registry: tuple[Model, 
     }
 
 
-def test_seeded_rerank_case_exists_after_migrate() -> None:
-    rerank = CheckCase.objects.get(name="rerank-capital-of-france")
+def test_seeded_responses_and_rerank_cases_exist_after_migrate() -> None:
+    cases = {c.name: c for c in CheckCase.objects.all()}
+    responses = cases["capital-of-france-responses"]
+    assert (responses.endpoint, responses.expectation, responses.expected_text) == ("responses", "contains", "Paris")
+    assert responses.messages[0]["content"] == "In one word, can you provide me the capital of France?"
+    assert responses.enabled and not responses.stream
+    rerank = cases["rerank-capital-of-france"]
     assert rerank.endpoint == "rerank" and rerank.enabled and rerank.query
     assert rerank.expected_text in rerank.documents and rerank.documents.index(rerank.expected_text) > 0
-    rerank.full_clean(exclude=["models"])  # valid as seeded
+    for case in (responses, rerank):
+        case.full_clean(exclude=["models"])  # valid as seeded
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def test_seeded_cases_exist_after_migrate() -> None:
 def test_seeded_cases_pass_on_the_mock(fleet: Fleet) -> None:
     fleet.add("b1")
     run = check_run_now(trigger=RunTrigger.COMMAND)
-    assert (run.status, run.total, run.passed, run.failed) == ("passed", 4, 4, 0)  # no pooling model: no rerank
+    assert (run.status, run.total, run.passed, run.failed) == ("passed", 5, 5, 0)  # no pooling model: no rerank
     assert run.started_at and run.finished_at and run.duration_s is not None
 
 
