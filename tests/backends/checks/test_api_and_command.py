@@ -80,7 +80,7 @@ def test_command_prints_the_report_and_exits_zero_when_all_pass(fleet: Fleet) ->
         "BACKEND", "MODEL", "CASE", "RESULT", "CAUSE", "LATENCY", "TTFT", "TOKENS", "ANSWER", "/", "ERROR"
     ]  # fmt: skip
     assert "capital-of-france-stream" in text and "finish-reason-length" in text and "prompt-token-count" in text
-    assert text.rstrip().endswith("PASSED (4/4 passed, 0 failed)")
+    assert text.rstrip().endswith("PASSED (5/5 passed, 0 failed)")
     run = CheckRun.objects.get()
     assert run.trigger == "command"
 

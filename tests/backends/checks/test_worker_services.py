@@ -99,7 +99,7 @@ def test_worker_runs_checks_started_through_the_api_and_by_beat(fleet: Fleet, wo
     assert response.status_code == 202 and response.json()["status"] == "queued"
     run = _wait_finished(response.json()["id"])
     assert run.status == RunStatus.FAILED, run.error
-    assert (run.total, run.passed, run.failed) == (8, 4, 4)
+    assert (run.total, run.passed, run.failed) == (10, 5, 5)
     causes = {(r.backend_name, r.case_name): (r.outcome, r.cause) for r in run.results.all()}
     assert causes[("good", "capital-of-france-stream")] == ("pass", "")
     assert causes[("oom", "capital-of-france")] == ("fail", "out_of_memory")
