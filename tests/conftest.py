@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,6 +23,15 @@ MASTER_KEY = "test-master-key"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
 
 
+@functools.cache
+def _seeding_migrations() -> tuple[str, ...]:
+    """The backends migrations that seed check cases (a module-level SEEDED_CASES and a seed function)."""
+    import backends.migrations
+
+    names = sorted(info.name for info in pkgutil.iter_modules(backends.migrations.__path__))
+    return tuple(n for n in names if hasattr(importlib.import_module(f"backends.migrations.{n}"), "SEEDED_CASES"))
+
+
 def _reseed_after_flush(sender: Any, apps: Any = None, **kwargs: Any) -> None:
     """Recreate the rows the data migrations seed (check cases, beat schedules) after a test's flush.
 
@@ -31,11 +42,11 @@ def _reseed_after_flush(sender: Any, apps: Any = None, **kwargs: Any) -> None:
     `migrate` must not bring back cases an operator deleted.
     """
     schedule = importlib.import_module("backends.migrations.0002_health_check_schedule")
-    checks = importlib.import_module("backends.migrations.0004_checks")
     if apps is None:  # flush sends post_migrate without the migration state's apps
         from django.apps import apps
     schedule.create_schedule(apps, None)
-    checks.seed(apps, None)
+    for name in _seeding_migrations():  # every migration with SEEDED_CASES, in order (later ones add cases)
+        importlib.import_module(f"backends.migrations.{name}").seed(apps, None)
 
 
 def usage_events(gateway: Gateway) -> deque[UsageEvent]:
