@@ -400,6 +400,21 @@ def validate_split_total(percents: list[float]) -> None:
         raise ValidationError(f"The traffic split adds up to {total:g} %; at most 100 %.", code="split_total")
 
 
+SHADOW_COUNTERS = (
+    "mirrored",
+    "errors",
+    "dropped",
+    "compared",
+    "matched",
+    "primary_latency_ms_sum",
+    "shadow_latency_ms_sum",
+    "primary_completion_tokens",
+    "shadow_completion_tokens",
+    "prompt_tokens_delta",
+)
+"""The summed fields of `ShadowComparison`, which the router's shadow tallies add to."""
+
+
 class ShadowComparison(models.Model):
     """Shadow traffic compared with its primary, summed per hour and model pair (written by the router)."""
 

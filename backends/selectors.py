@@ -8,6 +8,7 @@ from typing import Any
 from django.db.models import Sum
 
 from backends.models import (
+    SHADOW_COUNTERS,
     Backend,
     GpuPool,
     HealthStatus,
@@ -177,18 +178,7 @@ def shadow_comparison_summary(*, since: datetime, primary: str | None = None) ->
     rows = ShadowComparison.objects.filter(hour__gte=since)
     if primary is not None:
         rows = rows.filter(primary=primary)
-    sums = [
-        "mirrored",
-        "errors",
-        "dropped",
-        "compared",
-        "matched",
-        "primary_latency_ms_sum",
-        "shadow_latency_ms_sum",
-        "primary_completion_tokens",
-        "shadow_completion_tokens",
-        "prompt_tokens_delta",
-    ]
+    sums = SHADOW_COUNTERS
     out = []
     grouped: Any = rows.values("primary", "shadow").annotate(**{k + "__s": Sum(k) for k in sums})
     for row in grouped.order_by("primary", "shadow"):

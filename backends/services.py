@@ -18,6 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from backends.models import (
+    SHADOW_COUNTERS,
     Backend,
     BackendState,
     HealthStatus,
@@ -274,19 +275,6 @@ def model_routes_replace(*, model: Model, kind: str, entries: list[tuple[Model, 
         route.save()
 
 
-SHADOW_COUNTERS = (
-    "mirrored",
-    "errors",
-    "dropped",
-    "compared",
-    "matched",
-    "primary_latency_ms_sum",
-    "shadow_latency_ms_sum",
-    "primary_completion_tokens",
-    "shadow_completion_tokens",
-    "prompt_tokens_delta",
-)
-"""The summed fields of `ShadowComparison`, which the router's shadow tallies add to."""
 SHADOW_FLOAT_COUNTERS = frozenset({"primary_latency_ms_sum", "shadow_latency_ms_sum"})
 
 
