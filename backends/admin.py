@@ -19,10 +19,10 @@ from backends.models import (
     BackendState,
     GpuPool,
     HealthStatus,
-    Model,
     ModelFallback,
     ModelRoute,
     RouteKind,
+    ServedModel,
     ShadowComparison,
     validate_base_url,
     validate_split_total,
@@ -340,13 +340,13 @@ class ModelRouteInline(admin.TabularInline):
     )
 
 
-class ModelAdminForm(forms.ModelForm):
-    """Model form; aliases edited as a comma-separated list."""
+class ServedModelAdminForm(forms.ModelForm):
+    """The model form; aliases edited as a comma-separated list."""
 
     aliases = forms.CharField(required=False, help_text="Comma-separated other public names.")
 
     class Meta:
-        model = Model
+        model = ServedModel
         fields = "__all__"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -369,7 +369,7 @@ class ServedFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
         return [("yes", "Served"), ("no", "Not served")]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> QuerySet[Model]:
+    def queryset(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
         if self.value() == "yes":
             return queryset.filter(unavailable_reason="")
         if self.value() == "no":
@@ -377,11 +377,11 @@ class ServedFilter(admin.SimpleListFilter):
         return queryset
 
 
-@admin.register(Model)
-class ModelAdmin(admin.ModelAdmin):
+@admin.register(ServedModel)
+class ServedModelAdmin(admin.ModelAdmin):
     """Public model names and where they are served."""
 
-    form = ModelAdminForm
+    form = ServedModelAdminForm
     list_display = (
         "name",
         "served_name",
@@ -400,7 +400,7 @@ class ModelAdmin(admin.ModelAdmin):
     inlines = [ModelFallbackInline, ModelRouteInline]
 
     @admin.display(description="shadow comparison (last 24 h)")
-    def shadow_comparison(self, obj: Model) -> str:
+    def shadow_comparison(self, obj: ServedModel) -> str:
         """This model's shadow traffic compared with its answers, per shadow model, over the last day."""
         if not obj.pk:
             return "–"
@@ -427,11 +427,11 @@ class ModelAdmin(admin.ModelAdmin):
         )
 
     @admin.display(description="aliases")
-    def alias_list(self, obj: Model) -> str:
+    def alias_list(self, obj: ServedModel) -> str:
         return ", ".join(obj.aliases or [])
 
     @admin.display(description="served", ordering="unavailable_reason")
-    def served_badge(self, obj: Model) -> str:
+    def served_badge(self, obj: ServedModel) -> str:
         """Whether a backend of the pool lists the model (the health probe's verdict), with the reason if not."""
         if not obj.unavailable_reason:
             return badge("served", STATUS_COLOURS[HealthStatus.HEALTHY])

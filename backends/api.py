@@ -9,8 +9,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from backends.models import Backend, BackendState, GpuPool, Model
-from backends.serializers import BackendSerializer, GpuPoolSerializer, ModelSerializer
+from backends.models import Backend, BackendState, GpuPool, ServedModel
+from backends.serializers import BackendSerializer, GpuPoolSerializer, ServedModelSerializer
 from backends.services import backend_probe_many, backend_state_set, model_routes_replace
 
 
@@ -53,26 +53,26 @@ class BackendViewSet(viewsets.ModelViewSet):
         return Response(self.get_serializer(backend).data)
 
 
-class ModelViewSet(viewsets.ModelViewSet):
+class ServedModelViewSet(viewsets.ModelViewSet):
     """CRUD for models."""
 
-    queryset = Model.objects.select_related("pool").prefetch_related("fallbacks__pool", "routes__target")
-    serializer_class = ModelSerializer
+    queryset = ServedModel.objects.select_related("pool").prefetch_related("fallbacks__pool", "routes__target")
+    serializer_class = ServedModelSerializer
     lookup_field = "name"
     lookup_value_regex = "[^/]+"
 
-    def perform_create(self, serializer: ModelSerializer) -> None:  # type: ignore[override]
+    def perform_create(self, serializer: ServedModelSerializer) -> None:  # type: ignore[override]
         with transaction.atomic():
             model = serializer.save()
             self._routes_apply(model, serializer)
 
-    def perform_update(self, serializer: ModelSerializer) -> None:  # type: ignore[override]
+    def perform_update(self, serializer: ServedModelSerializer) -> None:  # type: ignore[override]
         with transaction.atomic():
             model = serializer.save()
             self._routes_apply(model, serializer)
 
     @staticmethod
-    def _routes_apply(model: Model, serializer: ModelSerializer) -> None:
+    def _routes_apply(model: ServedModel, serializer: ServedModelSerializer) -> None:
         """Replace the traffic split and shadows the request gave (the others are left as they are)."""
         for kind, entries in serializer.routes_given.items():
             model_routes_replace(model=model, kind=kind, entries=entries)

@@ -253,8 +253,12 @@ class Backend(models.Model):
         return bool(self.api_key)
 
 
-class Model(models.Model):
-    """A model as clients name it, mapped to the name a pool's vLLM servers serve it under."""
+class ServedModel(models.Model):
+    """A model as clients name it, mapped to the name a pool's vLLM servers serve it under.
+
+    Called "model" wherever people see it (admin, API, YAML); the class name keeps it apart from Django's and DRF's
+    `Model*` classes (the table and the admin URL say `servedmodel`).
+    """
 
     name = models.CharField(max_length=200, unique=True, validators=[validate_name], help_text="Public name.")
     served_name = models.CharField(
@@ -293,6 +297,8 @@ class Model(models.Model):
 
     class Meta:
         ordering = ["name"]
+        verbose_name = "model"
+        verbose_name_plural = "models"
 
     def __str__(self) -> str:
         return self.name
@@ -322,7 +328,7 @@ class Model(models.Model):
         if self.name in self.aliases or len(set(self.aliases)) != len(self.aliases):
             raise ValidationError({"aliases": "Aliases must be distinct and differ from the name."})
         taken: dict[str, str] = {}
-        for other in Model.objects.exclude(pk=self.pk).only("name", "aliases"):
+        for other in ServedModel.objects.exclude(pk=self.pk).only("name", "aliases"):
             taken[other.name] = other.name
             for alias in other.aliases or []:
                 taken[alias] = other.name
@@ -335,7 +341,7 @@ class Model(models.Model):
 class ModelFallback(models.Model):
     """An ordered fallback pool for a model, tried when none of its own pool's backends is usable."""
 
-    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="fallbacks")
+    model = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="fallbacks")
     pool = models.ForeignKey(GpuPool, on_delete=models.CASCADE, related_name="+")
     position = models.PositiveIntegerField(default=0)
 
@@ -367,9 +373,9 @@ class ModelRoute(models.Model):
     after the answer, to `target`, whose answer is only compared with the primary's (docs/routing.md).
     """
 
-    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="routes")
+    model = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="routes")
     kind = models.CharField(max_length=8, choices=RouteKind.choices)
-    target = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="routed_from")
+    target = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="routed_from")
     percent = models.FloatField(
         validators=[MinValueValidator(0.01), MaxValueValidator(100.0)],
         help_text="Share of the model's requests, in percent (0.01 to 100).",

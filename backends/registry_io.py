@@ -23,12 +23,12 @@ from django.db import models, transaction
 from django.db.models import ProtectedError
 from rest_framework import serializers
 
-from backends.models import Backend, GpuPool, Model, ModelFallback, RouteKind, normalize_api_key
+from backends.models import Backend, GpuPool, ModelFallback, RouteKind, ServedModel, normalize_api_key
 from backends.serializers import (
     BackendSerializer,
     GpuPoolSerializer,
     ModelRoutesField,
-    ModelSerializer,
+    ServedModelSerializer,
     model_route_entries,
     route_targets_check,
 )
@@ -126,7 +126,11 @@ def registry_export(*, include_secrets: bool = False) -> dict[str, Any]:
     backends_by_pool: dict[int, list[dict[str, Any]]] = {}
     for b in Backend.objects.order_by("name"):
         backends_by_pool.setdefault(b.pool_id, []).append(schema["backends"].export(b, include_secrets=include_secrets))
-    models = Model.objects.select_related("pool").prefetch_related("fallbacks__pool", "routes__target").order_by("name")
+    models = (
+        ServedModel.objects.select_related("pool")
+        .prefetch_related("fallbacks__pool", "routes__target")
+        .order_by("name")
+    )
     return {
         "pools": [
             schema["pools"].export(p, include_secrets=include_secrets, backends=backends_by_pool.get(p.pk, []))
@@ -345,7 +349,7 @@ def registry_schema() -> dict[str, _Kind]:
     return {
         "pools": _Kind.derive(GpuPoolSerializer, children=("backends",)),
         "backends": _Kind.derive(BackendSerializer, nested_in_parent=("pool",), import_only=("api_key_env",)),
-        "models": _Kind.derive(ModelSerializer),
+        "models": _Kind.derive(ServedModelSerializer),
     }
 
 
@@ -465,13 +469,13 @@ class _Importer:
         # Names used anywhere in the document (even in entries with errors), so prune never deletes them.
         self.named: dict[str, set[str]] = {"pools": set(), "backends": set(), "models": set()}
         self.pool_rows: dict[str, GpuPool] = {p.name: p for p in GpuPool.objects.all()}
-        self.model_rows: dict[str, Model] = {}
+        self.model_rows: dict[str, ServedModel] = {}
 
     def run(self) -> None:
         """Check, apply, prune; raise RegistryImportError if anything was wrong."""
         self._check_document()
         if self.prune:
-            self._prune(Model, "models", self.report.models)
+            self._prune(ServedModel, "models", self.report.models)
         self._upsert_pools()
         self._upsert_backends()
         self._upsert_models()
@@ -662,7 +666,7 @@ class _Importer:
     def _upsert_models(self) -> None:
         """Create or update each model and replace its fallback pools when their list changed."""
         tracked = ("pool_id", *registry_schema()["models"].settable)
-        existing = {m.name: m for m in Model.objects.filter(name__in=[e.name for e in self.models])}
+        existing = {m.name: m for m in ServedModel.objects.filter(name__in=[e.name for e in self.models])}
         current_fallbacks: dict[int, list[str]] = {}
         for fb in ModelFallback.objects.filter(model__in=existing.values()).select_related("pool"):
             current_fallbacks.setdefault(fb.model_id, []).append(fb.pool.name)
@@ -672,11 +676,11 @@ class _Importer:
             for e in self.models
             if (row := existing.get(e.name)) and "aliases" in e.data and e.data["aliases"] != row.aliases
         ]
-        Model.objects.filter(pk__in=moving).update(aliases=[])
+        ServedModel.objects.filter(pk__in=moving).update(aliases=[])
 
         for entry in self.models:
             data = entry.data
-            row = existing.get(entry.name) or Model(name=entry.name)
+            row = existing.get(entry.name) or ServedModel(name=entry.name)
             values = {k: data[k] for k in tracked[1:] if k in data}
             pool = self.pool_rows.get(data["pool"])
             pools_ok = all(p in self.pool_rows for p in [data["pool"], *data.get("fallback_pools", [])])
@@ -704,7 +708,7 @@ class _Importer:
             if row is not None and entry.ok:
                 self._routes_replace(row, entry)
 
-    def _routes_replace(self, model: Model, entry: _Entry) -> None:
+    def _routes_replace(self, model: ServedModel, entry: _Entry) -> None:
         """Replace the model's traffic split and shadows given in its entry (unchanged when the key is absent)."""
         for key, kind in ROUTE_KEYS.items():
             entries = entry.data.get(key)
@@ -714,7 +718,7 @@ class _Importer:
             wanted = sorted(({"model": e["model"], "percent": float(e["percent"])} for e in entries), key=_by_model)
             problems = route_targets_check(name=model.name, kind=kind, entries=wanted)
             names = [e["model"] for e in wanted]
-            targets = {m.name: m for m in Model.objects.filter(name__in=names)}
+            targets = {m.name: m for m in ServedModel.objects.filter(name__in=names)}
             problems += [f"unknown model {n!r}" for n in names if n not in targets]
             if problems:
                 self.errors.extend(f"{entry.label}: field {key!r}: {p}" for p in problems)
@@ -735,7 +739,7 @@ class _Importer:
             if entry.name not in self.report.models.created:
                 self.report.models.updated.setdefault(entry.name, []).append(key)
 
-    def _fallbacks_replace(self, model: Model, pool_names: list[str], entry: _Entry) -> None:
+    def _fallbacks_replace(self, model: ServedModel, pool_names: list[str], entry: _Entry) -> None:
         """Replace a model's fallback pools with the given ordered list."""
         ModelFallback.objects.filter(model=model).delete()
         for position, name in enumerate(pool_names):
@@ -745,7 +749,7 @@ class _Importer:
 
     # Prune -----------------------------------------------------------------------------------------------------
 
-    def _prune(self, model: type[GpuPool | Backend | Model], kind_name: str, kind: KindReport) -> None:
+    def _prune(self, model: type[GpuPool | Backend | ServedModel], kind_name: str, kind: KindReport) -> None:
         """Delete the rows of one kind whose names are not in the document."""
         for row in model.objects.exclude(name__in=self.named[kind_name]).order_by("name"):
             name = row.name

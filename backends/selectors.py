@@ -12,11 +12,11 @@ from backends.models import (
     Backend,
     GpuPool,
     HealthStatus,
-    Model,
     ModelFallback,
     ModelRoute,
     RegistryState,
     RouteKind,
+    ServedModel,
     ShadowComparison,
     api_key_problem,
     normalize_api_key,
@@ -73,7 +73,7 @@ def registry_snapshot_build() -> RegistrySnapshot:
     models: dict[str, ModelSnap] = {}
     unavailable: dict[str, ModelSnap] = {}
     listed: list[ModelSnap] = []
-    for m in Model.objects.filter(enabled=True).order_by("name"):
+    for m in ServedModel.objects.filter(enabled=True).order_by("name"):
         snap = ModelSnap(
             name=m.name,
             served_name=m.backend_name,

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any, cast
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import extend_schema_serializer
 from rest_framework import serializers
 
-from backends.models import Backend, GpuPool, Model, ModelFallback, RouteKind, validate_split_total
+from backends.models import Backend, GpuPool, ModelFallback, RouteKind, ServedModel, validate_split_total
 from core.drf import FullCleanMixin
 
 
-def model_fallback_names(model: Model) -> list[str]:
+def model_fallback_names(model: ServedModel) -> list[str]:
     """A model's fallback pool names in order (position), which the plain many-to-many field would lose.
 
     Uses `prefetch_related("fallbacks__pool")` when the queryset has it (the API and the YAML export do).
@@ -29,11 +30,11 @@ def model_fallback_names(model: Model) -> list[str]:
 class FallbackPoolsField(serializers.ListField):
     """A model's ordered fallback pool names: read from its ModelFallback rows, written by the serializer."""
 
-    def get_attribute(self, instance: Model) -> list[str]:
+    def get_attribute(self, instance: ServedModel) -> list[str]:
         return model_fallback_names(instance)
 
 
-def model_route_entries(model: Model, kind: str) -> list[dict[str, Any]]:
+def model_route_entries(model: ServedModel, kind: str) -> list[dict[str, Any]]:
     """A model's routes of one kind as `{"model": <target>, "percent": <share>}`, by target name.
 
     Uses `prefetch_related("routes__target")` when the queryset has it (the API and the YAML export do).
@@ -60,7 +61,7 @@ class ModelRoutesField(serializers.ListField):
         self.kind = kind
         super().__init__(**kwargs)
 
-    def get_attribute(self, instance: Model) -> list[dict[str, Any]]:
+    def get_attribute(self, instance: ServedModel) -> list[dict[str, Any]]:
         return model_route_entries(instance, self.kind)
 
     def to_representation(self, data: Any) -> list[dict[str, Any]]:
@@ -170,18 +171,19 @@ class BackendSerializer(FullCleanMixin, serializers.ModelSerializer):
         read_only_fields = ["status", "last_checked_at", "last_error", "last_latency_ms", "created_at", "updated_at"]
 
 
-class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
+@extend_schema_serializer(component_name="Model")  # the schema's name, as the API's paths: a model
+class ServedModelSerializer(FullCleanMixin, serializers.ModelSerializer):
     """A public model; fallback pools are an ordered list of pool names."""
 
     pool = serializers.SlugRelatedField(slug_field="name", queryset=GpuPool.objects.all())
     aliases = serializers.ListField(child=serializers.CharField(), required=False)
     fallback_pools = FallbackPoolsField(child=serializers.CharField(), required=False)
-    routes_given: dict[str, list[tuple[Model, float]]]
+    routes_given: dict[str, list[tuple[ServedModel, float]]]
     traffic_split = ModelRoutesField(kind=RouteKind.SPLIT, required=False)
     shadows = ModelRoutesField(kind=RouteKind.SHADOW, required=False)
 
     class Meta:
-        model = Model
+        model = ServedModel
         fields = [
             "id",
             "name",
@@ -223,7 +225,7 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
             if entries is None:
                 continue
             problems = route_targets_check(name=str(name or ""), kind=route_kind, entries=entries)
-            targets = {m.name: m for m in Model.objects.filter(name__in=[e["model"] for e in entries])}
+            targets = {m.name: m for m in ServedModel.objects.filter(name__in=[e["model"] for e in entries])}
             for e in entries:
                 target = targets.get(e["model"])
                 if target is None:
@@ -234,14 +236,14 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
                 raise serializers.ValidationError({field: problems})
         return attrs
 
-    def create(self, validated_data: dict[str, Any]) -> Model:
+    def create(self, validated_data: dict[str, Any]) -> ServedModel:
         fallbacks = validated_data.pop("fallback_pools", [])
         self.routes_given = self._pop_routes(validated_data)
         model = super().create(validated_data)
         self._set_fallbacks(model, fallbacks)
         return model
 
-    def update(self, instance: Model, validated_data: dict[str, Any]) -> Model:
+    def update(self, instance: ServedModel, validated_data: dict[str, Any]) -> ServedModel:
         fallbacks = validated_data.pop("fallback_pools", None)
         self.routes_given = self._pop_routes(validated_data)
         model = super().update(instance, validated_data)
@@ -250,20 +252,20 @@ class ModelSerializer(FullCleanMixin, serializers.ModelSerializer):
         return model
 
     @staticmethod
-    def _pop_routes(validated_data: dict[str, Any]) -> dict[str, list[tuple[Model, float]]]:
+    def _pop_routes(validated_data: dict[str, Any]) -> dict[str, list[tuple[ServedModel, float]]]:
         """The traffic split and shadows given (by route kind), their targets resolved; the view applies them
         with `backends.services.model_routes_replace` (validated above: every target exists)."""
-        routes: dict[str, list[tuple[Model, float]]] = {}
+        routes: dict[str, list[tuple[ServedModel, float]]] = {}
         for field, kind in (("traffic_split", RouteKind.SPLIT), ("shadows", RouteKind.SHADOW)):
             entries = validated_data.pop(field, None)
             if entries is None:
                 continue
-            targets = {m.name: m for m in Model.objects.filter(name__in=[e["model"] for e in entries])}
+            targets = {m.name: m for m in ServedModel.objects.filter(name__in=[e["model"] for e in entries])}
             routes[str(kind)] = [(targets[e["model"]], float(e["percent"])) for e in entries]
         return routes
 
     @staticmethod
-    def _set_fallbacks(model: Model, names: list[str]) -> None:
+    def _set_fallbacks(model: ServedModel, names: list[str]) -> None:
         model.fallbacks.all().delete()
         pools = {p.name: p for p in GpuPool.objects.filter(name__in=names)}
         for position, name in enumerate(names):

@@ -23,8 +23,8 @@ from backends.models import (
     BackendState,
     HealthStatus,
     InvalidApiKeyError,
-    Model,
     RegistryState,
+    ServedModel,
     bearer_headers,
     normalize_api_key,
 )
@@ -221,7 +221,7 @@ def _models_served_update(rows: list[Backend], probed: list[ProbeResult]) -> tup
             complete.discard(pool_id)
     changed = False
     served: dict[int, set[str]] = {}
-    for model in Model.objects.filter(enabled=True, pool_id__in=pool_ids).select_related("pool"):
+    for model in ServedModel.objects.filter(enabled=True, pool_id__in=pool_ids).select_related("pool"):
         name = model.backend_name
         reason = model.unavailable_reason
         if name in listed.get(model.pool_id, ()):
@@ -229,7 +229,7 @@ def _models_served_update(rows: list[Backend], probed: list[ProbeResult]) -> tup
         elif model.pool_id in answered and model.pool_id in complete:
             reason = f"no backend of pool {model.pool.name!r} lists {name!r} at /v1/models"
         # Conditional, so that of two overlapping probes only one writes (and reports) a change.
-        if reason != model.unavailable_reason and Model.objects.filter(
+        if reason != model.unavailable_reason and ServedModel.objects.filter(
             pk=model.pk, unavailable_reason=model.unavailable_reason
         ).update(unavailable_reason=reason):
             changed = True
@@ -258,7 +258,7 @@ def backend_state_set(*, backends: Iterable[Backend], state: BackendState) -> in
     return count
 
 
-def model_routes_replace(*, model: Model, kind: str, entries: list[tuple[Model, float]]) -> None:
+def model_routes_replace(*, model: ServedModel, kind: str, entries: list[tuple[ServedModel, float]]) -> None:
     """Replace a model's traffic split or shadows (`kind`) with (target, percent) entries; ValidationError if bad.
 
     Run it inside a transaction: a bad entry raises after the old routes are gone. The registry version is bumped
@@ -308,8 +308,10 @@ def registry_demo_create(*, mock_urls: list[str]) -> bool:
         pool = GpuPool.objects.create(name="demo", description="Bundled mock vLLM (make run's demo backends).")
         for index, url in enumerate(mock_urls, start=1):
             Backend.objects.create(pool=pool, name=f"demo-mock-{index}", base_url=url, read_timeout_s=60)
-        Model.objects.create(name="mock-chat", served_name="mock-chat", kind="chat", pool=pool, max_context_length=2048)
-        Model.objects.create(name="mock-embed", served_name="mock-embed", kind="embedding", pool=pool)
+        ServedModel.objects.create(
+            name="mock-chat", served_name="mock-chat", kind="chat", pool=pool, max_context_length=2048
+        )
+        ServedModel.objects.create(name="mock-embed", served_name="mock-embed", kind="embedding", pool=pool)
     return True
 
 
@@ -337,11 +339,11 @@ def registry_vllm_register(
                 name=name, defaults={"pool": pool, "base_url": url, "state": BackendState.ENABLED}
             )
             names.append(name)
-        Model.objects.update_or_create(
+        ServedModel.objects.update_or_create(
             name=model_name,
             defaults={"served_name": model_name, "kind": kind, "pool": pool, "enabled": True, "unavailable_reason": ""},
         )
-        stale_models = list(Model.objects.filter(pool=pool).exclude(name=model_name).order_by("name"))
+        stale_models = list(ServedModel.objects.filter(pool=pool).exclude(name=model_name).order_by("name"))
         numbered = re.compile(rf"^{re.escape(pool_name)}-\d+$")
         stale_backends = [
             b

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.db.models.signals import m2m_changed, post_delete, post_save
 
-from backends.models import Backend, GpuPool, Model, ModelFallback, ModelRoute
+from backends.models import Backend, GpuPool, ModelFallback, ModelRoute, ServedModel
 from backends.services import registry_version_bump_on_commit
 
 
@@ -17,7 +17,7 @@ def _bump(sender: type, **kwargs: Any) -> None:
     registry_version_bump_on_commit()
 
 
-for _model in (GpuPool, Backend, Model, ModelFallback, ModelRoute):
+for _model in (GpuPool, Backend, ServedModel, ModelFallback, ModelRoute):
     post_save.connect(_bump, sender=_model, dispatch_uid=f"registry-bump-save-{_model.__name__}")
     post_delete.connect(_bump, sender=_model, dispatch_uid=f"registry-bump-delete-{_model.__name__}")
-m2m_changed.connect(_bump, sender=Model.fallback_pools.through, dispatch_uid="registry-bump-m2m")
+m2m_changed.connect(_bump, sender=ServedModel.fallback_pools.through, dispatch_uid="registry-bump-m2m")

@@ -6,7 +6,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from backends.api import BackendViewSet, GpuPoolViewSet, ModelViewSet
+from backends.api import BackendViewSet, GpuPoolViewSet, ServedModelViewSet
 from backends.checks.api import CheckRunViewSet
 from governance.api import UsageView
 from governance.api_keys import ApiKeyViewSet
@@ -14,7 +14,7 @@ from governance.api_keys import ApiKeyViewSet
 router = DefaultRouter(trailing_slash="/?")  # type: ignore[arg-type]  # a regex DRF accepts; the stubs say bool
 router.register("pools", GpuPoolViewSet, basename="pool")
 router.register("backends", BackendViewSet, basename="backend")
-router.register("models", ModelViewSet, basename="model")
+router.register("models", ServedModelViewSet, basename="model")
 router.register("check-runs", CheckRunViewSet, basename="check-run")
 router.register("keys", ApiKeyViewSet, basename="api-key")
 

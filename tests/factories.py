@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from backends.models import Backend, GpuPool, Model
+from backends.models import Backend, GpuPool, ServedModel
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
 
 _seq = itertools.count(1)
@@ -24,10 +24,10 @@ def backend_create(*, pool: GpuPool | None = None, **fields: Any) -> Backend:
     return Backend.objects.create(pool=pool or pool_create(), **fields)
 
 
-def model_create(*, pool: GpuPool | None = None, **fields: Any) -> Model:
+def model_create(*, pool: GpuPool | None = None, **fields: Any) -> ServedModel:
     """Create an enabled chat model (in a new pool unless one is given)."""
     fields.setdefault("name", f"model-{next(_seq)}")
-    return Model.objects.create(pool=pool or pool_create(), **fields)
+    return ServedModel.objects.create(pool=pool or pool_create(), **fields)
 
 
 def backend_snap(name: str = "b1", *, pool: str = "p1", base_url: str = "http://mock-a", **fields: Any) -> BackendSnap:

@@ -16,7 +16,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from backends.admin import STATUS_COLOURS, BackendAdmin, ModelAdmin
+from backends.admin import STATUS_COLOURS, BackendAdmin, ServedModelAdmin
 from backends.checks.charts import run_latency_svg, trend_charts_html
 from backends.checks.models import CaseEndpoint, CheckCase, CheckResult, CheckRun, RunStatus, RunTrigger
 from backends.checks.report import run_headline, run_markdown
@@ -29,7 +29,7 @@ from backends.checks.selectors import (
     check_trend_for_model,
 )
 from backends.checks.services import check_run_start
-from backends.models import Backend, HealthStatus, Model
+from backends.models import Backend, HealthStatus, ServedModel
 from core.admin_ui import badge
 
 PASS_COLOUR = STATUS_COLOURS[HealthStatus.HEALTHY]
@@ -390,28 +390,28 @@ class BackendChecksAdmin(_ChecksTrendMixin, BackendAdmin):
         _report_started_message(self, request, run)
 
 
-admin.site.unregister(Model)
+admin.site.unregister(ServedModel)
 
 
-@admin.register(Model)
-class ModelChecksAdmin(_ChecksTrendMixin, ModelAdmin):
+@admin.register(ServedModel)
+class ServedModelChecksAdmin(_ChecksTrendMixin, ServedModelAdmin):
     """The registry's model admin plus check trends and a "Run checks now" action."""
 
-    readonly_fields = (*ModelAdmin.readonly_fields, "check_trends")
-    actions = [*ModelAdmin.actions, "run_checks_now"]
+    readonly_fields = (*ServedModelAdmin.readonly_fields, "check_trends")
+    actions = [*ServedModelAdmin.actions, "run_checks_now"]
 
     @admin.display(description="trends")
-    def check_trends(self, obj: Model) -> SafeString:
+    def check_trends(self, obj: ServedModel) -> SafeString:
         """Pass rate and latency of the model (all its backends) over its last 30 runs."""
         url = reverse("admin:backends_checkresult_changelist") + "?" + urlencode({"model_name": obj.name})
         return self._trends(check_trend_for_model(model=obj), url)
 
     @admin.action(description="Run checks now")
-    def run_checks_now(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+    def run_checks_now(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> None:
         """Queue a run limited to the selected models."""
         names = list(queryset.values_list("name", flat=True))
         run = check_run_start(trigger=RunTrigger.ADMIN, triggered_by=_who(request), model_names=names)
         _report_started_message(self, request, run)
 
 
-__all__ = ["BackendChecksAdmin", "CheckCaseAdmin", "CheckResultAdmin", "CheckRunAdmin", "ModelChecksAdmin"]
+__all__ = ["BackendChecksAdmin", "CheckCaseAdmin", "CheckResultAdmin", "CheckRunAdmin", "ServedModelChecksAdmin"]

@@ -153,7 +153,7 @@ class CheckCase(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     # Last: from here on the name `models` is this field, not the django.db.models module.
     models = models.ManyToManyField(
-        "backends.Model",
+        "backends.ServedModel",
         blank=True,
         related_name="check_cases",
         help_text="Models this case applies to; none selected: every enabled model its endpoint serves (chat models "
@@ -261,7 +261,7 @@ class CheckResult(models.Model):
     )
     backend_name = models.CharField(max_length=100)
     model = models.ForeignKey(
-        "backends.Model", on_delete=models.SET_NULL, null=True, blank=True, related_name="check_results"
+        "backends.ServedModel", on_delete=models.SET_NULL, null=True, blank=True, related_name="check_results"
     )
     model_name = models.CharField(max_length=200)
     case = models.ForeignKey(CheckCase, on_delete=models.SET_NULL, null=True, blank=True, related_name="results")

@@ -11,7 +11,7 @@ from django.db.models import Count, Q, QuerySet
 
 from backends.checks.models import CaseEndpoint, CheckCase, CheckResult, CheckRun, Outcome, RunStatus, RunTrigger
 from backends.checks.runner import BackendTarget, CaseSpec, CheckTarget
-from backends.models import Backend, BackendState, Model, ModelKind
+from backends.models import Backend, BackendState, ModelKind, ServedModel
 
 TREND_RUNS = 30
 """Runs shown by the trend charts."""
@@ -68,7 +68,7 @@ def backend_target(backend: Backend) -> BackendTarget:
 def check_filters_validate(*, model_names: Sequence[str] = (), backend_names: Sequence[str] = ()) -> None:
     """Raise CheckFilterError naming any model or backend that does not exist."""
     unknown_models = sorted(
-        set(model_names) - set(Model.objects.filter(name__in=model_names).values_list("name", flat=True))
+        set(model_names) - set(ServedModel.objects.filter(name__in=model_names).values_list("name", flat=True))
     )
     unknown_backends = sorted(
         set(backend_names) - set(Backend.objects.filter(name__in=backend_names).values_list("name", flat=True))
@@ -96,7 +96,7 @@ def check_targets_build(*, model_names: Sequence[str] = (), backend_names: Seque
     for case_kinds in kinds.values():
         wanted |= case_kinds
     # A model no backend lists (marked by the health probe) is not a backend's failure: it is not checked.
-    models = Model.objects.filter(enabled=True, kind__in=sorted(wanted), unavailable_reason="").prefetch_related(
+    models = ServedModel.objects.filter(enabled=True, kind__in=sorted(wanted), unavailable_reason="").prefetch_related(
         "fallbacks"
     )
     if model_names:
@@ -208,7 +208,7 @@ def check_trend_for_backend(*, backend: Backend, limit: int = TREND_RUNS) -> lis
     return _trend(CheckResult.objects.filter(backend=backend), limit)
 
 
-def check_trend_for_model(*, model: Model, limit: int = TREND_RUNS) -> list[TrendPoint]:
+def check_trend_for_model(*, model: ServedModel, limit: int = TREND_RUNS) -> list[TrendPoint]:
     """Pass rate and latency of a model (all its backends) over its last `limit` runs, oldest first."""
     return _trend(CheckResult.objects.filter(model=model), limit)
 

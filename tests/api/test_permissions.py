@@ -49,11 +49,11 @@ CASES = [
     Case("post", "/api/backends/b1/drain/", "backends.change_backend", 200),
     Case("post", "/api/backends/b1/undrain/", "backends.change_backend", 200),
     # models
-    Case("get", "/api/models/", "backends.view_model", 200),
-    Case("get", "/api/models/m1/", "backends.view_model", 200),
-    Case("post", "/api/models/", "backends.add_model", 201, {"name": "m2", "pool": "p1"}),
-    Case("patch", "/api/models/m1/", "backends.change_model", 200, {"enabled": False}),
-    Case("delete", "/api/models/m1/", "backends.delete_model", 204),
+    Case("get", "/api/models/", "backends.view_servedmodel", 200),
+    Case("get", "/api/models/m1/", "backends.view_servedmodel", 200),
+    Case("post", "/api/models/", "backends.add_servedmodel", 201, {"name": "m2", "pool": "p1"}),
+    Case("patch", "/api/models/m1/", "backends.change_servedmodel", 200, {"enabled": False}),
+    Case("delete", "/api/models/m1/", "backends.delete_servedmodel", 204),
     # check runs
     Case("get", "/api/check-runs/", "backends.view_checkrun", 200),
     Case("get", "/api/check-runs/{run}/", "backends.view_checkrun", 200),

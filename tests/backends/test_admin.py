@@ -29,8 +29,8 @@ def test_changelists_and_change_pages_render(staff: Client) -> None:
         reverse("admin:backends_gpupool_change", args=[pool.pk]),
         reverse("admin:backends_backend_changelist"),
         reverse("admin:backends_backend_change", args=[backend.pk]),
-        reverse("admin:backends_model_changelist"),
-        reverse("admin:backends_model_change", args=[model.pk]),
+        reverse("admin:backends_servedmodel_changelist"),
+        reverse("admin:backends_servedmodel_change", args=[model.pk]),
         reverse("admin:backends_backend_changelist") + "?status__exact=unhealthy&pool__id__exact=" + str(pool.pk),
         reverse("admin:backends_backend_changelist") + "?q=node",
     ):
@@ -89,7 +89,7 @@ def test_alias_collision_is_rejected(staff: Client) -> None:
     pool = pool_create()
     model_create(pool=pool, name="llama")
     response = staff.post(
-        reverse("admin:backends_model_add"),
+        reverse("admin:backends_servedmodel_add"),
         {
             "name": "other",
             "served_name": "",

@@ -13,7 +13,7 @@ from django.db import connection
 
 from backends.checks.models import CheckResult, CheckRun, Outcome, RunStatus, RunTrigger
 from backends.checks.services import check_backends_update
-from backends.models import Backend, Model
+from backends.models import Backend, ServedModel
 from backends.selectors import registry_version_get
 from backends.services import ProbeResult, backend_probe_all, registry_version_bump
 from tests.factories import backend_create, model_create, pool_create
@@ -118,7 +118,7 @@ def test_an_operator_save_does_not_write_back_a_status_read_before_a_probe_chang
     model = model_create(pool=backend.pool, name="chat")
     # and a probe that meanwhile found the server down and the model unlisted
     Backend.objects.filter(pk=backend.pk).update(status="unhealthy", last_error="/health answered HTTP 503")
-    Model.objects.filter(pk=model.pk).update(unavailable_reason="no backend of the pool lists it")
+    ServedModel.objects.filter(pk=model.pk).update(unavailable_reason="no backend of the pool lists it")
     # when the operator's change is saved
     backend.weight = 5
     backend.save()

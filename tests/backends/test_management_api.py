@@ -6,7 +6,7 @@ import pytest
 from django.test import Client
 from rest_framework.test import APIClient
 
-from backends.models import Backend, Model
+from backends.models import Backend, ServedModel
 from backends.selectors import registry_version_get
 from tests.conftest import MASTER_KEY
 from tests.factories import backend_create, pool_create
@@ -60,13 +60,13 @@ def test_crud_pool_backend_model(api: APIClient, django_capture_on_commit_callba
     assert Backend.objects.get(name="node-1").api_key == "sk-x"
     assert api.post("/api/backends/node-1/drain/").json()["state"] == "draining"
     assert api.delete("/api/models/llama/").status_code == 204
-    assert not Model.objects.exists()
+    assert not ServedModel.objects.exists()
 
 
 def test_rejects_what_admin_rejects(api: APIClient) -> None:
     pool = pool_create(name="gpu-a")
     backend_create(pool=pool, name="node-1")
-    Model.objects.create(name="llama", pool=pool)
+    ServedModel.objects.create(name="llama", pool=pool)
     bad_url = api.post("/api/backends/", {"pool": "gpu-a", "name": "x", "base_url": "ftp://x"}, format="json")
     assert bad_url.status_code == 400 and "base_url" in bad_url.json()
     bad_name = api.post("/api/pools/", {"name": "has space"}, format="json")

@@ -6,7 +6,7 @@ import pytest
 from django.test import Client
 from rest_framework.test import APIClient
 
-from backends.models import Model, ModelKind
+from backends.models import ModelKind, ServedModel
 from backends.registry_io import registry_export, registry_import, registry_yaml_dump, registry_yaml_load
 from backends.selectors import registry_snapshot_build
 from routing.gateway import ENDPOINTS
@@ -33,7 +33,7 @@ def test_yaml_import_and_export_carry_the_rerank_kind() -> None:
     }
     report = registry_import(document=doc)
     assert report.models.created == ["bge-reranker"]
-    assert Model.objects.get(name="bge-reranker").kind == "rerank"
+    assert ServedModel.objects.get(name="bge-reranker").kind == "rerank"
     text = registry_yaml_dump(document=registry_export())
     assert "kind: rerank" in text
     assert registry_yaml_load(text=text)["models"][0]["kind"] == "rerank"
@@ -53,9 +53,9 @@ def test_management_api_accepts_rerank_and_rejects_unknown_kinds() -> None:
 
 
 def test_admin_offers_the_rerank_kind(admin_client: Client) -> None:
-    page = admin_client.get("/admin/backends/model/add/")
+    page = admin_client.get("/admin/backends/servedmodel/add/")
     assert page.status_code == 200
     assert b'value="rerank"' in page.content
     model = model_create(name="rr-admin", kind="rerank")
-    listing = admin_client.get("/admin/backends/model/?kind__exact=rerank")
+    listing = admin_client.get("/admin/backends/servedmodel/?kind__exact=rerank")
     assert model.name.encode() in listing.content

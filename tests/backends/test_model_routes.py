@@ -10,7 +10,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from backends.models import Model, ModelRoute, ShadowComparison
+from backends.models import ModelRoute, ServedModel, ShadowComparison
 from backends.registry_io import RegistryImportError, registry_export, registry_import
 from backends.selectors import registry_snapshot_build, registry_version_get, shadow_comparison_summary
 from backends.services import shadow_comparisons_add
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def models() -> dict[str, Model]:
+def models() -> dict[str, ServedModel]:
     pool = pool_create(name="gpu")
     return {
         "mychat": model_create(pool=pool, name="mychat", served_name="served-v1"),
@@ -31,7 +31,7 @@ def models() -> dict[str, Model]:
     }
 
 
-def route(model: Model, target: Model, percent: float, kind: str = "split") -> ModelRoute:
+def route(model: ServedModel, target: ServedModel, percent: float, kind: str = "split") -> ModelRoute:
     row = ModelRoute(model=model, kind=kind, target=target, percent=percent)
     row.full_clean()
     row.save()
@@ -41,7 +41,7 @@ def route(model: Model, target: Model, percent: float, kind: str = "split") -> M
 # --- validation ----------------------------------------------------------------------------------------------
 
 
-def test_a_route_goes_to_another_model_of_the_same_kind(models: dict[str, Model]) -> None:
+def test_a_route_goes_to_another_model_of_the_same_kind(models: dict[str, ServedModel]) -> None:
     with pytest.raises(ValidationError, match="itself"):
         route(models["mychat"], models["mychat"], 5)
     with pytest.raises(ValidationError, match="embedding model"):
@@ -51,7 +51,7 @@ def test_a_route_goes_to_another_model_of_the_same_kind(models: dict[str, Model]
             route(models["mychat"], models["chat-v2"], percent)
 
 
-def test_sticky_key_is_user_or_a_header(models: dict[str, Model]) -> None:
+def test_sticky_key_is_user_or_a_header(models: dict[str, ServedModel]) -> None:
     model = models["mychat"]
     for good in ("", "user", "header:x-session-id"):
         model.split_sticky_key = good
@@ -63,7 +63,7 @@ def test_sticky_key_is_user_or_a_header(models: dict[str, Model]) -> None:
 
 
 def test_saving_a_route_bumps_the_registry_version(
-    models: dict[str, Model], django_capture_on_commit_callbacks: Any
+    models: dict[str, ServedModel], django_capture_on_commit_callbacks: Any
 ) -> None:
     before = registry_version_get()
     with django_capture_on_commit_callbacks(execute=True):
@@ -74,7 +74,7 @@ def test_saving_a_route_bumps_the_registry_version(
 # --- the snapshot --------------------------------------------------------------------------------------------
 
 
-def test_snapshot_split_keeps_the_rest_on_the_model(models: dict[str, Model]) -> None:
+def test_snapshot_split_keeps_the_rest_on_the_model(models: dict[str, ServedModel]) -> None:
     route(models["mychat"], models["chat-v2"], 5)
     models["mychat"].split_sticky_key = "user"
     models["mychat"].save()
@@ -84,20 +84,20 @@ def test_snapshot_split_keeps_the_rest_on_the_model(models: dict[str, Model]) ->
     assert split.sticky_key == "user"
 
 
-def test_snapshot_split_drops_disabled_targets_and_rescales(models: dict[str, Model]) -> None:
+def test_snapshot_split_drops_disabled_targets_and_rescales(models: dict[str, ServedModel]) -> None:
     route(models["mychat"], models["chat-v1"], 60)
     route(models["mychat"], models["chat-v2"], 20)
-    Model.objects.filter(name="chat-v1").update(enabled=False)
+    ServedModel.objects.filter(name="chat-v1").update(enabled=False)
     split = registry_snapshot_build().splits["mychat"]
     assert [m.name for m in split.targets] == ["mychat", "chat-v2"]
     assert split.bounds == pytest.approx((0.5, 1.0))  # 20 % own, 20 % chat-v2
-    Model.objects.filter(name="chat-v2").update(enabled=False)
+    ServedModel.objects.filter(name="chat-v2").update(enabled=False)
     assert "mychat" not in registry_snapshot_build().splits  # only the model itself is left: no split
 
 
-def test_a_model_its_backends_do_not_serve_is_routed_through_a_full_split(models: dict[str, Model]) -> None:
+def test_a_model_its_backends_do_not_serve_is_routed_through_a_full_split(models: dict[str, ServedModel]) -> None:
     # given mychat, which no backend lists (the probe marked it), split 95/5 between two served versions
-    Model.objects.filter(name="mychat").update(unavailable_reason="no backend lists 'served-v1'")
+    ServedModel.objects.filter(name="mychat").update(unavailable_reason="no backend lists 'served-v1'")
     route(models["mychat"], models["chat-v1"], 95)
     route(models["mychat"], models["chat-v2"], 5)
     snapshot = registry_snapshot_build()
@@ -111,18 +111,18 @@ def test_a_model_its_backends_do_not_serve_is_routed_through_a_full_split(models
     assert "mychat" not in snapshot.models and "mychat" not in snapshot.splits
 
 
-def test_snapshot_shadows(models: dict[str, Model]) -> None:
+def test_snapshot_shadows(models: dict[str, ServedModel]) -> None:
     route(models["chat-v1"], models["chat-v2"], 10, kind="shadow")
     shadows = registry_snapshot_build().shadows["chat-v1"]
     assert [(s.target.name, s.share) for s in shadows] == [("chat-v2", pytest.approx(0.1))]
-    Model.objects.filter(name="chat-v2").update(enabled=False)
+    ServedModel.objects.filter(name="chat-v2").update(enabled=False)
     assert "chat-v1" not in registry_snapshot_build().shadows
 
 
 # --- admin ---------------------------------------------------------------------------------------------------
 
 
-def _model_form(model: Model, routes: list[tuple[str, Model, float]]) -> dict[str, object]:
+def _model_form(model: ServedModel, routes: list[tuple[str, ServedModel, float]]) -> dict[str, object]:
     data: dict[str, object] = {
         "name": model.name,
         "served_name": model.served_name,
@@ -142,9 +142,9 @@ def _model_form(model: Model, routes: list[tuple[str, Model, float]]) -> dict[st
 
 
 def test_admin_edits_the_split_inline_and_rejects_more_than_100_percent(
-    admin_client: Client, models: dict[str, Model]
+    admin_client: Client, models: dict[str, ServedModel]
 ) -> None:
-    url = f"/admin/backends/model/{models['mychat'].pk}/change/"
+    url = f"/admin/backends/servedmodel/{models['mychat'].pk}/change/"
     page = admin_client.get(url)
     assert page.status_code == 200 and b"Traffic split and shadow" in page.content
     too_much = _model_form(models["mychat"], [("split", models["chat-v1"], 95), ("split", models["chat-v2"], 10)])
@@ -156,7 +156,7 @@ def test_admin_edits_the_split_inline_and_rejects_more_than_100_percent(
         [("split", models["chat-v1"], 95), ("split", models["chat-v2"], 5), ("shadow", models["chat-v2"], 50)],
     )
     assert admin_client.post(url, ok).status_code == 302
-    assert Model.objects.get(name="mychat").split_sticky_key == "user"
+    assert ServedModel.objects.get(name="mychat").split_sticky_key == "user"
     assert sorted(ModelRoute.objects.values_list("kind", "target__name", "percent")) == [
         ("shadow", "chat-v2", 50.0),
         ("split", "chat-v1", 95.0),
@@ -164,7 +164,9 @@ def test_admin_edits_the_split_inline_and_rejects_more_than_100_percent(
     ]
 
 
-def test_shadow_comparison_is_shown_in_admin_per_model_pair(admin_client: Client, models: dict[str, Model]) -> None:
+def test_shadow_comparison_is_shown_in_admin_per_model_pair(
+    admin_client: Client, models: dict[str, ServedModel]
+) -> None:
     hour = timezone.now().replace(minute=0, second=0, microsecond=0)
     tally = {
         "mirrored": 10,
@@ -189,7 +191,7 @@ def test_shadow_comparison_is_shown_in_admin_per_model_pair(admin_client: Client
     assert "+2.0" in page  # completion tokens per successful answer: (192 - 160) / 16
     summary = shadow_comparison_summary(since=hour, primary="chat-v1")
     assert summary[0]["match_ratio"] == 0.75 and summary[0]["latency_ratio"] == 1.5
-    model_page = admin_client.get(f"/admin/backends/model/{models['chat-v1'].pk}/change/").content.decode()
+    model_page = admin_client.get(f"/admin/backends/servedmodel/{models['chat-v1'].pk}/change/").content.decode()
     assert "Shadow comparison (last 24 h)" in model_page
     assert "→ chat-v2: 20 mirrored, 4 errors, 6 dropped; text match 75.0 % of 16 compared; latency ×1.50" in model_page
 
@@ -204,7 +206,7 @@ def api() -> APIClient:
     return client
 
 
-def test_api_sets_and_shows_the_split_and_shadows(api: APIClient, models: dict[str, Model]) -> None:
+def test_api_sets_and_shows_the_split_and_shadows(api: APIClient, models: dict[str, ServedModel]) -> None:
     body = {
         "split_sticky_key": "header:x-session-id",
         "traffic_split": [{"model": "chat-v1", "percent": 95}, {"model": "chat-v2", "percent": 5}],
@@ -233,7 +235,7 @@ def test_api_sets_and_shows_the_split_and_shadows(api: APIClient, models: dict[s
         ([{"model": "chat-v1", "percent": 0}], "greater than or equal to 0.01"),
     ],
 )
-def test_api_rejects_a_bad_split(api: APIClient, models: dict[str, Model], entries: list, message: str) -> None:
+def test_api_rejects_a_bad_split(api: APIClient, models: dict[str, ServedModel], entries: list, message: str) -> None:
     response = api.patch("/api/models/mychat/", {"traffic_split": entries}, format="json")
     assert response.status_code == 400
     assert message in str(response.json())
@@ -286,4 +288,4 @@ def test_yaml_rejects_bad_routes_and_changes_nothing(entries: object, error: str
     with pytest.raises(RegistryImportError) as caught:
         registry_import(document=document)
     assert any(error in e for e in caught.value.errors), caught.value.errors
-    assert not Model.objects.exists()
+    assert not ServedModel.objects.exists()

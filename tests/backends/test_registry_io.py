@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db.models import Model as DjangoModel
 
-from backends.models import Backend, GpuPool, Model, ModelFallback, ModelRoute
+from backends.models import Backend, GpuPool, ModelFallback, ModelRoute, ServedModel
 from backends.registry_io import (
     RegistryImportError,
     registry_export,
@@ -43,7 +43,7 @@ def registry() -> None:
 
 
 def _wipe() -> None:
-    Model.objects.all().delete()
+    ServedModel.objects.all().delete()
     GpuPool.objects.all().delete()
 
 
@@ -159,7 +159,7 @@ def test_unknown_pool_reference_is_reported_via_command(registry: None, tmp_path
     text = registry_yaml_dump(document=registry_export()).replace("pool: gpu-a", "pool: gpu-z")
     with pytest.raises(CommandError, match=r"models\[2\] \(name: llama-70b\): field 'pool': unknown pool 'gpu-z'"):
         _import_file(tmp_path, text)
-    assert Model.objects.get(name="llama-70b").pool.name == "gpu-a"
+    assert ServedModel.objects.get(name="llama-70b").pool.name == "gpu-a"
 
 
 def test_every_error_is_collected() -> None:
@@ -266,7 +266,7 @@ def test_prune_deletes_what_is_not_in_the_file(registry: None) -> None:
     doc["pools"][0]["backends"].pop()  # a2
 
     kept = registry_import(document=doc)  # without --prune nothing is deleted
-    assert kept.models.deleted == [] and Model.objects.filter(name="embed").exists()
+    assert kept.models.deleted == [] and ServedModel.objects.filter(name="embed").exists()
     assert kept.models.updated == {"llama-70b": ["fallback_pools"]}
 
     report = registry_import(document=doc, prune=True)
@@ -313,7 +313,7 @@ def test_omitted_fields_keep_values_and_defaults_apply_on_create(registry: None)
     report = registry_import(document=doc)
     assert report.pools.unchanged == ["gpu-a"] and report.backends.unchanged == ["a1"]
     assert Backend.objects.get(name="a1").read_timeout_s == 60
-    fresh = Model.objects.get(name="fresh")
+    fresh = ServedModel.objects.get(name="fresh")
     assert (fresh.kind, fresh.enabled, fresh.aliases, fresh.pool.name) == ("chat", True, [], "gpu-b")
 
 
@@ -370,7 +370,9 @@ def test_example_file_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     call_command("import_registry", str(example), stdout=out)
     assert "pools: 2 created" in out.getvalue()
     assert Backend.objects.get(name="a100-eu-1").api_key == "sk-a100"
-    assert list(Model.objects.get(name="llama-3.1-70b").fallback_pools.values_list("name", flat=True)) == ["l40s-us"]
+    assert list(ServedModel.objects.get(name="llama-3.1-70b").fallback_pools.values_list("name", flat=True)) == [
+        "l40s-us"
+    ]
 
 
 # --- Every field of every registry model survives a round trip ----------------------------------------------------
@@ -381,7 +383,7 @@ def test_example_file_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 NOT_IN_YAML: dict[type, set[str]] = {
     GpuPool: {"id", "created_at", "updated_at"},
     Backend: {"id", "created_at", "updated_at", "status", "last_checked_at", "last_error", "last_latency_ms"},
-    Model: {"id", "created_at", "updated_at", "unavailable_reason"},
+    ServedModel: {"id", "created_at", "updated_at", "unavailable_reason"},
     ModelFallback: {"id"},
     ModelRoute: {"id"},
 }
@@ -389,11 +391,11 @@ NOT_IN_YAML: dict[type, set[str]] = {
 IMPLIED_BY_NESTING: dict[type, set[str]] = {
     GpuPool: set(),
     Backend: {"pool"},  # the pool it is listed under
-    Model: set(),
+    ServedModel: set(),
     ModelFallback: {"model", "pool", "position"},  # a model's ordered `fallback_pools`
     ModelRoute: {"model", "kind", "target", "percent"},  # a model's `traffic_split` and `shadows`
 }
-REGISTRY_MODELS = (GpuPool, Backend, Model, ModelFallback, ModelRoute)
+REGISTRY_MODELS = (GpuPool, Backend, ServedModel, ModelFallback, ModelRoute)
 
 
 def _config_fields(model: type[DjangoModel]) -> list[Any]:
@@ -488,7 +490,7 @@ def test_every_configuration_field_is_a_yaml_key(every_field_set: None) -> None:
     entries = {
         GpuPool: main,
         Backend: main["backends"][0],
-        Model: document["models"][0],
+        ServedModel: document["models"][0],
         ModelFallback: {},
         ModelRoute: {},
     }

@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 from backends.checks.models import CheckCase
 from backends.checks.selectors import check_targets_build
 from backends.mock_vllm import MockServer, MockVLLM
-from backends.models import Backend, GpuPool, Model
+from backends.models import Backend, GpuPool, ServedModel
 from backends.selectors import registry_snapshot_build, registry_version_get
 from backends.services import backend_probe, backend_probe_all, registry_vllm_register
 from routing.gateway import Gateway
@@ -41,9 +41,9 @@ def test_registering_from_the_environment_again_removes_what_it_no_longer_names(
     call_command("setup_platform", stdout=io.StringIO())
     # then the vllm pool is what the environment says now, and nothing else was touched
     pool = GpuPool.objects.get(name="vllm")
-    assert [m.name for m in Model.objects.filter(pool=pool)] == ["b"]
+    assert [m.name for m in ServedModel.objects.filter(pool=pool)] == ["b"]
     assert [(b.name, b.base_url) for b in Backend.objects.filter(pool=pool)] == [("vllm-1", "http://gpu-1:8000")]
-    assert Model.objects.filter(name="kept", pool=other).exists()
+    assert ServedModel.objects.filter(name="kept", pool=other).exists()
     assert "a" not in registry_snapshot_build().models
 
 
@@ -125,7 +125,7 @@ def test_the_gateway_neither_lists_nor_routes_an_unavailable_model(make_gateway:
 
 def test_admin_and_api_show_why_a_model_is_not_served(admin_client: Any) -> None:
     model_create(name="a", unavailable_reason="no backend of pool 'p' lists 'a' at /v1/models")
-    page = admin_client.get("/admin/backends/model/").content.decode()
+    page = admin_client.get("/admin/backends/servedmodel/").content.decode()
     assert "not served" in page and "lists &#x27;a&#x27; at /v1/models" in page
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {MASTER_KEY}")
@@ -133,7 +133,7 @@ def test_admin_and_api_show_why_a_model_is_not_served(admin_client: Any) -> None
     assert data["unavailable_reason"].startswith("no backend")
     # read-only: the probe writes it, not the API
     api.patch("/api/models/a/", {"unavailable_reason": ""}, format="json")
-    assert Model.objects.get(name="a").unavailable_reason.startswith("no backend")
+    assert ServedModel.objects.get(name="a").unavailable_reason.startswith("no backend")
 
 
 def test_checks_skip_a_model_no_backend_serves(db: None) -> None:

@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
 from backends.mock_vllm import MockServer
-from backends.models import Backend, GpuPool, Model
+from backends.models import Backend, GpuPool, ServedModel
 
 pytestmark = pytest.mark.django_db
 
@@ -27,7 +27,7 @@ def test_first_start_loads_demo_and_creates_admin(monkeypatch: pytest.MonkeyPatc
         stdout=io.StringIO(),
     )
     assert [b.name for b in Backend.objects.order_by("name")] == ["demo-mock-1", "demo-mock-2"]
-    assert set(Model.objects.values_list("name", "kind")) == {("mock-chat", "chat"), ("mock-embed", "embedding")}
+    assert set(ServedModel.objects.values_list("name", "kind")) == {("mock-chat", "chat"), ("mock-embed", "embedding")}
     password = (tmp_path / "admin_password").read_text().strip()
     assert get_user_model().objects.get(username="admin").check_password(password)
     # a second start keeps the registry as the operator left it
@@ -48,7 +48,7 @@ def test_vllm_backend_url_registers_a_pool_and_discovers_the_model(
     assert "org/llama-3-8b" in out.getvalue()
     pool = GpuPool.objects.get(name="vllm")
     assert sorted(b.base_url for b in pool.backends.all()) == sorted([a.url, b.url])
-    assert Model.objects.get(name="org/llama-3-8b").pool == pool
+    assert ServedModel.objects.get(name="org/llama-3-8b").pool == pool
 
 
 def test_unreachable_vllm_backend_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -196,7 +196,7 @@ def e2e_registry(django_db_setup: None, django_db_blocker: Any, e2e_config: E2EC
     """Register the pool, a too-impatient copy of it and the embedding server; committed, so the platform sees them."""
     from django.db import connection
 
-    from backends.models import Backend, GpuPool, Model
+    from backends.models import Backend, GpuPool, ServedModel
     from backends.services import registry_vllm_register
 
     cfg = e2e_config
@@ -204,7 +204,7 @@ def e2e_registry(django_db_setup: None, django_db_blocker: Any, e2e_config: E2EC
     assert database == test_database, f"refusing to write E2E rows to {database!r}: not the test database"
     with django_db_blocker.unblock():
         model, names = registry_vllm_register(urls=list(cfg.backend_urls), model_name=cfg.model, pool_name=CHAT_POOL)
-        row = Model.objects.get(name=model)
+        row = ServedModel.objects.get(name=model)
         row.max_context_length = cfg.max_model_len
         row.save()
         # The same server behind a backend whose read timeout is far shorter than any generation: the 504 path.
@@ -212,7 +212,9 @@ def e2e_registry(django_db_setup: None, django_db_blocker: Any, e2e_config: E2EC
         Backend.objects.create(
             pool=slow_pool, name=f"{SLOW_POOL}-1", base_url=cfg.backend_urls[0], read_timeout_s=SLOW_READ_TIMEOUT_S
         )
-        slow_model = Model.objects.create(name=f"{model}-slowtest", served_name=model, kind="chat", pool=slow_pool).name
+        slow_model = ServedModel.objects.create(
+            name=f"{model}-slowtest", served_name=model, kind="chat", pool=slow_pool
+        ).name
         embed_model = None
         if cfg.embed_url and cfg.embed_model:
             embed_model, _ = registry_vllm_register(
@@ -228,7 +230,7 @@ def e2e_registry(django_db_setup: None, django_db_blocker: Any, e2e_config: E2EC
     )
     with django_db_blocker.unblock():
         pools = [CHAT_POOL, SLOW_POOL, EMBED_POOL]
-        Model.objects.filter(pool__name__in=pools).delete()
+        ServedModel.objects.filter(pool__name__in=pools).delete()
         GpuPool.objects.filter(name__in=pools).delete()
 
 

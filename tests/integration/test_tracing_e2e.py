@@ -60,16 +60,18 @@ def traced_vllm(e2e_config: E2EConfig, receiver: OtlpReceiver) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def traced_model(traced_vllm: str, e2e_registry: E2ERegistry, django_db_blocker: Any) -> Iterator[str]:
-    from backends.models import Backend, GpuPool, Model
+    from backends.models import Backend, GpuPool, ServedModel
 
     with django_db_blocker.unblock():
-        served = Model.objects.get(name=e2e_registry.model).served_name
+        served = ServedModel.objects.get(name=e2e_registry.model).served_name
         pool = GpuPool.objects.create(name=POOL, description="E2E: a vLLM exporting traces")
         Backend.objects.create(pool=pool, name=f"{POOL}-1", base_url=traced_vllm)
-        public = Model.objects.create(name=f"{e2e_registry.model}-traced", served_name=served, kind="chat", pool=pool)
+        public = ServedModel.objects.create(
+            name=f"{e2e_registry.model}-traced", served_name=served, kind="chat", pool=pool
+        )
     yield public.name
     with django_db_blocker.unblock():
-        Model.objects.filter(pool__name=POOL).delete()
+        ServedModel.objects.filter(pool__name=POOL).delete()
         GpuPool.objects.filter(name=POOL).delete()
 
 

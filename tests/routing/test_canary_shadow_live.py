@@ -13,7 +13,7 @@ import pytest
 from django.test import Client
 
 from backends.mock_vllm import MockServer
-from backends.models import Model, ModelRoute, ShadowComparison
+from backends.models import ModelRoute, ServedModel, ShadowComparison
 from tests.conftest import AUTH, MASTER_KEY
 from tests.factories import backend_create, model_create, pool_create
 from tests.live import PlatformProcess
@@ -33,7 +33,7 @@ def mocks() -> Iterator[tuple[MockServer, MockServer]]:
 
 
 @pytest.fixture
-def versions(mocks: tuple[MockServer, MockServer]) -> dict[str, Model]:
+def versions(mocks: tuple[MockServer, MockServer]) -> dict[str, ServedModel]:
     """chat-v1 on pool a (mock v1), chat-v2 on pool b (mock v2), and mychat, served by v1's backends too."""
     v1, v2 = mocks
     a, b = pool_create(name="pool-a"), pool_create(name="pool-b")
@@ -73,7 +73,7 @@ def flood(platform: PlatformProcess, model: str, n: int = 30) -> float:
 
 
 def test_split_live_sticky_and_reweighted_within_two_seconds(
-    mocks: tuple[MockServer, MockServer], versions: dict[str, Model]
+    mocks: tuple[MockServer, MockServer], versions: dict[str, ServedModel]
 ) -> None:
     v1, v2 = mocks
     # given mychat -> 50 % chat-v2 (the rest on mychat itself, i.e. v1's backends), sticky per user
@@ -109,7 +109,7 @@ def test_split_live_sticky_and_reweighted_within_two_seconds(
 
 
 def test_shadow_live_slow_shadow_bounded_and_compared_in_admin(
-    mocks: tuple[MockServer, MockServer], versions: dict[str, Model], admin_client: Client
+    mocks: tuple[MockServer, MockServer], versions: dict[str, ServedModel], admin_client: Client
 ) -> None:
     _, v2 = mocks
     # given chat-v1 mirrored (100 %) to a chat-v2 that takes 1.5 s per answer, one mirror at a time, two waiting

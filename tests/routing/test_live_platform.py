@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from backends.mock_vllm import MockServer
-from backends.models import Backend, Model
+from backends.models import Backend, ServedModel
 from tests.conftest import MASTER_KEY
 from tests.factories import backend_create, model_create, pool_create
 from tests.live import PlatformProcess
@@ -105,8 +105,8 @@ def test_registry_change_reaches_two_processes_within_two_seconds(registry_rows:
         # then both processes list it within 2 s, without a restart
         assert _seen_within(2.0, lambda: "new-model" in _listed(a.url) and "new-model" in _listed(b.url))
         # and disabling it takes it away again
-        Model.objects.filter(name="new-model").update(enabled=False)
-        Model.objects.get(name="chat-model").save()  # .update() sends no signal; a save does
+        ServedModel.objects.filter(name="new-model").update(enabled=False)
+        ServedModel.objects.get(name="chat-model").save()  # .update() sends no signal; a save does
         assert _seen_within(2.0, lambda: "new-model" not in _listed(a.url) | _listed(b.url))
 
 

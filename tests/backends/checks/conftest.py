@@ -10,7 +10,7 @@ import pytest
 
 from backends.checks.models import CheckCase
 from backends.mock_vllm import MockServer
-from backends.models import Backend, GpuPool, Model
+from backends.models import Backend, GpuPool, ServedModel
 from llm_platform.celery import app as celery_app
 from tests.factories import backend_create, model_create, pool_create
 
@@ -57,7 +57,7 @@ class Fleet:
     def __init__(self, stack: ExitStack) -> None:
         self._stack = stack
         self.pool: GpuPool = pool_create()
-        self.model: Model = model_create(pool=self.pool, name="chat-model", served_name="served-chat")
+        self.model: ServedModel = model_create(pool=self.pool, name="chat-model", served_name="served-chat")
         self.mocks: dict[str, MockServer] = {}
 
     def add(self, name: str, *, backend: dict[str, Any] | None = None, **knobs: Any) -> Backend:

@@ -108,7 +108,7 @@ def test_run_checks_now_action_on_backends_and_models(
     assert run.backend_names == ["b1"] and run.total == 1 and run.status == "passed"
     with django_capture_on_commit_callbacks(execute=True):
         admin_client.post(
-            reverse("admin:backends_model_changelist"),
+            reverse("admin:backends_servedmodel_changelist"),
             {"action": "run_checks_now", "_selected_action": [fleet.model.pk]},
         )
     latest = CheckRun.objects.first()
@@ -128,7 +128,7 @@ def test_backend_and_model_pages_show_trend_charts(
     assert check_trend_for_model(model=fleet.model) == points
     for url in (
         reverse("admin:backends_backend_change", args=[backend.pk]),
-        reverse("admin:backends_model_change", args=[fleet.model.pk]),
+        reverse("admin:backends_servedmodel_change", args=[fleet.model.pk]),
     ):
         html = admin_client.get(url).content.decode()
         assert "Checks (last 30 runs)" in html
@@ -136,7 +136,7 @@ def test_backend_and_model_pages_show_trend_charts(
         assert "1/1 passed (100%)" in html and "0/1 passed (0%)" in html
         assert "<script" not in html.split("Checks (last 30 runs)")[1].split("</fieldset>")[0]
     assert admin_client.get(reverse("admin:backends_backend_add")).status_code == 200
-    assert admin_client.get(reverse("admin:backends_model_add")).status_code == 200
+    assert admin_client.get(reverse("admin:backends_servedmodel_add")).status_code == 200
 
 
 def test_charts_are_plain_svg_with_escaped_labels() -> None:

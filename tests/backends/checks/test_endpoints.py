@@ -21,7 +21,7 @@ from backends.checks.models import CaseEndpoint, CheckCase, CheckResult, CheckRu
 from backends.checks.report import run_markdown
 from backends.checks.selectors import check_targets_build
 from backends.checks.services import check_run_now
-from backends.models import Model
+from backends.models import ServedModel
 from tests.factories import backend_create, model_create, pool_create
 
 pytestmark = pytest.mark.django_db
@@ -85,7 +85,7 @@ class FakeVLLM:
 
 
 @pytest.fixture
-def registry() -> tuple[Model, Model]:
+def registry() -> tuple[ServedModel, ServedModel]:
     """A pool with one backend, a chat model and an embedding (pooling) model."""
     pool = pool_create(name="p-mixed")
     backend_create(pool=pool, name="b1", base_url="http://vllm.test")
@@ -209,7 +209,7 @@ def test_rerank_case_bad_answers_are_backend_errors(registry: Any, answer: Any, 
     assert error in result.error, result.error
 
 
-def test_cases_apply_to_the_models_their_endpoint_serves(registry: tuple[Model, Model]) -> None:
+def test_cases_apply_to_the_models_their_endpoint_serves(registry: tuple[ServedModel, ServedModel]) -> None:
     chat, embed = registry
     _rerank_case(name="rank")
     _responses_case(name="respond")  # (disables the others)
