@@ -12,6 +12,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from backends.validators import validate_name
+from core.versions import VersionRow
 
 
 class RoutingStrategy(StrEnum):
@@ -448,11 +449,8 @@ class ShadowComparison(models.Model):
         return f"{self.hour:%Y-%m-%d %H:00} {self.primary} → {self.shadow}"
 
 
-class RegistryState(models.Model):
-    """A single row whose version increases on every registry change: the cheap change signal."""
-
-    version = models.BigIntegerField(default=0)
-    updated_at = models.DateTimeField(auto_now=True)
+class RegistryState(VersionRow):
+    """The registry's change signal: its version increases on every registry change (core.versions)."""
 
     def __str__(self) -> str:
         return f"registry v{self.version}"

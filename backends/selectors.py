@@ -22,12 +22,12 @@ from backends.models import (
     normalize_api_key,
 )
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot, ShadowSnap, SplitSnap
+from core.versions import version_get
 
 
 def registry_version_get() -> int:
     """Return the current registry version (one indexed single-row query; the change signal)."""
-    row = RegistryState.objects.filter(pk=1).values_list("version", flat=True).first()
-    return row if row is not None else 0
+    return version_get(RegistryState)
 
 
 def registry_snapshot_build() -> RegistrySnapshot:

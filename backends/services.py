@@ -28,15 +28,14 @@ from backends.models import (
     bearer_headers,
     normalize_api_key,
 )
+from core.versions import version_bump
 
 logger = logging.getLogger(__name__)
 
 
 def registry_version_bump() -> None:
     """Increase the registry version so every web process reloads its snapshot (within the poll interval)."""
-    with transaction.atomic():
-        if not RegistryState.objects.filter(pk=1).update(version=F("version") + 1):
-            RegistryState.objects.get_or_create(pk=1, defaults={"version": 1})
+    version_bump(RegistryState)
 
 
 def registry_version_bump_on_commit() -> None:

@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+from core.versions import VersionRow
 from governance.priority import CHOICES as PRIORITY_CHOICES
 from governance.priority import RANK, Priority
 
@@ -82,11 +83,8 @@ class ApiKey(models.Model):
             )
 
 
-class KeyRegistryState(models.Model):
-    """A single row whose version increases on every key change: the web processes' reload signal."""
-
-    version = models.BigIntegerField(default=0)
-    updated_at = models.DateTimeField(auto_now=True)
+class KeyRegistryState(VersionRow):
+    """The keys' change signal: its version increases on every key change (core.versions)."""
 
 
 class UsageRecord(models.Model):

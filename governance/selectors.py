@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
+from core.versions import version_get
 from governance.models import ApiKey, KeyRegistryState
 from governance.priority import Priority
 from governance.snapshot import KeySnap, KeySnapshot
@@ -11,8 +12,7 @@ from governance.snapshot import KeySnap, KeySnapshot
 
 def key_registry_version_get() -> int:
     """The current key registry version (one single-row query; the change signal)."""
-    row = KeyRegistryState.objects.filter(pk=1).values_list("version", flat=True).first()
-    return row if row is not None else 0
+    return version_get(KeyRegistryState)
 
 
 def key_snapshot_build() -> KeySnapshot:

@@ -7,17 +7,15 @@ from datetime import datetime
 
 from django.contrib.auth.models import User
 from django.db import transaction
-from django.db.models import F
 
+from core.versions import version_bump
 from governance.models import KEY_PREFIX_LENGTH, ApiKey, KeyRegistryState, key_hash
 from governance.priority import Priority
 
 
 def key_registry_bump() -> None:
     """Increase the key registry version so every web process reloads its key cache."""
-    with transaction.atomic():
-        if not KeyRegistryState.objects.filter(pk=1).update(version=F("version") + 1):
-            KeyRegistryState.objects.get_or_create(pk=1, defaults={"version": 1})
+    version_bump(KeyRegistryState)
 
 
 def key_registry_bump_on_commit() -> None:
