@@ -16,8 +16,9 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
 from core.admin_ui import badge
+from core.svg import GREEN, RED
 from governance import admin_keys  # noqa: F401
-from governance.charts import GREEN, RED, hbars_svg, lines_svg, stacked_bars_svg
+from governance.charts import hbars_svg, lines_svg, stacked_bars_svg
 from governance.models import UsageBackendBucket, UsageHourly, UsageRecord
 from governance.selectors import trace_url
 from governance.usage import UsageRow, usage_report, usage_totals

@@ -24,7 +24,8 @@ from backends.checks.selectors import check_run_latest_summary
 from backends.models import BackendState, HealthStatus
 from backends.runtime import runtime_stats_collect
 from backends.selectors import pools_with_backends
-from governance.charts import GREEN, RED, lines_svg, stacked_bars_svg
+from core.svg import GREEN, RED
+from governance.charts import lines_svg, stacked_bars_svg
 from governance.models import BUCKET_SECONDS
 from governance.usage import Traffic, bucket_start, usage_backend_traffic, usage_backend_traffic_hourly
 
