@@ -468,6 +468,7 @@ class _Importer:
         self.models: list[_Entry] = []
         # Names used anywhere in the document (even in entries with errors), so prune never deletes them.
         self.named: dict[str, set[str]] = {"pools": set(), "backends": set(), "models": set()}
+        self._first_seen: dict[tuple[str, str], str] = {}  # (kind, name): where it is first named
         self.pool_rows: dict[str, GpuPool] = {p.name: p for p in GpuPool.objects.all()}
         self.model_rows: dict[str, ServedModel] = {}
 
@@ -490,10 +491,20 @@ class _Importer:
     def _check_document(self) -> None:
         """Check keys, types, required fields, duplicate names and pool references; keep the valid entries."""
         doc = self.document
-        schema = registry_schema()
         if not isinstance(doc, dict):
             self.errors.append(f"document: expected a mapping with 'pools' and 'models', got {_type(doc)}")
             return
+        self._check_top_level(doc)
+        schema = registry_schema()
+        pools_doc, models_doc = doc.get("pools"), doc.get("models")
+        for i, raw in enumerate(pools_doc if isinstance(pools_doc, list) else []):
+            self._check_pool(raw, f"pools[{i}]", schema)
+        known_pools = self.named["pools"] | (set() if self.prune else set(self.pool_rows))
+        for i, raw in enumerate(models_doc if isinstance(models_doc, list) else []):
+            self._check_model(raw, f"models[{i}]", schema, known_pools)
+
+    def _check_top_level(self, doc: dict[str, Any]) -> None:
+        """Only the known top-level keys, each a list; all of them with --prune."""
         for key in doc:
             if key not in TOP_LEVEL_KEYS:
                 self.errors.append(f"document: field {key!r}: unknown key (allowed: {', '.join(TOP_LEVEL_KEYS)})")
@@ -504,71 +515,71 @@ class _Importer:
                 )
             elif key in doc and not isinstance(doc[key], list):
                 self.errors.append(f"document: field {key!r}: expected a list, got {_type(doc[key])}")
-        pools_doc, models_doc = doc.get("pools"), doc.get("models")
-        pools_raw: list[Any] = pools_doc if isinstance(pools_doc, list) else []
-        models_raw: list[Any] = models_doc if isinstance(models_doc, list) else []
 
-        first_seen: dict[tuple[str, str], str] = {}
-
-        def unique(kind: str, where: str, entry: dict[str, Any]) -> bool:
-            name = entry.get("name")
-            if not isinstance(name, str):
-                return True
-            self.named[kind].add(name)
-            if (kind, name) in first_seen:
-                self.errors.append(f"{_label(where, entry)}: field 'name': duplicate of {first_seen[kind, name]}")
-                return False
-            first_seen[kind, name] = where
+    def _unique(self, kind: str, where: str, entry: dict[str, Any]) -> bool:
+        """Record the entry's name as used; False (with an error) when an earlier entry of the kind has it."""
+        name = entry.get("name")
+        if not isinstance(name, str):
             return True
+        self.named[kind].add(name)
+        if (kind, name) in self._first_seen:
+            self.errors.append(f"{_label(where, entry)}: field 'name': duplicate of {self._first_seen[kind, name]}")
+            return False
+        self._first_seen[kind, name] = where
+        return True
 
-        for i, raw in enumerate(pools_raw):
-            where = f"pools[{i}]"
-            ok = _check_entry(raw, where, schema["pools"].schema, self.errors)
-            ok = unique("pools", where, raw) and ok if isinstance(raw, dict) else ok
-            pool = _Entry(_label(where, raw), raw) if ok else None
-            if pool:
-                self.pools.append(pool)
-            backends_raw = raw.get("backends", []) if isinstance(raw, dict) else []
-            for j, braw in enumerate(backends_raw if isinstance(backends_raw, list) else []):
-                bwhere = f"{where}.backends[{j}]"
-                bok = _check_entry(braw, bwhere, schema["backends"].schema, self.errors)
-                bok = unique("backends", bwhere, braw) and bok if isinstance(braw, dict) else bok
-                if bok and "api_key" in braw and "api_key_env" in braw:
-                    self.errors.append(
-                        f"{_label(bwhere, braw)}: field 'api_key_env': give api_key or api_key_env, not both"
-                    )
-                    bok = False
-                if bok and pool:
-                    self.backends.append(_Entry(_label(bwhere, braw), braw, parent=pool))
+    def _check_pool(self, raw: Any, where: str, schema: dict[str, _Kind]) -> None:
+        """One pool entry and its nested backends (kept only when the pool is valid too)."""
+        ok = _check_entry(raw, where, schema["pools"].schema, self.errors)
+        ok = self._unique("pools", where, raw) and ok if isinstance(raw, dict) else ok
+        pool = _Entry(_label(where, raw), raw) if ok else None
+        if pool:
+            self.pools.append(pool)
+        backends_raw = raw.get("backends", []) if isinstance(raw, dict) else []
+        for j, braw in enumerate(backends_raw if isinstance(backends_raw, list) else []):
+            bwhere = f"{where}.backends[{j}]"
+            bok = _check_entry(braw, bwhere, schema["backends"].schema, self.errors)
+            bok = self._unique("backends", bwhere, braw) and bok if isinstance(braw, dict) else bok
+            if bok and "api_key" in braw and "api_key_env" in braw:
+                self.errors.append(
+                    f"{_label(bwhere, braw)}: field 'api_key_env': give api_key or api_key_env, not both"
+                )
+                bok = False
+            if bok and pool:
+                self.backends.append(_Entry(_label(bwhere, braw), braw, parent=pool))
 
-        known_pools = self.named["pools"] | (set() if self.prune else set(self.pool_rows))
-        for i, raw in enumerate(models_raw):
-            where = f"models[{i}]"
-            ok = _check_entry(raw, where, schema["models"].schema, self.errors)
-            if not isinstance(raw, dict):
-                continue
-            ok = unique("models", where, raw) and ok
-            label = _label(where, raw)
-            pool = raw.get("pool")
-            if isinstance(pool, str) and pool not in known_pools:
-                self.errors.append(f"{label}: field 'pool': unknown pool {pool!r}")
+    def _check_model(self, raw: Any, where: str, schema: dict[str, _Kind], known_pools: set[str]) -> None:
+        """One model entry: its fields, a unique name, and its pool and fallback pools known."""
+        ok = _check_entry(raw, where, schema["models"].schema, self.errors)
+        if not isinstance(raw, dict):
+            return
+        ok = self._unique("models", where, raw) and ok
+        label = _label(where, raw)
+        pool = raw.get("pool")
+        if isinstance(pool, str) and pool not in known_pools:
+            self.errors.append(f"{label}: field 'pool': unknown pool {pool!r}")
+            ok = False
+        ok = self._check_fallback_pools(label, pool, raw.get("fallback_pools"), known_pools) and ok
+        if ok:
+            self.models.append(_Entry(label, raw))
+
+    def _check_fallback_pools(self, label: str, pool: Any, fallbacks: Any, known_pools: set[str]) -> bool:
+        """A model's fallback pools are known, listed once each, and not its own pool (a wrong type is reported by
+        the field check)."""
+        if not (isinstance(fallbacks, list) and all(isinstance(f, str) for f in fallbacks)):
+            return True
+        ok = True
+        for f in fallbacks:
+            if f not in known_pools:
+                self.errors.append(f"{label}: field 'fallback_pools': unknown pool {f!r}")
                 ok = False
-            fallbacks = raw.get("fallback_pools")
-            if isinstance(fallbacks, list) and all(isinstance(f, str) for f in fallbacks):
-                for f in fallbacks:
-                    if f not in known_pools:
-                        self.errors.append(f"{label}: field 'fallback_pools': unknown pool {f!r}")
-                        ok = False
-                if len(set(fallbacks)) != len(fallbacks):
-                    self.errors.append(f"{label}: field 'fallback_pools': a pool is listed more than once")
-                    ok = False
-                if pool in fallbacks:
-                    self.errors.append(
-                        f"{label}: field 'fallback_pools': the model's own pool {pool!r} cannot be a fallback"
-                    )
-                    ok = False
-            if ok:
-                self.models.append(_Entry(label, raw))
+        if len(set(fallbacks)) != len(fallbacks):
+            self.errors.append(f"{label}: field 'fallback_pools': a pool is listed more than once")
+            ok = False
+        if pool in fallbacks:
+            self.errors.append(f"{label}: field 'fallback_pools': the model's own pool {pool!r} cannot be a fallback")
+            ok = False
+        return ok
 
     # Upserts ---------------------------------------------------------------------------------------------------
 
