@@ -53,7 +53,7 @@ MASTER = "fairness-master-key"
 sys.path.insert(0, str(ROOT))
 
 from backends.mock_vllm import free_port  # noqa: E402
-from bench.stack import platform_env, start_platform, wait_http  # noqa: E402
+from bench.stack import create_api_key, platform_env, start_mock, start_platform, wait_http  # noqa: E402
 
 TOKEN_DELAY_S = 0.04
 INTERACTIVE_TOKENS = 50
@@ -63,6 +63,11 @@ QUEUE_MAX = 32
 CLIENT_TIMEOUT_S = 15.0
 IDLE_REUSE_S = 3.0
 SHED_WORDS = "took its place"  # in the message of a 429 whose queued request was shed for another
+# The runs the targets compare (the names are the report's rows).
+UNLOADED = "unloaded: interactive alone (0.1x)"
+FLOODED = "(a) interactive (0.1x) while flooded"
+FLOODER_1 = "(b) flooder 1 (5x)"
+FLOODER_2 = "(b) flooder 2 (5x), equal weight"
 
 
 # --- a small open-loop HTTP/1.1 client -----------------------------------------------------------------------------
@@ -243,125 +248,88 @@ async def _together(clients: list[Client], seconds: float) -> list[Result]:
 # --- orchestration -----------------------------------------------------------------------------------------------
 
 
-def _key(env: dict[str, str], name: str, priority: str) -> str:
-    argv = [PY, "manage.py", "create_api_key", "--name", name, "--priority", priority, "--max-priority", priority]
-    out = subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
-
-
 def _fmt(value: float | None, pattern: str = "{:.0f}") -> str:
     return "–" if value is None else pattern.format(value)
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=40.0, help="length of each loaded scenario")
     parser.add_argument("--slots", type=int, default=8, help="the backend's max_concurrent_requests")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
-    args = parser.parse_args()
-    capacity = args.slots / MEAN_FLOOD_S
-    state = Path(tempfile.mkdtemp(prefix="fairness-"))
-    env = platform_env(
-        state,
-        MASTER,
-        LOG_LEVEL="ERROR",
-        ROUTER_QUEUE_MAX=str(QUEUE_MAX),
-        ROUTER_QUEUE_TIMEOUT_S="10",
-        ROUTER_CIRCUIT_FAILURES="1000000",
+    return parser.parse_args()
+
+
+def _keys_create(env: dict[str, str], port: int, slots: int) -> dict[str, str]:
+    """Create the scenarios' keys (their secrets by name) and give the platform's one backend `slots` slots."""
+    keys = {
+        name: create_api_key(env, name, "--priority", priority, "--max-priority", priority)
+        for name, priority in (
+            ("interactive", "standard"),
+            ("flooder", "standard"),
+            ("flooder-2", "standard"),
+            ("critical", "critical"),
+            ("batch", "batch"),
+        )
+    }
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", headers={"Authorization": f"Bearer {MASTER}"})
+    api.patch("/backends/demo-mock-1/", json={"max_concurrent_requests": slots}).raise_for_status()
+    time.sleep(1.5)  # the registry and the keys reach the running process within the 0.5 s reload interval
+    return keys
+
+
+def _scenarios(port: int, keys: dict[str, str], capacity: float, seconds: float) -> dict[str, Result]:
+    """Run the scenarios one after the other (1, a, b, c of the module's docstring); each run's result by name."""
+
+    def client(name: str, rate_x: float, tokens: tuple[int, int], seed: int) -> Client:
+        return Client(port, keys[name], rate_x * capacity, tokens, seed)
+
+    interactive = (INTERACTIVE_TOKENS, INTERACTIVE_TOKENS)
+    asyncio.run(_together([client("interactive", 0.1, interactive, 1)], 2.0))  # warm-up
+    (unloaded,) = asyncio.run(_together([client("interactive", 0.1, interactive, 2)], seconds))
+    time.sleep(1.0)
+    flooded, flood = asyncio.run(
+        _together([client("interactive", 0.1, interactive, 3), client("flooder", 10, FLOOD_TOKENS, 4)], seconds)
     )
-    mock_port, port = free_port(), free_port()
-    mock_url = f"http://127.0.0.1:{mock_port}"
-    mock = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "backends.mock_vllm",
-            "--port",
-            str(mock_port),
-            "--model",
-            "mock-chat",
-            "--embed-model",
-            "mock-embed",
-        ],
-        cwd=ROOT,
+    time.sleep(2.0)
+    first, second = asyncio.run(
+        _together([client("flooder", 5, FLOOD_TOKENS, 5), client("flooder-2", 5, FLOOD_TOKENS, 6)], seconds)
     )
-    web: subprocess.Popen[bytes] | None = None
-    report: dict[str, Any] = {"slots": args.slots, "capacity_rps": round(capacity, 1), "seconds": args.seconds}
-    try:
-        wait_http(f"{mock_url}/health")
-        httpx.post(f"{mock_url}/mock/config", json={"token_delay_s": TOKEN_DELAY_S}, timeout=5).raise_for_status()
-        web = start_platform(env, [mock_url], port, log_level="error")
-        keys = {
-            name: _key(env, name, priority)
-            for name, priority in (
-                ("interactive", "standard"),
-                ("flooder", "standard"),
-                ("flooder-2", "standard"),
-                ("critical", "critical"),
-                ("batch", "batch"),
-            )
-        }
-        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", headers={"Authorization": f"Bearer {MASTER}"})
-        api.patch("/backends/demo-mock-1/", json={"max_concurrent_requests": args.slots}).raise_for_status()
-        time.sleep(1.5)  # the registry and the keys reach the running process within the 0.5 s reload interval
-
-        def client(name: str, rate_x: float, tokens: tuple[int, int], seed: int) -> Client:
-            return Client(port, keys[name], rate_x * capacity, tokens, seed)
-
-        interactive = (INTERACTIVE_TOKENS, INTERACTIVE_TOKENS)
-        asyncio.run(_together([client("interactive", 0.1, interactive, 1)], 2.0))  # warm-up
-        (unloaded,) = asyncio.run(_together([client("interactive", 0.1, interactive, 2)], args.seconds))
-        time.sleep(1.0)
-        flooded, flood = asyncio.run(
-            _together(
-                [client("interactive", 0.1, interactive, 3), client("flooder", 10, FLOOD_TOKENS, 4)], args.seconds
-            )
+    time.sleep(2.0)
+    critical, standard, batch = asyncio.run(
+        _together(
+            [
+                client("critical", 0.25, FLOOD_TOKENS, 7),
+                client("interactive", 0.4, FLOOD_TOKENS, 8),
+                client("batch", 10, FLOOD_TOKENS, 9),
+            ],
+            seconds,
         )
-        time.sleep(2.0)
-        first, second = asyncio.run(
-            _together([client("flooder", 5, FLOOD_TOKENS, 5), client("flooder-2", 5, FLOOD_TOKENS, 6)], args.seconds)
-        )
-        time.sleep(2.0)
-        critical, standard, batch = asyncio.run(
-            _together(
-                [
-                    client("critical", 0.25, FLOOD_TOKENS, 7),
-                    client("interactive", 0.4, FLOOD_TOKENS, 8),
-                    client("batch", 10, FLOOD_TOKENS, 9),
-                ],
-                args.seconds,
-            )
-        )
-        (mixed_unloaded,) = asyncio.run(_together([client("critical", 0.25, FLOOD_TOKENS, 7)], args.seconds / 2))
-    finally:
-        if web is not None:
-            web.terminate()
-            web.wait(timeout=15)
-        mock.terminate()
-        mock.wait(timeout=15)
-
-    runs = {
-        "unloaded: interactive alone (0.1x)": unloaded,
-        "(a) interactive (0.1x) while flooded": flooded,
+    )
+    (mixed_unloaded,) = asyncio.run(_together([client("critical", 0.25, FLOOD_TOKENS, 7)], seconds / 2))
+    return {
+        UNLOADED: unloaded,
+        FLOODED: flooded,
         "(a) flooder, same class (10x)": flood,
-        "(b) flooder 1 (5x)": first,
-        "(b) flooder 2 (5x), equal weight": second,
+        FLOODER_1: first,
+        FLOODER_2: second,
         "(c) critical (0.25x), unloaded": mixed_unloaded,
         "(c) critical (0.25x)": critical,
         "(c) standard (0.4x)": standard,
         "(c) batch (10x)": batch,
     }
-    rows = {name: r.row() for name, r in runs.items()}
-    report["runs"] = rows
 
+
+def _targets(runs: dict[str, Result], rows: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, bool, str]], bool]:
+    """Each target of issue 17 as (target, met, measured), and whether a request hung or got an unclear answer."""
     targets: list[tuple[str, bool, str]] = []
-    base, loaded = rows["unloaded: interactive alone (0.1x)"], rows["(a) interactive (0.1x) while flooded"]
+    base, loaded = rows[UNLOADED], rows[FLOODED]
     ratio = loaded["p99_ms"] / base["p99_ms"] if loaded["p99_ms"] and base["p99_ms"] else float("inf")
     targets.append(("(a) interactive p99 <= 1.5x unloaded", ratio <= 1.5, f"{ratio:.2f}x"))
-    interactive_errors = flooded.sent - flooded.statuses.get(200, 0)
+    interactive_errors = runs[FLOODED].sent - runs[FLOODED].statuses.get(200, 0)
     targets.append(("(a) interactive errors = 0", interactive_errors == 0, str(interactive_errors)))
-    a, b = first.statuses.get(200, 0), second.statuses.get(200, 0)
+    a, b = runs[FLOODER_1].statuses.get(200, 0), runs[FLOODER_2].statuses.get(200, 0)
     gap = abs(a - b) / max(a, b, 1)
     targets.append(("(b) equal keys within 10 %", gap <= 0.10, f"{a} vs {b} ({gap:.1%})"))
     results = list(runs.values())
@@ -373,8 +341,13 @@ def main() -> int:
     targets.append(
         ("429 of a full queue p99 < 50 ms", p99_429 is not None and p99_429 < 50, f"{_fmt(p99_429, '{:.1f}')} ms")
     )
-    report["targets"] = [{"target": t, "met": ok, "measured": m} for t, ok, m in targets]
+    return targets, bool(hangs or unclear)
 
+
+def _print_report(
+    args: argparse.Namespace, capacity: float, rows: dict[str, dict[str, Any]], targets: list[tuple[str, bool, str]]
+) -> None:
+    """The set-up in a line, a Markdown table of the runs, then PASS or MISS for each target."""
     print(
         f"backend: {args.slots} slots, flood service {FLOOD_TOKENS[0] * TOKEN_DELAY_S:g}-"
         f"{FLOOD_TOKENS[1] * TOKEN_DELAY_S:g} s (capacity ~{capacity:.0f} req/s), "
@@ -397,9 +370,45 @@ def main() -> int:
     print()
     for name, ok, measured in targets:
         print(f"{'PASS' if ok else 'MISS'} {name}: {measured}")
+
+
+def main() -> int:
+    args = _parse_args()
+    capacity = args.slots / MEAN_FLOOD_S
+    state = Path(tempfile.mkdtemp(prefix="fairness-"))
+    env = platform_env(
+        state,
+        MASTER,
+        LOG_LEVEL="ERROR",
+        ROUTER_QUEUE_MAX=str(QUEUE_MAX),
+        ROUTER_QUEUE_TIMEOUT_S="10",
+        ROUTER_CIRCUIT_FAILURES="1000000",
+    )
+    mock_port, port = free_port(), free_port()
+    mock_url = f"http://127.0.0.1:{mock_port}"
+    mock = start_mock(mock_port)
+    web: subprocess.Popen[bytes] | None = None
+    try:
+        wait_http(f"{mock_url}/health")
+        httpx.post(f"{mock_url}/mock/config", json={"token_delay_s": TOKEN_DELAY_S}, timeout=5).raise_for_status()
+        web = start_platform(env, [mock_url], port, log_level="error")
+        keys = _keys_create(env, port, args.slots)
+        runs = _scenarios(port, keys, capacity, args.seconds)
+    finally:
+        if web is not None:
+            web.terminate()
+            web.wait(timeout=15)
+        mock.terminate()
+        mock.wait(timeout=15)
+
+    rows = {name: r.row() for name, r in runs.items()}
+    targets, hard = _targets(runs, rows)
+    report: dict[str, Any] = {"slots": args.slots, "capacity_rps": round(capacity, 1), "seconds": args.seconds}
+    report["runs"] = rows
+    report["targets"] = [{"target": t, "met": ok, "measured": m} for t, ok, m in targets]
+    _print_report(args, capacity, rows, targets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    hard = hangs or unclear
     missed = not all(ok for _, ok, _ in targets)
     return 1 if hard or (args.strict and missed) else 0
 

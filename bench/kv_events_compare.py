@@ -175,6 +175,55 @@ class Result:
     event_lag_ms: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def record(self, backend: str, *, prompt_tokens: int, cached: int, predicted: int) -> None:
+        """Count one answered request: its tokens, and whether the predicted cached tokens were right."""
+        self.per_backend[backend] += 1
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached
+        if predicted == cached:
+            self.exact += 1
+        elif predicted > cached:
+            self.phantom += 1
+        else:
+            self.missed += 1
+
+
+def choose(
+    mode: str,
+    i: int,
+    keys: list[int],
+    *,
+    names: list[str],
+    hub: KvEventsHub,
+    memory: dict[str, LruBlocks],
+    sent: dict[str, int],
+    tie_rng: random.Random,
+) -> tuple[str, dict[str, int]]:
+    """The backend for request `i` and each backend's matched blocks as the mode sees them (round robin: none;
+    precise: the hub's indexes; approximate: this router process's own memory). Ties go to the process's least
+    used backend, then at random."""
+    if mode == "round_robin":
+        return names[i % len(names)], dict.fromkeys(names, 0)
+    if mode.startswith("precise"):
+        scores = {name: hub.matched_blocks(name, keys) or 0 for name in names}
+    else:
+        scores = {name: memory[name].matched(keys) for name in names}
+    best = max(scores.values())
+    tied = [n for n in names if scores[n] == best]
+    fewest = min(sent[n] for n in tied)
+    return tie_rng.choice([n for n in tied if sent[n] == fewest]), scores
+
+
+async def event_lag_ms(hub: KvEventsHub, backend: str, keys: list[int], full: int) -> float:
+    """How long until the backend's KV events show all `full` blocks of the prompt in the hub's index (1 s at most)."""
+    index = hub.index(backend)
+    t = time.perf_counter()
+    # the index has no change notification: poll it (1 ms, at most 1 s)
+    while index is not None and index.matched_blocks(keys) < full and time.perf_counter() - t < 1.0:  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+    return (time.perf_counter() - t) * 1000
+
 
 async def run_mode(
     mode: str,
@@ -213,21 +262,10 @@ async def run_mode(
         keys = block_keys(tokens, block_size)
         usable = (len(tokens) - 1) // block_size  # vLLM always recomputes the last token
         process = i % processes
-        if mode == "round_robin":
-            scores = dict.fromkeys(names, 0)
-            chosen = names[i % len(names)]
-        else:
-            if mode.startswith("precise"):
-                scores = {name: hub.matched_blocks(name, keys) or 0 for name in names}
-            else:
-                memory = memories[process]
-                scores = {name: memory[name].matched(keys) for name in names}
-            best = max(scores.values())
-            tied = [n for n in names if scores[n] == best]
-            fewest = min(sent[process][n] for n in tied)
-            chosen = tie_rng.choice([n for n in tied if sent[process][n] == fewest])
+        chosen, scores = choose(
+            mode, i, keys, names=names, hub=hub, memory=memories[process], sent=sent[process], tie_rng=tie_rng
+        )
         sent[process][chosen] += 1
-        result.per_backend[chosen] += 1
         response = await client.post(
             f"{urls[chosen]}/v1/chat/completions",
             json={"model": model, "messages": messages, "max_tokens": 1, "temperature": 0},
@@ -236,25 +274,11 @@ async def run_mode(
         usage = response.json()["usage"]
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         predicted = min(scores[chosen], usable) * block_size
-        result.requests += 1
-        result.prompt_tokens += usage["prompt_tokens"]
-        result.cached_tokens += cached
-        if predicted == cached:
-            result.exact += 1
-        elif predicted > cached:
-            result.phantom += 1
-        else:
-            result.missed += 1
+        result.record(chosen, prompt_tokens=usage["prompt_tokens"], cached=cached, predicted=predicted)
         if mode.startswith("approximate"):
             memories[process][chosen].add(keys)
         if mode.startswith("precise"):
-            index = hub.index(chosen)
-            t = time.perf_counter()
-            full = len(tokens) // block_size
-            # the index has no change notification: poll it (1 ms, at most 1 s)
-            while index is not None and index.matched_blocks(keys) < full and time.perf_counter() - t < 1.0:  # noqa: ASYNC110
-                await asyncio.sleep(0.001)
-            result.event_lag_ms.append((time.perf_counter() - t) * 1000)
+            result.event_lag_ms.append(await event_lag_ms(hub, chosen, keys, len(tokens) // block_size))
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -449,42 +473,33 @@ def engine_counters(urls: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
-async def run_platform_mode(
-    mode: str,
-    *,
-    client: httpx.AsyncClient,
-    routers: list[str],
-    urls: dict[str, str],
-    hub: KvEventsHub,
-    args: argparse.Namespace,
-) -> PlatformResult:
-    auth = {"Authorization": f"Bearer {KEY}"}
-    # warm up: a request through each process (it discovers the publishers and subscribes), then a new long prompt
-    # straight to each engine, so that every subscription has heard its engine (block size learnt)
-    warm = {"model": args.model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 1}
+Plan = list[tuple[list[dict[str, str]], bool, str]]  # per request: messages, straight to an engine, which engine
+
+
+async def warm_up_platform(
+    client: httpx.AsyncClient, routers: list[str], urls: dict[str, str], model: str, auth: dict[str, str]
+) -> None:
+    """A request through each process (it discovers the publishers and subscribes), then a new long prompt straight
+    to each engine, so that every subscription has heard its engine (block size learnt)."""
+    warm = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 1}
     for router in routers:
         (await client.post(f"{router}/v1/chat/completions", json=warm, headers=auth)).raise_for_status()
     await asyncio.sleep(3.0)
     rng = random.Random(time.time_ns())
     for url in urls.values():
         text = f"warm-up {time.time_ns()} " + document(rng, 300)
-        body = {"model": args.model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+        body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
         (await client.post(f"{url}/v1/chat/completions", json=body)).raise_for_status()
     await asyncio.sleep(1.0)
 
+
+def platform_plan(mode: str, urls: dict[str, str], args: argparse.Namespace) -> Plan:
+    """The mode's requests (fresh documents, tagged with the mode and the time): a document and a question each,
+    `args.outside` of them sent straight to a random engine."""
     rng = random.Random(args.seed)
     tag = f"[platform {mode} {args.seed} {time.time_ns()}]"
     texts = [f"{tag} Document {i}. " + document(rng, 420) for i in range(args.docs)]
-    by_url = {url: name for name, url in urls.items()}
-    backend_url = {
-        b["name"]: b["base_url"].rstrip("/")
-        for b in (await client.get(f"{routers[0]}/api/backends/", headers=auth)).json()
-    }
-    result = PlatformResult(mode=mode)
-    hits0, queries0 = engine_counters(list(urls.values()))
-    t0 = time.perf_counter()
-    first = next(iter(urls.values()))
-    plan = [
+    return [
         (
             [
                 {"role": "system", "content": texts[rng.randrange(args.docs)]},
@@ -495,6 +510,29 @@ async def run_platform_mode(
         )
         for _ in range(args.requests)
     ]
+
+
+async def run_platform_mode(
+    mode: str,
+    *,
+    client: httpx.AsyncClient,
+    routers: list[str],
+    urls: dict[str, str],
+    hub: KvEventsHub,
+    args: argparse.Namespace,
+) -> PlatformResult:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    await warm_up_platform(client, routers, urls, args.model, auth)
+    plan = platform_plan(mode, urls, args)
+    by_url = {url: name for name, url in urls.items()}
+    backend_url = {
+        b["name"]: b["base_url"].rstrip("/")
+        for b in (await client.get(f"{routers[0]}/api/backends/", headers=auth)).json()
+    }
+    result = PlatformResult(mode=mode)
+    hits0, queries0 = engine_counters(list(urls.values()))
+    t0 = time.perf_counter()
+    first = next(iter(urls.values()))
     gate = asyncio.Semaphore(args.concurrency)
 
     async def one(i: int, messages: list[dict[str, str]], outside: bool, engine: str) -> None:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ MASTER = "overload-master-key"
 sys.path.insert(0, str(ROOT))
 
 from backends.mock_vllm import free_port  # noqa: E402
-from bench.stack import platform_env, start_platform, wait_http  # noqa: E402
+from bench.stack import create_api_key, platform_env, start_mock, start_platform, wait_http  # noqa: E402
 
 CLEAR = {200, 429, 503, 504}
 
@@ -122,6 +123,99 @@ def _wrk(url: str, key: str, concurrency: int, seconds: float, timeout_s: float)
     }
 
 
+@dataclass
+class Stack:
+    """The running mock and platform, and the API key the loads use."""
+
+    mock_url: str
+    base: str
+    key: str
+    web: subprocess.Popen[bytes]
+    api: httpx.Client
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One overload run: the load, the backend's settings (management API) and the mock's knobs."""
+
+    name: str
+    concurrency: int
+    timeout_s: float
+    backend: dict[str, Any]
+    knobs: dict[str, Any]
+    use_wrk: bool = False
+
+
+SCENARIOS = (
+    Scenario(
+        "2x saturation (wrk), backend limit 32, queue 32",
+        128,
+        10.0,
+        {"max_concurrent_requests": 32, "read_timeout_s": 60},
+        {"latency_s": 0.0},
+        use_wrk=True,
+    ),
+    Scenario(
+        "backend slower than the clients' timeout",
+        32,
+        5.0,
+        {"max_concurrent_requests": 0, "read_timeout_s": 1.0},
+        {"latency_s": 3.0},
+    ),
+)
+
+
+def _stack(env: dict[str, str], mock_url: str, port: int, web: subprocess.Popen[bytes]) -> Stack:
+    """The running platform with an API key for the loads."""
+    key = create_api_key(env, "overload")
+    time.sleep(1.0)  # the new key reaches the running process within the 0.5 s reload interval
+    base = f"http://127.0.0.1:{port}"
+    api = httpx.Client(base_url=f"{base}/api", headers={"Authorization": f"Bearer {MASTER}"}, timeout=10)
+    return Stack(mock_url, base, key, web, api)
+
+
+def _run(stack: Stack, scenario: Scenario, seconds: float) -> tuple[str, list[str]]:
+    """Run one scenario: its Markdown table row and the checks it failed."""
+    name, concurrency, timeout_s = scenario.name, scenario.concurrency, scenario.timeout_s
+    mock_url, base, key, pid = stack.mock_url, stack.base, stack.key, stack.web.pid
+    stack.api.patch("/backends/demo-mock-1/", json=scenario.backend).raise_for_status()
+    httpx.post(f"{mock_url}/mock/reset", timeout=5)
+    httpx.post(f"{mock_url}/mock/config", json=scenario.knobs, timeout=5).raise_for_status()
+    time.sleep(1.2)  # registry reload
+    asyncio.run(_load(base, key, 4, 1.0, timeout_s))  # warm-up
+    time.sleep(0.5)
+    idle = _rss_mib(pid)
+    before = httpx.get(f"{mock_url}/mock/stats", timeout=5).json()["total_requests"]
+    if scenario.use_wrk:
+        result = _wrk(base, key, concurrency, seconds, timeout_s)
+    else:
+        result = asyncio.run(_load(base, key, concurrency, seconds, timeout_s))
+    peak = _rss_mib(pid)
+    time.sleep(3.0)  # the slow backend's requests were closed by the platform; let the mock notice
+    stats = httpx.get(f"{mock_url}/mock/stats", timeout=5).json()
+    after = _rss_mib(pid)
+    reached = stats["total_requests"] - before
+    statuses = result["statuses"]
+    expected_reached = statuses.get(200, 0) + statuses.get(504, 0)
+    failures = []
+    unclear = {s: n for s, n in statuses.items() if s not in CLEAR}
+    if unclear or result["hangs"] or result["errors"]:
+        failures.append(f"{name}: unclear {unclear}, hangs {result['hangs']}, errors {result['errors']}")
+    if reached != expected_reached:
+        failures.append(f"{name}: backend saw {reached}, clients got {expected_reached} answers from it")
+    if stats["open_requests"]:
+        failures.append(f"{name}: {stats['open_requests']} requests still open on the backend")
+    if after > idle * 1.10 + 5:
+        failures.append(f"{name}: RSS {after:.0f} MiB after vs {idle:.0f} MiB idle")
+    shown = ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))
+    row = (
+        f"| {name} | c{concurrency}, client timeout {timeout_s:g} s | {result['sent']:,} | {shown} | "
+        f"{result['hangs']} | {reached:,} = {expected_reached:,} | {stats['open_requests']} | "
+        f"{idle:.0f} / {peak:.0f} / {after:.0f} |"
+    )
+    return row, failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -136,100 +230,19 @@ def main() -> int:
         ROUTER_CIRCUIT_FAILURES="1000000",
     )
     mock_port, port = free_port(), free_port()
-    mock_url, base = f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{port}"
-    mock = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "backends.mock_vllm",
-            "--port",
-            str(mock_port),
-            "--model",
-            "mock-chat",
-            "--embed-model",
-            "mock-embed",
-        ],
-        cwd=ROOT,
-    )
+    mock = start_mock(mock_port)
+    mock_url = f"http://127.0.0.1:{mock_port}"
     web: subprocess.Popen[bytes] | None = None
     failures: list[str] = []
     rows: list[str] = []
     try:
         wait_http(f"{mock_url}/health")
         web = start_platform(env, [mock_url], port, cpu=1, log_level="error")
-        key = (
-            subprocess.run(
-                [PY, "manage.py", "create_api_key", "--name", "overload"],
-                cwd=ROOT,
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        time.sleep(1.0)  # the new key reaches the running process within the 0.5 s reload interval
-        api = httpx.Client(base_url=f"{base}/api", headers={"Authorization": f"Bearer {MASTER}"}, timeout=10)
-
-        def scenario(
-            name: str,
-            concurrency: int,
-            timeout_s: float,
-            backend: dict[str, Any],
-            knobs: dict[str, Any],
-            use_wrk: bool = False,
-        ) -> None:
-            api.patch("/backends/demo-mock-1/", json=backend).raise_for_status()
-            httpx.post(f"{mock_url}/mock/reset", timeout=5)
-            httpx.post(f"{mock_url}/mock/config", json=knobs, timeout=5).raise_for_status()
-            time.sleep(1.2)  # registry reload
-            asyncio.run(_load(base, key, 4, 1.0, timeout_s))  # warm-up
-            time.sleep(0.5)
-            idle = _rss_mib(web.pid)
-            before = httpx.get(f"{mock_url}/mock/stats", timeout=5).json()["total_requests"]
-            if use_wrk:
-                result = _wrk(base, key, concurrency, args.seconds, timeout_s)
-            else:
-                result = asyncio.run(_load(base, key, concurrency, args.seconds, timeout_s))
-            peak = _rss_mib(web.pid)
-            time.sleep(3.0)  # the slow backend's requests were closed by the platform; let the mock notice
-            stats = httpx.get(f"{mock_url}/mock/stats", timeout=5).json()
-            after = _rss_mib(web.pid)
-            reached = stats["total_requests"] - before
-            statuses = result["statuses"]
-            expected_reached = statuses.get(200, 0) + statuses.get(504, 0)
-            unclear = {s: n for s, n in statuses.items() if s not in CLEAR}
-            if unclear or result["hangs"] or result["errors"]:
-                failures.append(f"{name}: unclear {unclear}, hangs {result['hangs']}, errors {result['errors']}")
-            if reached != expected_reached:
-                failures.append(f"{name}: backend saw {reached}, clients got {expected_reached} answers from it")
-            if stats["open_requests"]:
-                failures.append(f"{name}: {stats['open_requests']} requests still open on the backend")
-            if after > idle * 1.10 + 5:
-                failures.append(f"{name}: RSS {after:.0f} MiB after vs {idle:.0f} MiB idle")
-            shown = ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))
-            rows.append(
-                f"| {name} | c{concurrency}, client timeout {timeout_s:g} s | {result['sent']:,} | {shown} | "
-                f"{result['hangs']} | {reached:,} = {expected_reached:,} | {stats['open_requests']} | "
-                f"{idle:.0f} / {peak:.0f} / {after:.0f} |"
-            )
-
-        scenario(
-            "2x saturation (wrk), backend limit 32, queue 32",
-            128,
-            10.0,
-            {"max_concurrent_requests": 32, "read_timeout_s": 60},
-            {"latency_s": 0.0},
-            use_wrk=True,
-        )
-        scenario(
-            "backend slower than the clients' timeout",
-            32,
-            5.0,
-            {"max_concurrent_requests": 0, "read_timeout_s": 1.0},
-            {"latency_s": 3.0},
-        )
+        stack = _stack(env, mock_url, port, web)
+        for scenario in SCENARIOS:
+            row, failed = _run(stack, scenario, args.seconds)
+            rows.append(row)
+            failures += failed
     finally:
         if web is not None:
             web.terminate()

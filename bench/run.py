@@ -99,6 +99,9 @@ SCENARIOS: list[Scenario] = [
     Scenario("stream c1", "stream", 1, {"token_delay_s": STREAM_TOKEN_DELAY_S}),
     Scenario("stream c16", "stream", 16, {"token_delay_s": STREAM_TOKEN_DELAY_S}),
 ]
+# The warm-up's and the mock ceiling's workloads.
+CHAT64 = next(s for s in SCENARIOS if s.name == "chat c64")
+STREAM16 = next(s for s in SCENARIOS if s.name == "stream c16")
 
 
 # --- /proc readings -------------------------------------------------------------------------------------------
@@ -217,6 +220,52 @@ def set_affinity(pid: int, cpus: list[int]) -> None:
                 os.sched_setaffinity(int(tid), cpus)
 
 
+def web_server_argv(args: argparse.Namespace, port: int) -> list[str]:
+    """The command line of the platform's web server: uvicorn as `make run` starts it; the production server
+    (llm_platform/serve.py, as `make serve` runs it) with several workers; or granian or daphne (`--server`)."""
+    argv = uvicorn_argv(port, python=PY)
+    workers = getattr(args, "workers", 1)
+    if workers > 1 or getattr(args, "production_server", False):
+        argv = [
+            PY,
+            "-m",
+            "llm_platform.serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            *(["--shared-socket"] if getattr(args, "shared_socket", False) else []),
+        ]
+    server = getattr(args, "server", "uvicorn")
+    if server == "granian":
+        argv = [
+            PY,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--loop",
+            "uvloop",
+            "--no-ws",
+            "--log-level",
+            "warning",
+            "llm_platform.asgi:application",
+        ]
+    elif server == "daphne":
+        argv = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "-v", "0", "llm_platform.asgi:application"]
+    return argv
+
+
 class Stack:
     """The mock and the platform, started like `make run` starts them, in a temporary state directory."""
 
@@ -243,58 +292,7 @@ class Stack:
         for item in args.env:
             name, _, value = item.partition("=")
             self.env[name] = value
-        self.web_argv = uvicorn_argv(self.port, python=PY)
-        workers = getattr(args, "workers", 1)
-        if workers > 1 or getattr(args, "production_server", False):
-            # Several workers: the production server (llm_platform/serve.py, as `make serve` runs it).
-            self.web_argv = [
-                PY,
-                "-m",
-                "llm_platform.serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                str(workers),
-                "--log-level",
-                "warning",
-                *(["--shared-socket"] if getattr(args, "shared_socket", False) else []),
-            ]
-        server = getattr(args, "server", "uvicorn")
-        if server == "granian":
-            self.web_argv = [
-                PY,
-                "-m",
-                "granian",
-                "--interface",
-                "asgi",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--loop",
-                "uvloop",
-                "--no-ws",
-                "--log-level",
-                "warning",
-                "llm_platform.asgi:application",
-            ]
-        elif server == "daphne":
-            self.web_argv = [
-                PY,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-v",
-                "0",
-                "llm_platform.asgi:application",
-            ]
+        self.web_argv = web_server_argv(args, self.port)
         self.web: subprocess.Popen[bytes] | None = None
         self.mock: subprocess.Popen[bytes] | None = None
         self.router: subprocess.Popen[bytes] | None = None
@@ -567,45 +565,22 @@ class Bench:
         cpu = self.placement["client"] if client_cpu is None else client_cpu
         url, key = {"direct": (stack.mock_url, ""), PEER: (stack.router_url, "")}.get(target, (stack.url, stack.key))
         assert stack.web is not None and stack.mock is not None
-        web_tree = process_tree(stack.web.pid)
-        mock_tree = process_tree(stack.mock.pid)
         proxy = stack.proxy(target)
-        proxy_tree = process_tree(proxy.pid) if proxy is not None else []
         before = stack.mock_drained()
-        web_cpu0, mock_cpu0, proxy_cpu0 = cpu_seconds(web_tree), cpu_seconds(mock_tree), cpu_seconds(proxy_tree)
-        busy0, kids0, self0 = system_busy_s(), rusage_s(resource.RUSAGE_CHILDREN), rusage_s(resource.RUSAGE_SELF)
-        wall0 = time.monotonic()
-        with RssSampler(web_tree) as sampler:
+        meter = CpuMeter.start(stack.web, stack.mock, proxy)
+        with RssSampler(meter.web_tree) as sampler:
             if scenario.kind == "chat":
                 client = run_wrk(self.wrk, cpu, url, key, scenario, duration)
             else:
                 client = run_streams(cpu, url, key, scenario, duration, self.args.stream_client)
             after = stack.mock_drained()
-        wall = time.monotonic() - wall0
-        web_cpu = cpu_seconds(web_tree) - web_cpu0
-        mock_cpu = cpu_seconds(mock_tree) - mock_cpu0
-        proxy_cpu = cpu_seconds(proxy_tree) - proxy_cpu0
-        client_cpu_s = rusage_s(resource.RUSAGE_CHILDREN) - kids0
-        self_cpu = rusage_s(resource.RUSAGE_SELF) - self0
-        router_cpu = proxy_cpu if target == PEER else 0.0
-        other = system_busy_s() - busy0 - web_cpu - mock_cpu - router_cpu - client_cpu_s - self_cpu
+        used = meter.stop(peer=target == PEER)
         self.peak_rss_kib = max(self.peak_rss_kib, sampler.peak_kib)
         backend = after["total_requests"] - before["total_requests"]
         answered = client["answered"]
+        wall, other = used["wall"], used["other"]
         window = client.get("window_s") or client.get("wall_s") or wall
-        if scenario.kind == "chat":
-            statuses = {int(k): v for k, v in client["statuses"].items()}
-            rejected = sum(n for s, n in statuses.items() if s != 200 and s in scenario.allowed_statuses)
-            errors = (
-                sum(n for s, n in statuses.items() if s not in scenario.allowed_statuses)
-                + client["bad_body"]
-                + (client["sent"] - answered)
-                + sum(client["socket_errors"].values())
-            )
-        else:
-            statuses = {}
-            rejected = 0
-            errors = sum(client["errors"].values()) + (client["sent"] - answered)
+        rejected, errors = client_failures(scenario, client)
         run = {
             "scenario": scenario.name,
             "kind": scenario.kind,
@@ -621,16 +596,16 @@ class Bench:
             "counts_equal": backend == client["sent"] == answered,
             "errors": errors,
             "rejected": rejected,
-            "platform_cpu_s": web_cpu,
-            "platform_cpu_ms_per_request": web_cpu * 1000 / answered if answered and target == "platform" else None,
+            "platform_cpu_s": used["web"],
+            "platform_cpu_ms_per_request": used["web"] * 1000 / answered if answered and target == "platform" else None,
             # CPU of the measured proxy's process tree (the platform's or vllm-router's) per answered request.
-            "proxy_cpu_s": proxy_cpu,
-            "proxy_cpu_ms_per_request": proxy_cpu * 1000 / answered if answered and proxy is not None else None,
-            "proxy_core_util": proxy_cpu / window,
+            "proxy_cpu_s": used["proxy"],
+            "proxy_cpu_ms_per_request": used["proxy"] * 1000 / answered if answered and proxy is not None else None,
+            "proxy_core_util": used["proxy"] / window,
             # Utilisations over the measuring window (the drain margin after it is mostly idle).
-            "platform_core_util": web_cpu / window,
-            "mock_core_util": mock_cpu / window,
-            "client_core_util": client_cpu_s / window,
+            "platform_core_util": used["web"] / window,
+            "mock_core_util": used["mock"] / window,
+            "client_core_util": used["client"] / window,
             "other_load_cores": max(0.0, other) / wall,
             "noisy": max(0.0, other) / wall > QUIET_CORES,
             "platform_rss_peak_mib": sampler.peak_kib / 1024,
@@ -642,18 +617,86 @@ class Bench:
             run["rate"] = client["streams_per_s"]
             run["ttft_ms"] = client["ttft_ms"].get("median")
             run["total_ms"] = client["total_ms"].get("median")
+        self._log_run(run)
+        return run
+
+    def _log_run(self, run: dict[str, Any]) -> None:
+        """One line on stderr: the run's rate or latencies, CPU per request, counts and the machine's other load."""
+        client, errors = run["client"], run["errors"]
         flag = "" if run["counts_equal"] and not errors else "  << ERRORS/COUNT MISMATCH"
-        if scenario.kind == "chat":
+        if run["kind"] == "chat":
             detail = f"{run['rate']:9.0f} req/s  p50 {client['latency_ms']['p50']:7.2f} ms"
         else:
             detail = f"ttft {run['ttft_ms'] or 0:6.2f} ms  total {run['total_ms'] or 0:7.2f} ms"
         cpu_ms = run["proxy_cpu_ms_per_request"]
         cpu_text = f"  cpu {cpu_ms:.3f} ms/req" if cpu_ms is not None else ""
         log(
-            f"[{self.placement_name}] {scenario.name:<11} {target:<11} {detail}{cpu_text}  sent {client['sent']} "
-            f"answered {answered} backend {backend}  other load {run['other_load_cores']:.2f} cores{flag}"
+            f"[{self.placement_name}] {run['scenario']:<11} {run['target']:<11} {detail}{cpu_text}  "
+            f"sent {client['sent']} answered {run['client_answered']} backend {run['backend_requests']}  "
+            f"other load {run['other_load_cores']:.2f} cores{flag}"
         )
-        return run
+
+
+def client_failures(scenario: Scenario, client: dict[str, Any]) -> tuple[int, int]:
+    """(rejected, errors) of a client run: rejected answers are the scenario's allowed non-200 statuses (e.g. 429
+    under overload); errors are any other status, bad bodies, unanswered requests and socket errors."""
+    answered = client["answered"]
+    if scenario.kind != "chat":
+        return 0, sum(client["errors"].values()) + (client["sent"] - answered)
+    statuses = {int(k): v for k, v in client["statuses"].items()}
+    rejected = sum(n for s, n in statuses.items() if s != 200 and s in scenario.allowed_statuses)
+    errors = (
+        sum(n for s, n in statuses.items() if s not in scenario.allowed_statuses)
+        + client["bad_body"]
+        + (client["sent"] - answered)
+        + sum(client["socket_errors"].values())
+    )
+    return rejected, errors
+
+
+@dataclass
+class CpuMeter:
+    """The CPU seconds spent around one client run: by the platform, the mock, the measured proxy, the client
+    processes (this script's children), this script, and whatever else ran on the machine meanwhile."""
+
+    web_tree: list[int]
+    mock_tree: list[int]
+    proxy_tree: list[int]
+    marks: dict[str, float]
+
+    @classmethod
+    def start(
+        cls, web: subprocess.Popen[bytes], mock: subprocess.Popen[bytes], proxy: subprocess.Popen[bytes] | None
+    ) -> CpuMeter:
+        web_tree, mock_tree = process_tree(web.pid), process_tree(mock.pid)
+        proxy_tree = process_tree(proxy.pid) if proxy is not None else []
+        meter = cls(web_tree, mock_tree, proxy_tree, {})
+        meter.marks = meter._read()
+        return meter
+
+    def _read(self) -> dict[str, float]:
+        return {
+            "web": cpu_seconds(self.web_tree),
+            "mock": cpu_seconds(self.mock_tree),
+            "proxy": cpu_seconds(self.proxy_tree),
+            "busy": system_busy_s(),
+            "client": rusage_s(resource.RUSAGE_CHILDREN),
+            "self": rusage_s(resource.RUSAGE_SELF),
+            "wall": time.monotonic(),
+        }
+
+    def stop(self, *, peer: bool) -> dict[str, float]:
+        """The seconds used since `start` by each ("web", "mock", "proxy", "client", "other") and the wall time.
+
+        "other" is the machine's busy time minus every process accounted for (the proxy's only when it is the
+        peer, vllm-router: the platform's is "web" already)."""
+        wall = time.monotonic() - self.marks["wall"]
+        now = self._read()
+        used = {name: now[name] - self.marks[name] for name in ("web", "mock", "proxy", "client", "self")}
+        router = used["proxy"] if peer else 0.0
+        busy = now["busy"] - self.marks["busy"]
+        other = busy - used["web"] - used["mock"] - router - used["client"] - used["self"]
+        return {**used, "other": other, "wall": wall}
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------
@@ -862,22 +905,34 @@ def _num(value: float | None, fmt: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The results table (printed, and put into docs/performance.md)."""
-    s = report["summary"]
     cfg = report["config"]
-    mem = report["memory"]
-    place = report["placement"]
-    ceiling = report.get("mock_ceiling")
     lines = [
         f"Run `{report['label']}` ({report['mode']}), {report['started_at']}, commit `{report['git']['commit'][:10]}`"
         f"{' (dirty tree)' if report['git']['dirty'] else ''}; {cfg['rounds']} round(s), non-streaming runs of "
         f"{cfg['chat_duration_s']:g} s, streaming runs of {cfg['stream_duration_s']:g} s; medians over rounds, "
         f"ratios are medians of the per-round (adjacent) pairs.",
+    ]
+    lines += chat_table(report["summary"])
+    lines += stream_table(report["summary"])
+    lines += peer_tables(report)
+    lines += ["", "| Target | Goal | Measured | Met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {met} |")
+    lines += notes(report)
+    lines += profile_table(report.get("profile", {}).get("profiles", {}))
+    return "\n".join(lines)
+
+
+def chat_table(summary: dict[str, Any]) -> list[str]:
+    """Non-streaming chat, direct against through the platform: rates, latencies, CPU, errors, counts."""
+    lines = [
         "",
         "| Non-streaming chat (max_tokens 4) | Direct req/s | Platform req/s | Ratio | Direct p50 ms "
         "| Platform p50 ms | Platform p99 ms | Platform CPU ms/req | Errors | Counts |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for entry in s.values():
+    for entry in summary.values():
         if entry["kind"] != "chat":
             continue
         d, p = entry["direct"], entry["platform"]
@@ -888,14 +943,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_num(p['cpu_ms_per_request'], '{:.3f}')} | {d['errors'] + p['errors']} "
             f"| {_counts(d, p)} |"
         )
-    lines += [
+    return lines
+
+
+def stream_table(summary: dict[str, Any]) -> list[str]:
+    """Streaming chat, direct against through the platform: TTFT, total time, CPU, errors, counts."""
+    lines = [
         "",
         f"| Streaming chat ({STREAM_TOKENS} tokens, {STREAM_TOKEN_DELAY_S * 1000:g} ms/token) | Direct TTFT ms "
         "| Platform TTFT ms | TTFT delta ms | Direct total ms | Platform total ms | Total ratio "
         "| Platform CPU ms/stream | Errors | Counts |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for entry in s.values():
+    for entry in summary.values():
         if entry["kind"] != "stream":
             continue
         d, p = entry["direct"], entry["platform"]
@@ -905,13 +965,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_num(p['total_ms'], '{:.1f}')} | {_num(entry['total_ratio'], '{:.3f}')} "
             f"| {_num(p['cpu_ms_per_request'], '{:.3f}')} | {d['errors'] + p['errors']} | {_counts(d, p)} |"
         )
-    lines += peer_tables(report)
-    lines += ["", "| Target | Goal | Measured | Met |", "|---|---|---|---|"]
-    for t in report["targets"]:
-        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {met} |")
-    c64 = s.get("chat c64", {}).get("platform", {})
-    lines += [
+    return lines
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """Memory, the mock's ceiling and the cores' use at c64, the placement and the machine's other load, the gate."""
+    mem, place, ceiling = report["memory"], report["placement"], report.get("mock_ceiling")
+    c64 = report["summary"].get("chat c64", {}).get("platform", {})
+    return [
         "",
         f"- Memory of the web process: {mem['rss_after_start_mib']:.0f} MiB after start, "
         f"{mem['rss_idle_mib']:.0f} MiB idle after warm-up, peak {mem['rss_peak_sampled_mib']:.0f} MiB sampled "
@@ -934,20 +995,24 @@ def markdown(report: dict[str, Any]) -> str:
         f"{QUIET_CORES} cores (noisy), {len(report.get('discarded_noisy_runs', []))} noisy run(s) measured again.",
         f"- Gate (bench-quick): {'PASS' if report['gate']['passed'] else 'FAIL'} — {report['gate']['reason']}.",
     ]
-    profiles = report.get("profile", {}).get("profiles", {})
-    if profiles:
-        names = list(profiles)
-        lines += ["", "| Where the platform's CPU goes (py-spy, share of samples) | " + " | ".join(names) + " |"]
-        lines.append("|---|" + "---:|" * len(names))
-        shares: dict[str, dict[str, float]] = {}
-        for name, entry in profiles.items():
-            for row in entry.get("by_subsystem", []):
-                shares.setdefault(row["frame"], {})[name] = row["share"]
-        for subsystem, per in sorted(shares.items(), key=lambda kv: -max(kv[1].values())):
-            lines.append(f"| {subsystem} | " + " | ".join(f"{per.get(n, 0.0):.0%}" for n in names) + " |")
-        links = ", ".join(f"[{n}](perf/{Path(e['svg']).name})" for n, e in profiles.items())
-        lines += ["", f"Flame graphs: {links}."]
-    return "\n".join(lines)
+
+
+def profile_table(profiles: dict[str, Any]) -> list[str]:
+    """Where the platform's CPU goes per profiled run (py-spy's subsystems), with links to the flame graphs."""
+    if not profiles:
+        return []
+    names = list(profiles)
+    lines = ["", "| Where the platform's CPU goes (py-spy, share of samples) | " + " | ".join(names) + " |"]
+    lines.append("|---|" + "---:|" * len(names))
+    shares: dict[str, dict[str, float]] = {}
+    for name, entry in profiles.items():
+        for row in entry.get("by_subsystem", []):
+            shares.setdefault(row["frame"], {})[name] = row["share"]
+    for subsystem, per in sorted(shares.items(), key=lambda kv: -max(kv[1].values())):
+        lines.append(f"| {subsystem} | " + " | ".join(f"{per.get(n, 0.0):.0%}" for n in names) + " |")
+    links = ", ".join(f"[{n}](perf/{Path(e['svg']).name})" for n, e in profiles.items())
+    lines += ["", f"Flame graphs: {links}."]
+    return lines
 
 
 def peer_tables(report: dict[str, Any]) -> list[str]:
@@ -1164,6 +1229,14 @@ def started(args: argparse.Namespace, placement: dict[str, int | None]) -> Itera
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    _add_run_options(parser)
+    _add_platform_options(parser)
+    _add_check_options(parser)
+    return _with_defaults(parser.parse_args(argv))
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """How long and how often to measure, and where the results go."""
     parser.add_argument("--quick", action="store_true", help="one short round (~20 s): the regression guard")
     parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
     parser.add_argument("--duration", type=float, help="seconds per non-streaming run (default 8; quick 1)")
@@ -1190,6 +1263,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also py-spy the platform for SECONDS under c64 load (needs py-spy)",
     )
     parser.add_argument("--stream-client", choices=("raw", "httpx"), default="raw")
+
+
+def _add_platform_options(parser: argparse.ArgumentParser) -> None:
+    """What is measured: placement, the peer, the platform's server, workers, key, CPUs, environment, strategy."""
     parser.add_argument(
         "--placement",
         choices=("pinned", "shared", "both"),
@@ -1236,6 +1313,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra environment for the platform (e.g. DJANGO_DEBUG=0)",
     )
     parser.add_argument(
+        "--strategy",
+        default="round_robin",
+        help="the demo pool's routing strategy (e.g. prefix_aware, to compare its cost with round_robin's)",
+    )
+
+
+def _add_check_options(parser: argparse.ArgumentParser) -> None:
+    """Noisy runs, the regression gate's reference, strictness, the temporary directory."""
+    parser.add_argument(
         "--retry-noisy",
         type=int,
         default=0,
@@ -1249,13 +1335,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="results file the regression gate compares with (default bench/results/latest.json)",
     )
     parser.add_argument("--strict", action="store_true", help="also exit non-zero when a target is missed")
-    parser.add_argument(
-        "--strategy",
-        default="round_robin",
-        help="the demo pool's routing strategy (e.g. prefix_aware, to compare its cost with round_robin's)",
-    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary state directory and logs")
-    args = parser.parse_args(argv)
+
+
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the defaults that depend on --quick, --placement and --peer."""
     args.placement = args.placement or ("pinned" if args.quick else "both")
     args.peer = (not args.quick) if args.peer is None else args.peer
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -1315,75 +1399,123 @@ def round_runs(
             runs.append(run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start, warm up, measure, report."""
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the mock and the platform on SIGTERM too
-    wrk = ensure_wrk()
+@dataclass
+class Measured:
+    """What one start of the stack measured: everything the report needs from the running processes."""
+
+    ceiling: dict[str, Any]
+    memory: dict[str, float]
+    idle_cpu_ms_per_s: float
+    runs: list[dict[str, Any]]
+    discarded: list[dict[str, Any]]
+    profiled: dict[str, Any]
+    web_argv: list[str]
+    key_kind: str
+    router_argv: Any
+
+
+def placements_wanted(args: argparse.Namespace) -> dict[str, dict[str, int | None]]:
+    """The placements to measure by name (pinned, shared or both), the first one the stack starts in."""
     pinned_placement = placement_from(args)
     shared: dict[str, int | None] = {"mock": None, "platform": None, "client": None}
     wanted = PLACEMENTS if args.placement == "both" else (args.placement,)
-    placements = {name: pinned_placement if name == "pinned" else shared for name in wanted}
+    return {name: pinned_placement if name == "pinned" else shared for name in wanted}
+
+
+def warm_up(args: argparse.Namespace, bench: Bench) -> None:
+    """Short runs that load the code paths and connections before anything is measured."""
+    log("warm-up")
+    if not args.quick:
+        bench.measure(CHAT64, "direct", 1.5)
+    bench.measure(CHAT64, "platform", 0.6 if args.quick else 2.5)
+    bench.measure(STREAM16, "platform", 0.3 if args.quick else 1.0)
+    time.sleep(0.5)
+
+
+def idle_figures(web_tree: list[int], window_s: float) -> tuple[int, float]:
+    """The web process's RSS (KiB) when idle, and its CPU (ms per second) over an idle window."""
+    idle_cpu0, idle_t0 = cpu_seconds(web_tree), time.monotonic()
+    rss_idle = status_kib(web_tree, "VmRSS")
+    time.sleep(window_s)
+    return rss_idle, (cpu_seconds(web_tree) - idle_cpu0) * 1000 / (time.monotonic() - idle_t0)
+
+
+def all_rounds(
+    args: argparse.Namespace, bench: Bench, placements: dict[str, dict[str, int | None]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every round in every placement (the runs, and the noisy runs measured again); back to the first placement."""
+    runs: list[dict[str, Any]] = []
+    discarded: list[dict[str, Any]] = []
+    targets = ["direct", "platform", *([PEER] if args.peer else [])]
+    for rnd in range(args.rounds):
+        # Alternate who goes first: rotate the targets each round (two targets: swap them).
+        order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+        for name in placements if rnd % 2 == 0 else list(reversed(placements)):
+            if len(placements) > 1 or name != bench.placement_name:
+                bench.place(name, placements[name])
+            log(f"round {rnd + 1}/{args.rounds}, {name} ({' then '.join(order)})")
+            round_runs(args, bench, rnd, order, runs, discarded)
+    first = next(iter(placements))
+    if len(placements) > 1:
+        bench.place(first, placements[first])
+    return runs, discarded
+
+
+def measure_all(
+    args: argparse.Namespace, stack: Stack, placements: dict[str, dict[str, int | None]], wrk: str, t0: float
+) -> Measured:
+    """Warm up, measure the idle process and the mock's ceiling, run every round, read the memory, profile."""
+    placement = placements[next(iter(placements))]
+    assert stack.web is not None
+    web_tree = process_tree(stack.web.pid)
+    log(
+        f"mock {stack.mock_url} (pid {stack.mock.pid if stack.mock else '?'}), platform {stack.url} "
+        f"(pid {stack.web.pid}) up in {time.monotonic() - t0:.1f} s; placement {placement}"
+    )
+    rss_after_start = status_kib(web_tree, "VmRSS")
+    bench = Bench(args, stack, placement, wrk)
+    warm_up(args, bench)
+    rss_idle, idle_cpu_ms_per_s = idle_figures(web_tree, 1.0 if args.quick else 3.0)
+    log("mock ceiling: wrk on the platform's idle core against the mock alone")
+    ceiling = bench.measure(CHAT64, "direct", 0.6 if args.quick else 3.0, client_cpu=placement["platform"])
+    ceiling["note"] = "wrk on the platform's (idle) core, the mock alone on its own core"
+    runs, discarded = all_rounds(args, bench, placements)
+    time.sleep(0.5 if args.quick else 2.0)
+    memory = {
+        "rss_after_start_mib": rss_after_start / 1024,
+        "rss_idle_mib": rss_idle / 1024,
+        "rss_peak_sampled_mib": bench.peak_rss_kib / 1024,
+        "vm_hwm_mib": status_kib(web_tree, "VmHWM") / 1024,
+        "rss_after_runs_mib": status_kib(web_tree, "VmRSS") / 1024,
+    }
+    return Measured(
+        ceiling=ceiling,
+        memory=memory,
+        idle_cpu_ms_per_s=idle_cpu_ms_per_s,
+        runs=runs,
+        discarded=discarded,
+        profiled=profile(bench, args.profile, args.label) if args.profile else {},
+        web_argv=stack.web_argv,
+        key_kind=stack.key_kind,
+        router_argv=next((p.args for n, p in stack.procs if n == PEER), None),
+    )
+
+
+def build_report(
+    args: argparse.Namespace,
+    measured: Measured,
+    placements: dict[str, dict[str, int | None]],
+    *,
+    wrk: str,
+    started_at: str,
+    t0: float,
+    load_before: float,
+    reference: float | None,
+) -> dict[str, Any]:
+    """The results: set-up, runs, summaries per placement, targets and the regression gate."""
     first = next(iter(placements))
     placement = placements[first]
-    if placement["client"] is not None:
-        os.sched_setaffinity(0, {placement["client"]})  # keep this script off the platform's core
-    started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    reference = reference_ratio(args.reference)
-    load_before = wait_quiet(args.wait_quiet, 0.5 if args.quick else 2.0)
-    if load_before > QUIET_CORES:
-        log(f"WARNING: the machine is busy before the start ({load_before:.2f} cores used by other processes)")
-    t0 = time.monotonic()
-    with started(args, placement) as stack:
-        assert stack.web is not None
-        web_tree = process_tree(stack.web.pid)
-        log(
-            f"mock {stack.mock_url} (pid {stack.mock.pid if stack.mock else '?'}), platform {stack.url} "
-            f"(pid {stack.web.pid}) up in {time.monotonic() - t0:.1f} s; placement {placement}"
-        )
-        rss_after_start = status_kib(web_tree, "VmRSS")
-        bench = Bench(args, stack, placement, wrk)
-        chat64 = next(s for s in SCENARIOS if s.name == "chat c64")
-        stream16 = next(s for s in SCENARIOS if s.name == "stream c16")
-        log("warm-up")
-        if not args.quick:
-            bench.measure(chat64, "direct", 1.5)
-        bench.measure(chat64, "platform", 0.6 if args.quick else 2.5)
-        bench.measure(stream16, "platform", 0.3 if args.quick else 1.0)
-        time.sleep(0.5)
-        idle_window = 1.0 if args.quick else 3.0
-        idle_cpu0, idle_t0 = cpu_seconds(web_tree), time.monotonic()
-        rss_idle = status_kib(web_tree, "VmRSS")
-        time.sleep(idle_window)
-        idle_cpu_ms_per_s = (cpu_seconds(web_tree) - idle_cpu0) * 1000 / (time.monotonic() - idle_t0)
-        log("mock ceiling: wrk on the platform's idle core against the mock alone")
-        ceiling = bench.measure(chat64, "direct", 0.6 if args.quick else 3.0, client_cpu=placement["platform"])
-        ceiling["note"] = "wrk on the platform's (idle) core, the mock alone on its own core"
-        runs: list[dict[str, Any]] = []
-        discarded: list[dict[str, Any]] = []
-        targets = ["direct", "platform", *([PEER] if args.peer else [])]
-        for rnd in range(args.rounds):
-            # Alternate who goes first: rotate the targets each round (two targets: swap them).
-            order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
-            for name in placements if rnd % 2 == 0 else list(reversed(placements)):
-                if len(placements) > 1 or name != bench.placement_name:
-                    bench.place(name, placements[name])
-                log(f"round {rnd + 1}/{args.rounds}, {name} ({' then '.join(order)})")
-                round_runs(args, bench, rnd, order, runs, discarded)
-        if len(placements) > 1:
-            bench.place(first, placements[first])
-        time.sleep(0.5 if args.quick else 2.0)
-        memory = {
-            "rss_after_start_mib": rss_after_start / 1024,
-            "rss_idle_mib": rss_idle / 1024,
-            "rss_peak_sampled_mib": bench.peak_rss_kib / 1024,
-            "vm_hwm_mib": status_kib(web_tree, "VmHWM") / 1024,
-            "rss_after_runs_mib": status_kib(web_tree, "VmRSS") / 1024,
-        }
-        profiled = profile(bench, args.profile, args.label) if args.profile else {}
-        web_argv = stack.web_argv
-        key_kind = stack.key_kind
-        router_argv = next((p.args for n, p in stack.procs if n == PEER), None)
+    runs = measured.runs
     report: dict[str, Any] = {
         "label": args.label,
         "mode": "quick" if args.quick else "full",
@@ -1405,27 +1537,32 @@ def main(argv: list[str] | None = None) -> int:
             "stream_tokens": STREAM_TOKENS,
             "stream_token_delay_s": STREAM_TOKEN_DELAY_S,
             "stream_client": args.stream_client,
-            "client_key": key_kind,
-            "platform_argv": [*pinned(placement["platform"], ["python"]), *web_argv[1:]],
+            "client_key": measured.key_kind,
+            "platform_argv": [*pinned(placement["platform"], ["python"]), *measured.web_argv[1:]],
             "extra_env": args.env,
         },
-        "mock_ceiling": ceiling,
-        "memory": memory,
-        "idle_cpu_ms_per_s": idle_cpu_ms_per_s,
+        "mock_ceiling": measured.ceiling,
+        "memory": measured.memory,
+        "idle_cpu_ms_per_s": measured.idle_cpu_ms_per_s,
         "runs": runs,
-        "discarded_noisy_runs": discarded,
+        "discarded_noisy_runs": measured.discarded,
         "summary": summarize([r for r in runs if r["placement"] == first], args.rounds),
         "summaries": {name: summarize([r for r in runs if r["placement"] == name], args.rounds) for name in placements},
         "placements": placements,
-        "peer": {"name": PEER, "argv": router_argv} if args.peer else None,
+        "peer": {"name": PEER, "argv": measured.router_argv} if args.peer else None,
         "other_load_cores": median([r["other_load_cores"] for r in runs]) or 0.0,
         "other_load_before_cores": load_before,
         "gate_reference": {"file": str(args.reference), "c64_rate_ratio": reference},
-        "profile": profiled,
+        "profile": measured.profiled,
     }
     report["targets"] = evaluate(report)
     passed, reason = gate(report, reference)
     report["gate"] = {"passed": passed, "reason": reason}
+    return report
+
+
+def publish(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """Write the results JSON, print the table (and put it into the docs after a full run); the exit status."""
     table = markdown(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"{args.label}.json"
@@ -1436,13 +1573,43 @@ def main(argv: list[str] | None = None) -> int:
         log(f"table written into {DOCS.relative_to(ROOT)}")
     if report["other_load_cores"] > QUIET_CORES:
         log(f"WARNING: other processes used {report['other_load_cores']:.2f} cores during the runs: noisy figures")
-    if not passed:
-        log(f"GATE FAILED: {reason}")
+    if not report["gate"]["passed"]:
+        log(f"GATE FAILED: {report['gate']['reason']}")
         return 1
     if args.strict and not all(t["met"] for t in report["targets"]):
         log("some targets are not met (--strict)")
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start, warm up, measure, report."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the mock and the platform on SIGTERM too
+    wrk = ensure_wrk()
+    placements = placements_wanted(args)
+    placement = placements[next(iter(placements))]
+    if placement["client"] is not None:
+        os.sched_setaffinity(0, {placement["client"]})  # keep this script off the platform's core
+    started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    reference = reference_ratio(args.reference)
+    load_before = wait_quiet(args.wait_quiet, 0.5 if args.quick else 2.0)
+    if load_before > QUIET_CORES:
+        log(f"WARNING: the machine is busy before the start ({load_before:.2f} cores used by other processes)")
+    t0 = time.monotonic()
+    with started(args, placement) as stack:
+        measured = measure_all(args, stack, placements, wrk, t0)
+    report = build_report(
+        args,
+        measured,
+        placements,
+        wrk=wrk,
+        started_at=started_at,
+        t0=t0,
+        load_before=load_before,
+        reference=reference,
+    )
+    return publish(args, report)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from bench.run import (
     RESULTS,
     Scenario,
     Stack,
+    client_failures,
     cpu_seconds,
     ensure_wrk,
     git_info,
@@ -165,6 +166,79 @@ def worker_pids(stack: Stack, workers: int, timeout_s: float = 30.0) -> list[int
         time.sleep(0.1)
 
 
+def measure_round(stack: Stack, pids: list[int], groups: CpuGroups | None, wrk: str, duration: float) -> dict[str, Any]:
+    """One wrk run at c64: rate, latency, counts and errors, the CPU of the platform, each worker and the mock, how
+    often each worker's CPU group was throttled, and how idle the machine stayed."""
+    assert stack.web is not None and stack.mock is not None
+    stack.alive()
+    tree = process_tree(stack.web.pid)
+    mock_tree = process_tree(stack.mock.pid)
+    before = stack.mock_drained()
+    cpu0, mock0, busy0 = cpu_seconds(tree), cpu_seconds(mock_tree), system_busy_s()
+    per_worker0 = [cpu_seconds([pid]) for pid in pids]
+    throttle0 = groups.stats() if groups else []
+    wall0 = time.monotonic()
+    client = run_wrk(wrk, None, stack.url, stack.key, C64, duration)
+    after = stack.mock_drained()
+    wall = time.monotonic() - wall0
+    cpu, mock_cpu = cpu_seconds(tree) - cpu0, cpu_seconds(mock_tree) - mock0
+    busy = system_busy_s() - busy0
+    per_worker = [cpu_seconds([pid]) - c0 for pid, c0 in zip(pids, per_worker0, strict=True)]
+    throttled = [
+        (b["throttled"] - a["throttled"]) / max(1, b["periods"] - a["periods"])
+        for a, b in zip(throttle0, groups.stats() if groups else [], strict=True)
+    ]
+    sent, answered = client["sent"], client["answered"]
+    backend = after["total_requests"] - before["total_requests"]
+    _, errors = client_failures(C64, client)  # C64 allows 200 only: every other status is an error
+    window = client["window_s"]
+    return {
+        "rate": client["rate"],
+        "latency_p50_ms": client["latency_ms"]["p50"],
+        "sent": sent,
+        "answered": answered,
+        "backend_requests": backend,
+        "counts_equal": sent == answered == backend,
+        "errors": errors,
+        "platform_cpu_ms_per_request": cpu * 1000 / answered if answered else None,
+        "platform_cores": cpu / window,
+        "worker_cores": [c / window for c in per_worker],
+        "worker_throttled_share": throttled,
+        "mock_cores": mock_cpu / window,
+        "machine_idle_cores": max(0.0, CPUS - busy / wall),
+    }
+
+
+def log_round(config: Config, round_no: int, run: dict[str, Any]) -> None:
+    log(
+        f"{config.label:<28} round {round_no}: {run['rate']:8.0f} req/s  "
+        f"cpu {run['platform_cpu_ms_per_request'] or 0:.3f} ms/req  "
+        f"workers {' '.join(f'{c:.2f}' for c in run['worker_cores'])} cores  "
+        f"throttled {' '.join(f'{t:.0%}' for t in run['worker_throttled_share']) or '-'}  "
+        f"idle {run['machine_idle_cores']:.2f} cores  sent {run['sent']} answered {run['answered']} "
+        f"backend {run['backend_requests']}"
+        + ("" if run["counts_equal"] and not run["errors"] else "  << ERRORS/COUNT MISMATCH")
+    )
+
+
+def config_summary(config: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A configuration's row: its rounds and their medians."""
+    return {
+        "workers": config.workers,
+        "core_share": config.share,
+        "label": config.label,
+        "runs": runs,
+        "rate": statistics.median(r["rate"] for r in runs),
+        "cpu_ms_per_request": statistics.median(r["platform_cpu_ms_per_request"] or 0.0 for r in runs),
+        "throttled_min": min((t for r in runs for t in r["worker_throttled_share"]), default=None),
+        "idle_cores": statistics.median(r["machine_idle_cores"] for r in runs),
+        "platform_cores": statistics.median(r["platform_cores"] for r in runs),
+        "mock_cores": statistics.median(r["mock_cores"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "counts_equal": all(r["counts_equal"] for r in runs),
+    }
+
+
 def measure_config(args: argparse.Namespace, config: Config, wrk: str) -> dict[str, Any]:
     """Start the platform with this many workers, limit them, warm up, run wrk `rounds` times."""
     stack_args = argparse.Namespace(
@@ -189,77 +263,14 @@ def measure_config(args: argparse.Namespace, config: Config, wrk: str) -> dict[s
             groups.limit(pids)
         run_wrk(wrk, None, stack.url, stack.key, C64, args.warmup)  # every worker warms up its connections
         for round_no in range(1, args.rounds + 1):
-            stack.alive()
-            tree = process_tree(stack.web.pid)
-            mock_tree = process_tree(stack.mock.pid)
-            before = stack.mock_drained()
-            cpu0, mock0, busy0 = cpu_seconds(tree), cpu_seconds(mock_tree), system_busy_s()
-            per_worker0 = [cpu_seconds([pid]) for pid in pids]
-            throttle0 = groups.stats() if groups else []
-            wall0 = time.monotonic()
-            client = run_wrk(wrk, None, stack.url, stack.key, C64, args.duration)
-            after = stack.mock_drained()
-            wall = time.monotonic() - wall0
-            cpu, mock_cpu = cpu_seconds(tree) - cpu0, cpu_seconds(mock_tree) - mock0
-            busy = system_busy_s() - busy0
-            per_worker = [cpu_seconds([pid]) - c0 for pid, c0 in zip(pids, per_worker0, strict=True)]
-            throttled = [
-                (b["throttled"] - a["throttled"]) / max(1, b["periods"] - a["periods"])
-                for a, b in zip(throttle0, groups.stats() if groups else [], strict=True)
-            ]
-            sent, answered = client["sent"], client["answered"]
-            backend = after["total_requests"] - before["total_requests"]
-            statuses = {int(k): v for k, v in client["statuses"].items()}
-            errors = (
-                sum(n for s, n in statuses.items() if s != 200)
-                + client["bad_body"]
-                + (sent - answered)
-                + sum(client["socket_errors"].values())
-            )
-            window = client["window_s"]
-            run = {
-                "round": round_no,
-                "rate": client["rate"],
-                "latency_p50_ms": client["latency_ms"]["p50"],
-                "sent": sent,
-                "answered": answered,
-                "backend_requests": backend,
-                "counts_equal": sent == answered == backend,
-                "errors": errors,
-                "platform_cpu_ms_per_request": cpu * 1000 / answered if answered else None,
-                "platform_cores": cpu / window,
-                "worker_cores": [c / window for c in per_worker],
-                "worker_throttled_share": throttled,
-                "mock_cores": mock_cpu / window,
-                "machine_idle_cores": max(0.0, CPUS - busy / wall),
-            }
-            runs.append(run)
-            log(
-                f"{config.label:<28} round {round_no}: {run['rate']:8.0f} req/s  "
-                f"cpu {run['platform_cpu_ms_per_request'] or 0:.3f} ms/req  "
-                f"workers {' '.join(f'{c:.2f}' for c in run['worker_cores'])} cores  "
-                f"throttled {' '.join(f'{t:.0%}' for t in throttled) or '-'}  "
-                f"idle {run['machine_idle_cores']:.2f} cores  sent {sent} answered {answered} backend {backend}"
-                + ("" if run["counts_equal"] and not errors else "  << ERRORS/COUNT MISMATCH")
-            )
+            run = measure_round(stack, pids, groups, wrk, args.duration)
+            runs.append({"round": round_no, **run})
+            log_round(config, round_no, run)
     finally:
         stack.stop()
         if groups is not None:
             groups.release()
-    return {
-        "workers": config.workers,
-        "core_share": config.share,
-        "label": config.label,
-        "runs": runs,
-        "rate": statistics.median(r["rate"] for r in runs),
-        "cpu_ms_per_request": statistics.median(r["platform_cpu_ms_per_request"] or 0.0 for r in runs),
-        "throttled_min": min((t for r in runs for t in r["worker_throttled_share"]), default=None),
-        "idle_cores": statistics.median(r["machine_idle_cores"] for r in runs),
-        "platform_cores": statistics.median(r["platform_cores"] for r in runs),
-        "mock_cores": statistics.median(r["mock_cores"] for r in runs),
-        "errors": sum(r["errors"] for r in runs),
-        "counts_equal": all(r["counts_equal"] for r in runs),
-    }
+    return config_summary(config, runs)
 
 
 # --- report -------------------------------------------------------------------------------------------------------

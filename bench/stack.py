@@ -33,6 +33,19 @@ def platform_env(state: Path, master_key: str, **extra: str) -> dict[str, str]:
     }
 
 
+def start_mock(port: int) -> subprocess.Popen[bytes]:
+    """The bundled mock vLLM serving `mock-chat` and `mock-embed` on `port` (not yet ready: wait for /health)."""
+    argv = [PY, "-m", "backends.mock_vllm", "--port", str(port), "--model", "mock-chat", "--embed-model", "mock-embed"]
+    return subprocess.Popen(argv, cwd=ROOT)
+
+
+def create_api_key(env: dict[str, str], name: str, *options: str) -> str:
+    """A new API key of the platform in `env` (`manage.py create_api_key --name <name> <options>`): its secret."""
+    argv = [PY, "manage.py", "create_api_key", "--name", name, *options]
+    out = subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
 def start_platform(
     env: dict[str, str], mock_urls: list[str], port: int, *, cpu: int | None = None, log_level: str = "warning"
 ) -> subprocess.Popen[bytes]:
