@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends.mock_vllm import free_port  # noqa: E402
 from bench.stack import create_api_key, platform_env, start_mock, start_platform, wait_http  # noqa: E402
+from core.procs import stop_process  # noqa: E402
 
 TOKEN_DELAY_S = 0.04
 INTERACTIVE_TOKENS = 50
@@ -395,11 +396,8 @@ def main() -> int:
         keys = _keys_create(env, port, args.slots)
         runs = _scenarios(port, keys, capacity, args.seconds)
     finally:
-        if web is not None:
-            web.terminate()
-            web.wait(timeout=15)
-        mock.terminate()
-        mock.wait(timeout=15)
+        stop_process(web, 15)
+        stop_process(mock, 15)
 
     rows = {name: r.row() for name, r in runs.items()}
     targets, hard = _targets(runs, rows)

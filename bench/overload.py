@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends.mock_vllm import free_port  # noqa: E402
 from bench.stack import create_api_key, platform_env, start_mock, start_platform, wait_http  # noqa: E402
+from core.procs import stop_process  # noqa: E402
 
 CLEAR = {200, 429, 503, 504}
 
@@ -244,11 +245,8 @@ def main() -> int:
             rows.append(row)
             failures += failed
     finally:
-        if web is not None:
-            web.terminate()
-            web.wait(timeout=15)
-        mock.terminate()
-        mock.wait(timeout=15)
+        stop_process(web, 15)
+        stop_process(mock, 15)
     print(
         "| run | load | sent | answers (status: count) | hangs | backend = 200s + 504s | left open | "
         "RSS MiB idle / peak / after |"

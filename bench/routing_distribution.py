@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends.mock_vllm import free_port  # noqa: E402
 from bench.stack import platform_env, start_mock, start_platform, wait_http  # noqa: E402
+from core.procs import stop_process  # noqa: E402
 
 
 class Mock:
@@ -253,9 +254,7 @@ def main() -> int:
         lines += scenarios.failover()
         lines += scenarios.drain()
     finally:
-        if web is not None:
-            web.terminate()
-            web.wait(timeout=10)
+        stop_process(web, 10)
         for mock in mocks:
             mock.kill()
     print("\n".join(lines))
