@@ -324,6 +324,9 @@ class RunResult:
     hits: float = 0.0
     queries: float = 0.0
     engine_queries: tuple[float, ...] = ()  # prompt tokens each engine was asked for (the routing's balance)
+    samples: list[tuple[str, int, float, float]] = field(default_factory=list)
+    """Every answered request: (session, turn index, seconds since the run started, TTFT), for `--raw`."""
+    started: float = 0.0
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, str]:
@@ -369,6 +372,7 @@ async def conversation(target: Target, conv: Conversation, gate: asyncio.Semapho
         body = {"model": target.model, "messages": list(messages), "stream": True, "user": conv.session}
         body |= {"temperature": 0, "max_tokens": target.max_tokens}
         async with gate:
+            sent = time.perf_counter() - result.started
             try:
                 ttft, answer = await stream_chat(target.client, target.url, body)
             except (httpx.HTTPError, RequestFailed, ValueError) as exc:
@@ -376,6 +380,7 @@ async def conversation(target: Target, conv: Conversation, gate: asyncio.Semapho
                 result.errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 return
         result.ttfts.append(ttft)
+        result.samples.append((conv.session, index, round(sent, 4), round(ttft, 4)))
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -386,7 +391,7 @@ async def run_workload(url: str, model: str, max_tokens: int, workload: Workload
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10)
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
-        start = time.perf_counter()
+        start = result.started = time.perf_counter()
         target = Target(client, url, model, max_tokens)
         await asyncio.gather(*(conversation(target, c, gate, result) for c in workload.conversations))
         result.wall_s = time.perf_counter() - start
@@ -657,6 +662,38 @@ class Meta:
     notes: dict[str, list[str]] = field(default_factory=dict)
 
 
+def turn_table(results: list[RunResult]) -> list[str]:
+    """Multi-turn TTFT split by turn: the first turn (nothing cached anywhere) and the later ones.
+
+    The later turns are where routing matters (their history is cached on the backend that served the turn
+    before); the first turns cost the same whoever routes them. Empty without multi-turn samples.
+    """
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        if r.workload == "multi-turn":
+            groups.setdefault(r.system, []).extend((turn, ttft) for _, turn, _, ttft in r.samples)
+    if not groups:
+        return []
+    lines = [
+        "Multi-turn TTFT by turn (pooled over rounds; later turns are where routing matters, first turns have "
+        "nothing cached anywhere):",
+        "",
+        "| system | first turns p50 (s) | later turns p50 (s) | later turns p75 (s) | later turns p90 (s) |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for system, samples in groups.items():
+        first = [t for turn, t in samples if turn == 0]
+        later = [t for turn, t in samples if turn > 0]
+        cells = (
+            statistics.median(first) if first else float("nan"),
+            statistics.median(later) if later else float("nan"),
+            _percentile(later, 75),
+            _percentile(later, 90),
+        )
+        lines.append(f"| {system} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+    return ["", *lines]
+
+
 def render(meta: Meta, rows: list[Row], results: list[RunResult]) -> str:
     """The whole Markdown report."""
     plan, sizes = meta.plan, meta.plan.sizes
@@ -686,6 +723,7 @@ def render(meta: Meta, rows: list[Row], results: list[RunResult]) -> str:
         f"caches also emptied before every run (POST /reset_prefix_cache): {'yes' if meta.resettable else 'no'}. "
         "Engines serve /v1/chat/completions/render (vllm-router cache_aware tokenizes with it; vLLM "
         f"--enable-scale-out): {'yes' if meta.render else '**no**: its cache_aware falls back to load balancing'}.",
+        *turn_table(results),
         "",
         "| target | figures | met |",
         "|---|---|---|",
@@ -718,6 +756,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
     parser.add_argument("--out", type=Path, help="report file (default bench/results/prefix[-quick|-mock]-<date>.md)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--raw", type=Path, help="also write every request's TTFT (JSON lines) to this file")
     return parser.parse_args(argv)
 
 
@@ -772,6 +811,18 @@ def run(args: argparse.Namespace, plan: Plan, meta: Meta) -> list[RunResult]:
     raise AssertionError("unreachable")  # for type checkers: ExitStack may swallow exceptions
 
 
+def write_raw(path: Path, results: list[RunResult]) -> None:
+    """One JSON line per answered request: system, workload, round, session, turn, sent at (s), TTFT (s)."""
+    keys = ("session", "turn", "sent_s", "ttft_s")
+    with path.open("w") as out:
+        for r in results:
+            for sample in r.samples:
+                fields = dict(zip(keys, sample, strict=True))
+                line = {"system": r.system, "workload": r.workload, "round": r.round, **fields}
+                out.write(json.dumps(line) + "\n")
+    print(f"raw TTFTs written to {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the report and write it."""
     args = parse_args(argv)
@@ -792,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(f"written to {out}", file=sys.stderr)
+    if args.raw is not None:
+        write_raw(args.raw, results)
     missed = [what for what, _, ok in targets(rows) if not ok]
     return 1 if args.strict and missed else 0
 

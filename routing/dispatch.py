@@ -34,6 +34,7 @@ from routing.strategies import (
     NEEDS_AFFINITY_KEY,
     NEEDS_CACHED_BLOCKS,
     NEEDS_METRICS,
+    NEEDS_PEER_LOAD,
     NEEDS_PREFIX,
     PrefixAware,
     RoutingStats,
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({502, 503})
 SERVABLE_SCAN = 8
+EMPTY_LOAD: dict[str, int] = {}  # no other process's load known (no prefix sync): never written to
 """When the next queued request cannot use a freed slot (a retry excluding that backend, a fallback chain), this many
 of the following ones are tried."""
 
@@ -244,6 +246,7 @@ class Dispatcher:
                 sync, name = self.prefix_sync, pool.name
                 strategy.on_insert = lambda backend, blocks: sync.publish(name, backend, blocks)
                 sync.attach(pool.name, strategy.index)
+                sync.load_source = lambda: self.in_flight
                 sync.ensure_running()
         return strategy
 
@@ -309,6 +312,11 @@ class Dispatcher:
                 metrics=self.scraper.fresh() if NEEDS_METRICS in needs else {},
                 affinity_key=context.affinity_key(pool.affinity_key) if NEEDS_AFFINITY_KEY in needs else None,
                 prefix=context.prefix_blocks(self.prefix_config.block_bytes) if NEEDS_PREFIX in needs else (),
+                peer_in_flight=(
+                    self.prefix_sync.peer_in_flight
+                    if self.prefix_sync is not None and NEEDS_PEER_LOAD in needs
+                    else EMPTY_LOAD
+                ),
                 cached_blocks=(
                     self.precise.cached_blocks(candidates, context.token_ids)
                     if context.token_ids is not None and self.precise is not None and NEEDS_CACHED_BLOCKS in needs

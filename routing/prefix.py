@@ -15,7 +15,9 @@ backend, an approximate index of the prompts it recently sent there:
   first block is its most recent and is evicted last: eviction shortens remembered prefixes from their ends,
   as an engine's LRU does.
 - **Sharing.** With `REDIS_URL`, each process publishes the blocks it routed (batched, off the request path)
-  and applies the others', so every process and replica holds the same index (`PrefixSync`).
+  and applies the others', so every process and replica holds the same index (`PrefixSync`). With the same
+  messages it publishes its open requests per backend, so that the load guard and the least-loaded choice of a
+  new prompt count every process's requests, not only their own (`PrefixSync.peer_in_flight`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_BYTES = 256
 DEFAULT_MAX_BLOCKS = 16_384
+MAX_PEERS = 1024  # other processes whose load is remembered (each message names its sender)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,25 +215,47 @@ class RecentPlacements:
 
 
 class PrefixSync:
-    """Shares prefix-index inserts between processes and replicas through Redis pub/sub.
+    """Shares prefix-index inserts, and each process's open requests per backend, through Redis pub/sub.
 
     `publish()` only appends to a buffer (the request path pays a list append); a background task sends the
     buffer every `interval_s` as one message, and a subscriber applies other processes' inserts to the local
     indexes. Losing a message (Redis down, a restart) only costs cache hits, never a request.
+
+    Load: the same message carries this process's open requests per backend (`load_source`, the dispatcher's
+    counters) whenever they changed, and at least every `heartbeat_s`. `peer_in_flight` is the sum of the other
+    processes' latest counts, each dropped `stale_s` after its last message (a process that died stops counting).
+    Without it, two web workers each see half of the load and can both place new conversations on the backend
+    that looks idle to them (measured: 37 % / 63 % of the prompt tokens over two engines, docs/routing.md).
     """
 
     CHANNEL = "llm:prefix"
 
-    def __init__(self, redis_url: str, *, process_id: str, interval_s: float = 0.05, max_buffer: int = 10_000) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        process_id: str,
+        interval_s: float = 0.05,
+        max_buffer: int = 10_000,
+        heartbeat_s: float = 0.5,
+        stale_s: float = 2.0,
+    ) -> None:
         self.redis_url = redis_url
         self.process_id = process_id
         self.interval_s = interval_s
         self.max_buffer = max_buffer
+        self.heartbeat_s = heartbeat_s
+        self.stale_s = stale_s
         self._buffer: list[tuple[str, str, tuple[int, ...]]] = []
         self._indexes: dict[str, PrefixIndex] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.received = 0
         self.sent = 0
+        self.load_source: Callable[[], dict[str, int]] | None = None
+        """This process's open requests per backend name (set by the dispatcher)."""
+        self._peers: dict[str, tuple[float, dict[str, int]]] = {}
+        self.peer_in_flight: dict[str, int] = {}
+        """The other processes' open requests per backend name, summed (read on the request path)."""
 
     def attach(self, pool: str, index: PrefixIndex) -> None:
         """Apply remote inserts for `pool` to this index (the latest attached one per pool)."""
@@ -260,20 +285,50 @@ class PrefixSync:
         import redis.asyncio as redis
 
         client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        last_load: dict[str, int] | None = None
+        last_sent = 0.0
         try:
             while True:
                 await asyncio.sleep(self.interval_s)
-                if not self._buffer:
+                now = time.monotonic()
+                self.expire(now)
+                load = self._own_load()
+                load_due = load is not None and (load != last_load or now - last_sent >= self.heartbeat_s)
+                if not self._buffer and not load_due:
                     continue
                 batch, self._buffer = self._buffer, []
-                payload = orjson.dumps({"from": self.process_id, "inserts": batch})
+                message: dict[str, Any] = {"from": self.process_id, "inserts": batch}
+                if load is not None:
+                    message["load"] = load
                 try:
-                    await client.publish(self.CHANNEL, payload)
+                    await client.publish(self.CHANNEL, orjson.dumps(message))
                     self.sent += len(batch)
+                    last_load, last_sent = load, now
                 except Exception as exc:  # Redis down: the hint is lost, routing goes on
                     logger.debug("prefix sync: publish failed (%s)", type(exc).__name__)
         finally:
             await client.aclose()
+
+    def _own_load(self) -> dict[str, int] | None:
+        """This process's open requests per backend (a copy), or None when nothing provides them."""
+        if self.load_source is None:
+            return None
+        return {name: count for name, count in self.load_source().items() if count > 0}
+
+    def expire(self, now: float) -> None:
+        """Forget the load of processes not heard from for `stale_s`."""
+        stale = [pid for pid, (heard, _) in self._peers.items() if now - heard > self.stale_s]
+        if stale:
+            for pid in stale:
+                del self._peers[pid]
+            self._sum_peers()
+
+    def _sum_peers(self) -> None:
+        total: dict[str, int] = {}
+        for _, load in self._peers.values():
+            for name, count in load.items():
+                total[name] = total.get(name, 0) + count
+        self.peer_in_flight = total
 
     async def _receive_loop(self) -> None:
         import redis.asyncio as redis
@@ -299,8 +354,15 @@ class PrefixSync:
         """Apply one message of another process (ignoring our own and anything malformed)."""
         try:
             message = orjson.loads(payload)
-            if message.get("from") == self.process_id:
+            sender = message.get("from")
+            if sender == self.process_id:
                 return
+            load = message.get("load")
+            known = sender in self._peers or len(self._peers) < MAX_PEERS
+            if isinstance(load, dict) and isinstance(sender, str) and known:
+                counts = {str(k): int(v) for k, v in load.items() if isinstance(v, int) and 0 < v < 1_000_000}
+                self._peers[sender] = (time.monotonic(), counts)
+                self._sum_peers()
             for pool, backend, blocks in message["inserts"]:
                 index = self._indexes.get(pool)
                 if index is not None and isinstance(backend, str):

@@ -48,6 +48,9 @@ class RoutingStats:
     affinity_key: str | None = None
     prefix: tuple[int, ...] = ()
     """The request's prompt as chained block keys (`routing.prefix.prefix_blocks`)."""
+    peer_in_flight: Mapping[str, int] = field(default_factory=dict)
+    """The other web processes' and replicas' open requests per backend name, as they last published them
+    (`routing.prefix.PrefixSync`; empty without Redis)."""
     cached_blocks: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """Precise mode (vLLM's KV-cache events, `routing.precise`): per backend that publishes them, how many of the
     request's leading token blocks its engine holds, and how many full blocks the request has. A backend absent
@@ -58,6 +61,7 @@ NEEDS_METRICS = "metrics"
 NEEDS_AFFINITY_KEY = "affinity_key"
 NEEDS_PREFIX = "prefix"
 NEEDS_CACHED_BLOCKS = "cached_blocks"
+NEEDS_PEER_LOAD = "peer_load"
 
 
 class Strategy(Protocol):
@@ -167,9 +171,10 @@ class SessionAffinity:
 class PrefixAware:
     """The backend believed to hold the longest prefix of the prompt in its KV cache, under a load guard.
 
-    1. Load guard: a candidate whose load (this process's in-flight requests plus vLLM's waiting queue where
-       scraped) exceeds the least loaded one's by more than `balance_abs` and by more than `balance_rel` times is
-       overloaded and not chosen for its cache, so a popular prefix cannot melt one server.
+    1. Load guard: a candidate whose load (in-flight requests, this process's and, with Redis, the other
+       processes' as last published, plus vLLM's waiting queue where scraped) exceeds the least loaded one's by
+       more than `balance_abs` and by more than `balance_rel` times is overloaded and not chosen for its cache,
+       so a popular prefix cannot melt one server.
     2. Among the others, the longest matched share of the prompt wins when it is at least `min_match`; ties go
        to the less loaded, then to the highest rendezvous hash of the prompt's first block.
     3. Otherwise (a new prompt) the least loaded wins, ties broken by the same hash, so that processes which
@@ -181,7 +186,7 @@ class PrefixAware:
     (`routing.prefix.PrefixIndex`) and, through `on_insert`, shared.
     """
 
-    needs = frozenset({NEEDS_PREFIX, NEEDS_METRICS, NEEDS_CACHED_BLOCKS})
+    needs = frozenset({NEEDS_PREFIX, NEEDS_METRICS, NEEDS_CACHED_BLOCKS, NEEDS_PEER_LOAD})
 
     def __init__(self, rng: random.Random | None = None, *, config: PrefixConfig | None = None) -> None:
         self.config = config or PrefixConfig()
@@ -247,8 +252,10 @@ class PrefixAware:
 
 
 def _load(name: str, stats: RoutingStats) -> float:
+    """Open requests on a backend: this process's, the other processes' (shared), and vLLM's waiting queue."""
     metrics = stats.metrics.get(name)
-    return stats.in_flight.get(name, 0) + (metrics.waiting if metrics is not None else 0.0)
+    load = stats.in_flight.get(name, 0) + stats.peer_in_flight.get(name, 0)
+    return load + (metrics.waiting if metrics is not None else 0.0)
 
 
 def _hrw_score(key: str, backend: str) -> int:

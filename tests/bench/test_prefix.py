@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.prefix import PA, PA2, RR, SINGLE, RunResult, aggregate, tagged, targets
+from pathlib import Path
+
+from bench.prefix import PA, PA2, RR, SINGLE, RunResult, aggregate, tagged, targets, turn_table, write_raw
 from bench.prefix_workloads import Sizes, multi_turn, no_sharing, shared_documents
 
 
@@ -62,3 +64,21 @@ def test_targets_are_checked_against_the_issue_thresholds() -> None:
     results[3] = _run(PA2, 2.4, 10.0, 64, failures=1)
     missed = [what for what, _, ok in targets(aggregate(results)) if not ok]
     assert any("2 workers" in m for m in missed) and any("failed" in m for m in missed)
+
+
+def test_multi_turn_ttfts_are_split_into_first_and_later_turns(tmp_path: Path) -> None:
+    # given a multi-turn run with slow first turns and fast later ones, and a shared-documents run
+    run = RunResult("platform prefix_aware", "multi-turn", 1, 6)
+    run.samples = [("a", 0, 0.0, 2.0), ("a", 1, 2.1, 0.2), ("a", 2, 2.4, 0.4)]
+    run.samples += [("b", 0, 0.0, 3.0), ("b", 1, 3.1, 0.6), ("b", 2, 3.8, 0.8)]
+    other = RunResult("platform prefix_aware", "shared documents", 1, 1)
+    other.samples = [("c", 0, 0.0, 9.0)]
+    # when the by-turn table is rendered and the raw samples written
+    lines = turn_table([run, other])
+    raw = tmp_path / "raw.jsonl"
+    write_raw(raw, [run, other])
+    # then the first turns' median is 2.5 s and the later turns' 0.5 s, shared documents left out
+    assert lines[-1].startswith("| platform prefix_aware | 2.50 | 0.50 |")
+    assert sum("platform prefix_aware" in line for line in lines) == 1
+    assert len(raw.read_text().splitlines()) == 7
+    assert turn_table([other]) == []

@@ -50,6 +50,30 @@ async def test_sync_carries_an_insert_to_another_process() -> None:
         await second.aclose()
 
 
+async def test_sync_carries_open_requests_to_another_process() -> None:
+    # given two processes joined through Redis, the first with two requests open on b1
+    first = PrefixSync(REDIS_URL, process_id="load-1", interval_s=0.01, heartbeat_s=0.05)
+    second = PrefixSync(REDIS_URL, process_id="load-2", interval_s=0.01, heartbeat_s=0.05)
+    in_flight = {"b1": 2, "b2": 0}
+    first.load_source = lambda: in_flight
+    first.ensure_running()
+    second.ensure_running()
+    try:
+        # when the second process listens (the heartbeat repeats the counts until it has joined)
+        async with asyncio.timeout(10):
+            while second.peer_in_flight != {"b1": 2}:
+                await asyncio.sleep(0.05)
+            # and the first process's requests end
+            in_flight["b1"] = 0
+            while second.peer_in_flight:
+                await asyncio.sleep(0.05)
+        # then the second process saw them open, then closed; the first never counts itself
+        assert first.peer_in_flight == {}
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_processes_send_repeated_prefixes_to_the_same_backend() -> None:
     if connection.vendor != "postgresql":

@@ -101,6 +101,32 @@ def test_new_prompts_spread_over_equally_loaded_backends_the_same_way_everywhere
     assert {first.count(b.name) for b in BACKENDS} <= set(range(70, 131))
 
 
+def test_a_new_prompt_counts_the_other_processes_load() -> None:
+    # given a backend idle in this process but busy in the others (their published open requests)
+    strategy = PrefixAware()
+    stats = RoutingStats(
+        in_flight={"b1": 1, "b2": 1, "b3": 1},
+        peer_in_flight={"b1": 3, "b3": 2},
+        prefix=blocks_of(chat(system="a new conversation " * 60)),
+    )
+    # when a new prompt (nothing cached anywhere) is routed
+    chosen = strategy.select(BACKENDS, stats)
+    # then it goes to the backend least loaded over all processes, not the one this process happens to favour
+    assert chosen.name == "b2"
+
+
+def test_the_load_guard_counts_the_other_processes_load() -> None:
+    # given a document cached on b1, which the other processes load heavily while this one sends it nothing
+    strategy = PrefixAware(config=PrefixConfig(balance_abs=4, balance_rel=1.5))
+    route(strategy, chat("first question"))
+    owner = route(strategy, chat("second question"))
+    stats = RoutingStats(peer_in_flight={owner: 20}, prefix=blocks_of(chat("third question")))
+    # when another question on it comes
+    chosen = strategy.select(BACKENDS, stats)
+    # then the guard sends it elsewhere
+    assert chosen.name != owner
+
+
 def test_drained_or_failed_backend_is_forgotten() -> None:
     strategy = PrefixAware()
     placed = route(strategy, chat("q"))
