@@ -324,25 +324,27 @@ class RunResult:
     hits: float = 0.0
     queries: float = 0.0
     engine_queries: tuple[float, ...] = ()  # prompt tokens each engine was asked for (the routing's balance)
-    samples: list[tuple[str, int, float, float]] = field(default_factory=list)
-    """Every answered request: (session, turn index, seconds since the run started, TTFT), for `--raw`."""
+    samples: list[tuple[str, int, float, float, str]] = field(default_factory=list)
+    """Every answered request: (session, turn index, seconds since the run started, TTFT, backend), for `--raw`."""
     started: float = 0.0
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, str]:
-    """Send one streamed chat completion; return (seconds to the first content chunk, the answer)."""
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, str, str]:
+    """Send one streamed chat completion; return (seconds to the first content chunk, the answer, the backend
+    the platform names in `x-router-backend`, else "")."""
     start = time.perf_counter()
     first: float | None = None
     parts: list[str] = []
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise RequestFailed(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        backend = response.headers.get("x-router-backend", "")
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank lines, SSE comments (keep-alives)
             data = line[5:].strip()
             if data == "[DONE]":
-                return (first if first is not None else time.perf_counter() - start), "".join(parts)
+                return (first if first is not None else time.perf_counter() - start), "".join(parts), backend
             chunk = json.loads(data)
             if "error" in chunk:
                 raise RequestFailed(f"error event: {str(chunk['error'])[:200]}")
@@ -374,13 +376,13 @@ async def conversation(target: Target, conv: Conversation, gate: asyncio.Semapho
         async with gate:
             sent = time.perf_counter() - result.started
             try:
-                ttft, answer = await stream_chat(target.client, target.url, body)
+                ttft, answer, backend = await stream_chat(target.client, target.url, body)
             except (httpx.HTTPError, RequestFailed, ValueError) as exc:
                 result.failures += len(conv.turns) - index  # this turn and the ones it prevents
                 result.errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 return
         result.ttfts.append(ttft)
-        result.samples.append((conv.session, index, round(sent, 4), round(ttft, 4)))
+        result.samples.append((conv.session, index, round(sent, 4), round(ttft, 4), backend))
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -671,7 +673,7 @@ def turn_table(results: list[RunResult]) -> list[str]:
     groups: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         if r.workload == "multi-turn":
-            groups.setdefault(r.system, []).extend((turn, ttft) for _, turn, _, ttft in r.samples)
+            groups.setdefault(r.system, []).extend((turn, ttft) for _, turn, _, ttft, _ in r.samples)
     if not groups:
         return []
     lines = [
@@ -812,8 +814,9 @@ def run(args: argparse.Namespace, plan: Plan, meta: Meta) -> list[RunResult]:
 
 
 def write_raw(path: Path, results: list[RunResult]) -> None:
-    """One JSON line per answered request: system, workload, round, session, turn, sent at (s), TTFT (s)."""
-    keys = ("session", "turn", "sent_s", "ttft_s")
+    """One JSON line per answered request: system, workload, round, session, turn, sent at (s), TTFT (s),
+    backend (when the platform names it)."""
+    keys = ("session", "turn", "sent_s", "ttft_s", "backend")
     with path.open("w") as out:
         for r in results:
             for sample in r.samples:

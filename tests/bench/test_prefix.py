@@ -69,10 +69,10 @@ def test_targets_are_checked_against_the_issue_thresholds() -> None:
 def test_multi_turn_ttfts_are_split_into_first_and_later_turns(tmp_path: Path) -> None:
     # given a multi-turn run with slow first turns and fast later ones, and a shared-documents run
     run = RunResult("platform prefix_aware", "multi-turn", 1, 6)
-    run.samples = [("a", 0, 0.0, 2.0), ("a", 1, 2.1, 0.2), ("a", 2, 2.4, 0.4)]
-    run.samples += [("b", 0, 0.0, 3.0), ("b", 1, 3.1, 0.6), ("b", 2, 3.8, 0.8)]
+    run.samples = [("a", 0, 0.0, 2.0, "x"), ("a", 1, 2.1, 0.2, "x"), ("a", 2, 2.4, 0.4, "x")]
+    run.samples += [("b", 0, 0.0, 3.0, "y"), ("b", 1, 3.1, 0.6, "y"), ("b", 2, 3.8, 0.8, "y")]
     other = RunResult("platform prefix_aware", "shared documents", 1, 1)
-    other.samples = [("c", 0, 0.0, 9.0)]
+    other.samples = [("c", 0, 0.0, 9.0, "")]
     # when the by-turn table is rendered and the raw samples written
     lines = turn_table([run, other])
     raw = tmp_path / "raw.jsonl"
