@@ -124,14 +124,16 @@ def test_shadow_live_slow_shadow_bounded_and_compared_in_admin(
         # baseline: mychat, on the same backend as chat-v1 but without a shadow
         base_sequential = sequential(platform, "mychat")
         base_flood = flood(platform, "mychat")
-        # when clients call chat-v1 one after the other, the shadow never delays them
+        # when clients call chat-v1 one after the other, the shadow never delays them: a request that waited for
+        # its mirror would take the shadow's 1.5 s at least (the margins are wide so that a loaded machine's
+        # scheduling cannot fail the test; what it catches is a wait on the shadow, not a slow machine)
         window_start = time.monotonic()
         shadowed_sequential = sequential(platform, "chat-v1")
-        assert max(shadowed_sequential) < 0.5, shadowed_sequential
-        assert max(shadowed_sequential) < max(base_sequential) + 0.25, (shadowed_sequential, base_sequential)
-        # and a flood of 30 concurrent requests is answered as fast as without a shadow, while most mirrors drop
+        assert max(shadowed_sequential) < max(base_sequential) + 1.0, (shadowed_sequential, base_sequential)
+        # and a flood of 30 concurrent requests is not held behind the mirrors (one at a time, 1.5 s each: 45 s if
+        # it were), while most mirrors drop
         shadowed_flood = flood(platform, "chat-v1")
-        assert shadowed_flood < base_flood * 1.5 + 0.5, (shadowed_flood, base_flood)
+        assert shadowed_flood < base_flood * 2 + 1.0, (shadowed_flood, base_flood)
         window_s = time.monotonic() - window_start
         # the mirrors are sent at most one at a time; wait for the queue to drain and the rollup to be written
         deadline = time.monotonic() + 15
