@@ -33,6 +33,7 @@ from django.utils import timezone
 from batches import services
 from batches.models import FINAL_STATUSES, Batch, BatchLine, BatchStatus, LineState
 from batches.selectors import batch_principal_get
+from core.db import adb_connections_close
 from core.errors import APIError
 from governance.auth import Principal
 from governance.events import UsageEvent
@@ -278,6 +279,7 @@ async def batch_run(batch_id: str, *, gateway: Gateway | None = None) -> str | N
             await gw.registry.aclose()
             if gw.keys is not None:
                 await gw.keys.aclose()
+            await adb_connections_close()  # the database thread's connection (core.db), as at a web process's end
             await gw.dispatcher.aclose()
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from core.aio import running_loop
 from core.errors import APIError
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ class RedisRateLimiter:
         self._last_failure_log = 0.0
 
     def _redis(self) -> object:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self._client is None or self._loop is not loop:
             import redis.asyncio as aioredis
 

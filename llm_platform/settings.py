@@ -363,7 +363,7 @@ CHECKS_WEBHOOK_URL = os.environ.get("CHECKS_WEBHOOK_URL", "")  # check run repor
 # seconds or as soon as USAGE_FLUSH_MAX events wait (a crash loses at most one interval). While the database is
 # unreachable at most USAGE_BUFFER_MAX events are kept per process (the oldest are dropped beyond).
 USAGE_FLUSH_INTERVAL_S = env_float("USAGE_FLUSH_INTERVAL_S", 1.0)
-USAGE_FLUSH_MAX = env_int("USAGE_FLUSH_MAX", 500)
+USAGE_FLUSH_MAX = env_int("USAGE_FLUSH_MAX", 2000)
 USAGE_BUFFER_MAX = env_int("USAGE_BUFFER_MAX", 100_000)
 # The periodic rollup (every 10 min) rebuilds the hourly usage of this many past hours.
 USAGE_ROLLUP_LOOKBACK_H = env_int("USAGE_ROLLUP_LOOKBACK_H", 3)

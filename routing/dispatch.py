@@ -24,6 +24,7 @@ import httpx
 
 from backends.models import InvalidApiKeyError, RoutingStrategy, bearer_headers
 from backends.snapshot import BackendSnap, ModelSnap, PoolSnap, RegistrySnapshot
+from core.aio import running_loop
 from governance.priority import BY_RANK, DEFAULT_FLOW, Flow, Priority
 from routing import errors
 from routing.errors import APIError
@@ -396,7 +397,7 @@ class Dispatcher:
         flow: Flow,
         observer: AttemptObserver | None,
     ) -> BackendSnap | None:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         future: asyncio.Future[BackendSnap | None] = loop.create_future()
         queue.max_size = self.queue_max
         ticket, shed = queue.offer(

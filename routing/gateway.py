@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,9 @@ from rest_framework import serializers
 
 from backends.snapshot import BackendSnap, ModelSnap, RegistrySnapshot
 from core import telemetry
+from core.aio import running_loop
+from core.db import adb_connections_close, db_call
+from core.ids import random_id
 from governance.metrics import metrics_endpoint
 from governance.priority import Priority, priority_requested
 from governance.ratelimit import LocalRateLimiter, RateLimiter, RedisFailureMode, RedisRateLimiter
@@ -377,6 +379,9 @@ class Gateway:
                 if self.publisher is not None:
                     await self.publisher.aclose()
                 await self.registry.aclose()
+                if self.keys is not None:
+                    await self.keys.aclose()
+                await adb_connections_close()  # the database thread's kept connection (core.db), after its last use
                 await self.dispatcher.aclose()
                 if telemetry.TRACING:  # the spans still buffered, before the process exits
                     await asyncio.to_thread(telemetry.force_flush)
@@ -409,7 +414,7 @@ class Gateway:
 
     async def _v1(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = os.urandom(16).hex()  # a random 128-bit id, without uuid4's formatting cost
+        request_id = random_id()  # 128 random bits, without a system call per request (core.ids)
         path: str = scope["path"]
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]
@@ -712,8 +717,9 @@ class Gateway:
             raise await lc.upstream_error()  # nothing was sent yet: a JSON error, as without streaming
         hooks = prepared.endpoint.hooks
         state = stream_state(prepared) if hooks is None else hooks.stream_state(lc)
-        pump = asyncio.ensure_future(self._pump(send, lc, state))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        loop = running_loop()
+        pump = loop.create_task(self._pump(send, lc, state))
+        watcher = loop.create_task(_wait_disconnect(receive))
         try:
             await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -736,7 +742,7 @@ class Gateway:
         upstream = response.aiter_raw()
         try:
             # Until the first bytes, a keep-alive comment every few seconds keeps proxies from timing out.
-            first = asyncio.ensure_future(lc.next_chunk(upstream))
+            first = running_loop().create_task(lc.next_chunk(upstream))
             try:
                 while True:
                     done, _ = await asyncio.wait((first,), timeout=self.stream_keepalive_s)
@@ -835,8 +841,8 @@ async def _until_disconnect(work: Awaitable[T], receive: Receive) -> T:
 
     The watcher starts only after DISCONNECT_WATCH_AFTER_S, so fast requests pay for a timer, not a task.
     """
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
+    loop = running_loop()
+    task = asyncio.current_task(loop)
     assert task is not None
     gone = False
     watcher: asyncio.Task[None] | None = None
@@ -866,9 +872,9 @@ async def _until_disconnect(work: Awaitable[T], receive: Receive) -> T:
 
 
 async def _database_reachable() -> bool:
+    """Whether the database answers: in a pool thread, not the database thread (core.db.run_db), so that /readyz
+    answers even while a write to an unreachable database holds that thread."""
     from django.db import connection
-
-    from core.db import db_call
 
     def check() -> bool:
         with connection.cursor() as cursor:

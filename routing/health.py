@@ -14,6 +14,7 @@ from enum import StrEnum
 import httpx
 
 from backends.snapshot import BackendSnap
+from core.aio import running_loop
 from routing.strategies import BackendMetrics
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class MetricsScraper:
         self, targets: Callable[[], Iterable[BackendSnap]], client: Callable[[], httpx.AsyncClient]
     ) -> None:
         """Start the background scraper on this event loop if it is not running."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop = loop
             self._task = loop.create_task(self._run(targets, client), name="vllm-metrics-scraper")

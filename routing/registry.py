@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
 from backends.snapshot import RegistrySnapshot
-from core.db import db_call
+from core.aio import running_loop
+from core.db import db_call, run_db
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ class RegistryCache(Generic[S]):
         empty: S | None = None,
     ) -> None:
         self.name = name
-        self._build = db_call(build)
-        self._version = db_call(version)
+        self._build = build  # both run in the database thread (core.db.run_db)
+        self._version = version
         self._poll_interval_s = poll_interval_s
         # Without `empty`, the cache is the backend registry's (RegistryCache[RegistrySnapshot]).
         self.snapshot: S = empty if empty is not None else cast(S, RegistrySnapshot.empty())
@@ -74,7 +75,7 @@ class RegistryCache(Generic[S]):
     async def get(self) -> S:
         """Return the current snapshot, loading it the first time and keeping the poller alive on this loop."""
         if self._poll_interval_s > 0:
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
             if self._loop is not loop or self._task is None or self._task.done():
                 self._start(loop)
         if not self.loaded:
@@ -93,11 +94,11 @@ class RegistryCache(Generic[S]):
         async with self._lock:
             try:
                 if self.loaded and not force:
-                    current = await asyncio.to_thread(self._version)
+                    current = await run_db(self._version)
                     if current == self.snapshot.version:
                         self.last_refresh_at = time.monotonic()
                         return False
-                snapshot = await asyncio.to_thread(self._build)
+                snapshot = await run_db(self._build)
             except Exception as exc:  # the database may be down: keep serving the last snapshot
                 if self.last_error != str(exc):
                     logger.warning("%s refresh failed, serving version %s: %s", self.name, self.snapshot.version, exc)

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from backends.runtime import KEY_PREFIX, PROCESS_ID, merge_views, runtime_local_source_set, runtime_stats_collect
+from core.aio import running_loop
 from routing.dispatch import LIVE_DISPATCHERS, Dispatcher
 
 __all__ = ["KEY_PREFIX", "PROCESS_ID", "RuntimePublisher", "local_views", "merge_views", "runtime_stats_collect"]
@@ -46,7 +47,7 @@ class RuntimePublisher:
         """Start publishing on the running loop if not already."""
         if not self.redis_url:
             return
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop = loop
             self._task = loop.create_task(self._run(), name="runtime-publisher")

@@ -39,7 +39,7 @@ from prometheus_client import Counter
 
 from backends.services import SHADOW_COUNTERS, shadow_comparisons_add
 from backends.snapshot import ModelSnap, RegistrySnapshot
-from core.db import db_call
+from core.db import run_db
 from governance.priority import LOWEST, Flow
 from routing.auth import Principal
 from routing.dispatch import NO_CONTEXT, Dispatcher
@@ -326,7 +326,7 @@ class ShadowMirror:
         tallies, self.tallies = self.tallies, {}
         hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         try:
-            return await asyncio.to_thread(db_call(functools.partial(self._write, hour, tallies)))
+            return await run_db(functools.partial(self._write, hour, tallies))
         except Exception as exc:
             for pair, tally in tallies.items():  # merged back: bounded by the number of model pairs
                 mine = self._tally(pair)

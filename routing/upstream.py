@@ -37,6 +37,8 @@ import h11
 import httptools
 import httpx
 
+from core.aio import running_loop
+
 __all__ = [
     "FastUpstream",
     "HttpxUpstream",
@@ -249,7 +251,7 @@ class HttpxUpstream:
 
     def client(self) -> httpx.AsyncClient:
         """The pooled client of the running event loop (a new loop, e.g. in tests, gets a new client)."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self._client is None or self._client_loop is not loop:
             if self._factory is not None:
                 self._client = self._factory()
@@ -1069,7 +1071,7 @@ class FastUpstream:
 
     def _pool(self, target: _Target) -> _Pool:
         """The pool of target on the running loop (pools of another, dead, loop are dropped)."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if loop is not self._loop:
             for stale in self._pools.values():
                 stale.close_all()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -26,6 +25,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.routing import URLRouter
 from django.urls import path, re_path
 
+from core.ids import random_id
 from routing import errors
 from routing.auth import Principal, bearer_token
 from routing.errors import APIError
@@ -369,7 +369,7 @@ class ChatSocketConsumer(AsyncJsonWebsocketConsumer):
         """One request, as its own task: prepare, stream, and end with exactly one `done` or `error`."""
         lc = self.gateway.lifecycle(
             endpoint,
-            os.urandom(16).hex(),
+            random_id(),
             time.perf_counter(),
             principal,
             headers=self.scope["headers"],

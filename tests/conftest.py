@@ -6,13 +6,14 @@ import functools
 import importlib
 import pkgutil
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from backends.mock_vllm import MockConfig, MockVLLM
+from core.db import db_connections_close
 from governance.events import MemoryUsageSink, UsageEvent
 from routing.dispatch import Dispatcher
 from routing.gateway import Gateway
@@ -68,6 +69,14 @@ def _reseed_data_migrations_after_flush() -> None:
 @pytest.fixture(autouse=True)
 def _master_key(settings: Any) -> None:
     settings.ROUTER_MASTER_KEY = MASTER_KEY
+
+
+@pytest.fixture(autouse=True)
+def _db_thread_connections_closed() -> Iterator[None]:
+    """The database thread (core.db.run_db) keeps its connection between calls, as in a server process: closed after
+    every test, so that no test inherits another's connection and the test database can be flushed and dropped."""
+    yield
+    db_connections_close()
 
 
 @pytest.fixture

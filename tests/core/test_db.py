@@ -1,0 +1,131 @@
+"""core.db.run_db: the web process's side work runs in one database thread, on a connection kept between calls,
+dropped after a database error (so a database that goes away and comes back is used again) and at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, connection
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from core import db
+from core.db import DB_THREAD_NAME, adb_connections_close, db_connections_close, run_db
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _where() -> tuple[str, object]:
+    """(thread name, the raw connection) after a query in the calling thread (kept referenced: never reused)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return threading.current_thread().name, connection.connection
+
+
+def _fail() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM no_such_table_here")
+
+
+async def test_calls_run_in_one_named_thread_on_a_kept_connection() -> None:
+    # given the database thread, used by one call
+    first_thread, first_conn = await run_db(_where)
+    # when other calls follow, from this loop and from another one
+    second = await run_db(_where)
+    third = await asyncio.to_thread(asyncio.run, run_db(_where))
+    # then they all ran in the one database thread, on the connection the first call opened
+    assert first_thread.startswith(DB_THREAD_NAME) and first_thread != threading.current_thread().name
+    assert (
+        second[0] == third[0] == first_thread and second[1] is third[1] is first_conn
+    )  # (on SQLite in spite of its CONN_MAX_AGE of 0)
+
+
+async def test_a_database_error_drops_the_connection_and_the_next_call_reconnects() -> None:
+    _, before = await run_db(_where)
+    # when a call fails with a database error (it reaches the caller)
+    with pytest.raises(DatabaseError):
+        await run_db(_fail)
+    # then the next call works, on a new connection
+    _, after = await run_db(_where)
+    assert after is not before
+
+
+async def test_the_connection_is_closed_at_shutdown_and_reopened_on_use() -> None:
+    _, before = await run_db(_where)
+    await adb_connections_close()
+    assert await run_db(lambda: connection.connection) is None
+    _, after = await run_db(_where)
+    assert after is not before
+    db_connections_close()  # the sync twin (tests' teardown) does the same
+    assert await run_db(lambda: connection.connection) is None
+
+
+async def test_a_connection_older_than_the_bound_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a CONN_MAX_AGE of 0 (SQLite's here; the settings are shared by every thread's connection) and a bound of 0
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    monkeypatch.setattr(db, "KEPT_MAX_AGE_S", 0.0)
+    await adb_connections_close()
+    # then every call gets a new connection
+    _, before = await run_db(_where)
+    _, after = await run_db(_where)
+    assert after is not before
+
+
+async def test_a_result_and_an_exception_are_handed_back_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a failing close of a broken connection does not hide the call's own outcome
+    def close(self: BaseDatabaseWrapper) -> Any:
+        raise RuntimeError("close failed")
+
+    assert await run_db(lambda: 42) == 42
+    monkeypatch.setattr(BaseDatabaseWrapper, "close", close)
+    with pytest.raises(DatabaseError):
+        await run_db(_fail)
+    monkeypatch.undo()
+    await adb_connections_close()
+
+
+async def test_a_connection_killed_by_postgresql_is_replaced() -> None:
+    # the server ends the kept connection (a restart, a failover, an idle timeout), as the database going away
+    if connection.vendor != "postgresql":
+        pytest.skip("needs DATABASE_URL on PostgreSQL")
+
+    def backend_pid() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return int(cursor.fetchone()[0])
+
+    def terminate(pid: int) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    pid = await run_db(backend_pid)
+    await asyncio.to_thread(terminate, pid)
+    # the first call after it fails (the connection is gone), the next one reconnects
+    with pytest.raises(DatabaseError):
+        await run_db(backend_pid)
+    assert await run_db(backend_pid) != pid
+
+
+def test_a_forked_child_starts_its_own_database_thread() -> None:
+    # given a process whose database thread is running (a Celery prefork parent, say)
+    asyncio.run(run_db(_where))
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread did not come along; a call must not wait for it forever
+        try:
+            name, _ = asyncio.run(asyncio.wait_for(run_db(_where), timeout=20))
+            os._exit(0 if name.startswith(DB_THREAD_NAME) else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child's database call never ran")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
