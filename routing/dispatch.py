@@ -215,6 +215,8 @@ class Dispatcher:
         self._registry: RegistrySnapshot | None = None
         self.prefix_config = prefix or PrefixConfig()
         self.prefix_sync = prefix_sync
+        if prefix_sync is not None:  # what it publishes as this process's load
+            prefix_sync.load_source = lambda: self.in_flight
         self.precise = precise  # KV-cache events (ROUTER_KV_EVENTS); None: off, and nothing below costs anything
         self._scraped_pools: set[str] = set()
         LIVE_DISPATCHERS.add(self)
@@ -247,7 +249,6 @@ class Dispatcher:
                 sync, name = self.prefix_sync, pool.name
                 strategy.on_insert = lambda backend, blocks: sync.publish(name, backend, blocks)
                 sync.attach(pool.name, strategy.index)
-                sync.load_source = lambda: self.in_flight
                 sync.ensure_running()
         return strategy
 

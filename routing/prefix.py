@@ -223,9 +223,9 @@ class PrefixSync:
 
     Load: the same message carries this process's open requests per backend (`load_source`, the dispatcher's
     counters) whenever they changed, and at least every `heartbeat_s`. `peer_in_flight` is the sum of the other
-    processes' latest counts, each dropped `stale_s` after its last message (a process that died stops counting).
-    Without it, two web workers each see half of the load and can both place new conversations on the backend
-    that looks idle to them (measured: 37 % / 63 % of the prompt tokens over two engines, docs/routing.md).
+    processes' latest counts, each dropped `stale_s` after its last message (a process that died stops counting),
+    so that the load guard sees a prefix made hot by every worker at once at its whole load. It does not make
+    new prompts that reach two processes in the same instant agree (measured: docs/routing.md).
     """
 
     CHANNEL = "llm:prefix"

@@ -6,6 +6,7 @@ import time
 
 import orjson
 
+from routing.dispatch import Dispatcher
 from routing.prefix import MAX_PEERS, PrefixIndex, PrefixSync
 
 
@@ -58,3 +59,20 @@ def test_peers_remembered_are_bounded() -> None:
     s.attach("pool", index)
     s.apply(orjson.dumps({"from": "p-late", "inserts": [["pool", "b2", [1, 2]]], "load": {"b1": 1}}))
     assert index.match((1, 2), "b2") == 2
+
+
+async def test_the_dispatcher_publishes_its_own_open_requests() -> None:
+    # given a dispatcher with a prefix sync, and requests open on b1 in this process
+    s = sync()
+    dispatcher = Dispatcher(prefix_sync=s)
+    dispatcher.in_flight["b1"] += 2
+    dispatcher.in_flight["b2"] += 0
+    try:
+        # when the sync reads what to publish as this process's load
+        assert s.load_source is not None
+        # then it is the dispatcher's live counters (only backends with requests open)
+        assert {k: v for k, v in s.load_source().items() if v} == {"b1": 2}
+        dispatcher.in_flight["b1"] -= 2
+        assert not any(s.load_source().values())
+    finally:
+        await dispatcher.aclose()
