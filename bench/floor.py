@@ -15,6 +15,9 @@ in alternating order, with nothing pinned (the shared placement of `make bench`)
   decision, no accounting, no metrics: request body in, response body out;
 - `floor + json`: the same, plus what every OpenAI-compatible router must do at the least: parse the request
   and the response with orjson, rewrite the model name in both, and read the usage;
+- `asgi floor + json`: the same JSON work as an ASGI app (below) under uvicorn with the platform's command line
+  (`core.procs.uvicorn_argv`: uvloop, the HTTP protocol of llm_platform/serve.py, the proxy-headers middleware):
+  what the server layer costs before any feature, i.e. the difference from `floor + json`;
 - `platform`: the platform as `make run` serves it (one uvicorn process, bench/stack.py), every feature on.
 
 Each round runs wrk (bench/chat.lua, exact counts) at c64 for `--duration` seconds per system; CPU per request
@@ -36,22 +39,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.mock_vllm import free_port  # noqa: E402
 from bench.stack import PY, platform_env, start_platform, wait_http  # noqa: E402
+from core.procs import ASGI_APP, uvicorn_argv  # noqa: E402
 from routing.upstream import FastUpstream, Timeouts  # noqa: E402
 
 MODEL = "mock-chat"
 KEY = "floor-bench-key"
 MAX_TOKENS = 4
 RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+ASGI_FLOOR_APP = "bench.floor:asgi_floor"
 TIMEOUTS = Timeouts(connect=5.0, read=30.0, write=5.0, pool=5.0)
 
 
@@ -109,6 +114,66 @@ class FloorProtocol(asyncio.Protocol):
             content = orjson.dumps(result)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(RESPONSE_HEAD % len(content) + content)
+
+
+class AsgiFloor:
+    """`floor + json` as an ASGI app (uvicorn serves it): read the body, rewrite the model, forward, answer."""
+
+    def __init__(self) -> None:
+        self.upstream: FastUpstream | None = None
+        self.url = f"{os.environ.get('FLOOR_UPSTREAM', '')}/v1/chat/completions"
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        import orjson
+
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+            return
+        if self.upstream is None:
+            self.upstream = FastUpstream()
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        data = orjson.loads(b"".join(chunks))
+        requested, data["model"] = data["model"], MODEL
+        response = await self.upstream.send(
+            "POST",
+            self.url,
+            headers={"content-type": "application/json"},
+            content=orjson.dumps(data),
+            timeouts=TIMEOUTS,
+            stream=False,
+        )
+        result = orjson.loads(await response.aread())
+        result["model"] = requested
+        usage = result.get("usage") or {}
+        _ = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        content = orjson.dumps(result)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+asgi_floor = AsgiFloor()
+
+
+def start_asgi_floor(mock_url: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """The ASGI floor under uvicorn, started as the platform is (core.procs.uvicorn_argv), app swapped."""
+    port = free_port()
+    argv = [ASGI_FLOOR_APP if arg == ASGI_APP else arg for arg in uvicorn_argv(port, python=PY, log_level="warning")]
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "FLOOR_UPSTREAM": mock_url})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            break
+        time.sleep(0.1)
+    return f"http://127.0.0.1:{port}", proc
 
 
 def serve_floor(port: int, upstream_url: str, json_work: bool) -> None:
@@ -173,7 +238,7 @@ def start_router(mock_url: str) -> tuple[str, subprocess.Popen[bytes]]:
 
 @contextlib.contextmanager
 def systems(state: Path) -> Iterator[tuple[str, list[System]]]:
-    """The mock and the four proxies, stopped on exit."""
+    """The mock and the five proxies, stopped on exit."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
         mock_port = free_port()
@@ -189,6 +254,9 @@ def systems(state: Path) -> Iterator[tuple[str, list[System]]]:
             url, proc = start_floor(mock_url, json_work)
             procs.append(proc)
             found.append(System("floor + json" if json_work else "floor", url, "", proc))
+        url, proc = start_asgi_floor(mock_url)
+        procs.append(proc)
+        found.append(System("asgi floor + json", url, "", proc))
         port = free_port()
         web = start_platform(platform_env(state, KEY), [mock_url], port)
         procs.append(web)

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 ASGI_APP = "llm_platform.asgi:application"
+HTTP_PROTOCOL = "llm_platform.serve:EnvBoundedHttpToolsProtocol"  # request-head bounds, one write per JSON answer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,9 +31,11 @@ def uvicorn_argv(
     log_level: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
-    """The platform under plain uvicorn as the tools run it: uvloop, httptools, lifespan on, no access log."""
+    """The platform under uvicorn as the tools run it: uvloop, the HTTP protocol of `make run` and `make serve`
+    (llm_platform/serve.py: httptools with bounded request heads and one write per JSON answer; its bounds from
+    MAX_REQUEST_HEAD_BYTES and REQUEST_HEAD_TIMEOUT_S), lifespan on, no access log."""
     argv = [python, "-m", "uvicorn", ASGI_APP, "--host", host, "--port", str(port)]
-    argv += ["--loop", "uvloop", "--http", "httptools", "--lifespan", "on", "--no-access-log"]
+    argv += ["--loop", "uvloop", "--http", HTTP_PROTOCOL, "--lifespan", "on", "--no-access-log"]
     if log_level:
         argv += ["--log-level", log_level]
     if workers > 1:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
 from django.db.models import Count, Field, Max, Q, Sum
 from django.db.models.functions import TruncHour
@@ -393,6 +394,12 @@ def _insert(rows: Sequence[tuple[Any, ...]], entries: Sequence[Entry]) -> None:
     per_statement = max(1, (connection.features.max_query_params or 999) // len(_COLUMNS))
     adapt = connection.ops.adapt_datetimefield_value
     wrapper = connections[DEFAULT_DB_ALIAS]  # not the `connection` proxy: a thread-local lookup per row otherwise
+    sqlite = _sqlite_in_utc(wrapper)
+    if sqlite:
+        # SQLite's own `?` parameters: its Django cursor rewrites each `%s` of a statement (1,000 here) with a
+        # regular expression, where a statement without any is passed on as it is.
+        adapt = _sqlite_datetime
+        values = values.replace("%s", "?")
     prep = cast(Field, meta.get_field("retry_history")).get_db_prep_value
     no_failures = prep([], wrapper)  # most requests have no failed attempt: their empty history is encoded once
     params = [
@@ -405,6 +412,17 @@ def _insert(rows: Sequence[tuple[Any, ...]], entries: Sequence[Entry]) -> None:
                 chunk = params[start : start + per_statement]
                 cursor.execute(head + ", ".join([values] * len(chunk)), list(itertools.chain.from_iterable(chunk)))
         _upsert_buckets(usage_backend_buckets(entries))
+
+
+def _sqlite_in_utc(wrapper: Any) -> bool:
+    """Whether the connection is SQLite's and stores datetimes as naive UTC text (USE_TZ, the UTC time zone)."""
+    return bool(wrapper.vendor == "sqlite" and settings.USE_TZ and wrapper.timezone_name == "UTC")
+
+
+def _sqlite_datetime(value: datetime | None) -> str | None:
+    """An aware UTC datetime as Django's SQLite backend stores it (`str` of the naive UTC value), without its
+    make_naive and time-zone checks per row: the same text, e.g. '2026-12-02 13:18:00.123456'."""
+    return None if value is None else str(value.replace(tzinfo=None))
 
 
 def usage_records_write(entries: Sequence[Entry]) -> int:

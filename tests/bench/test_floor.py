@@ -8,7 +8,7 @@ import httpx
 import orjson
 
 from backends.mock_vllm import MockServer
-from bench.floor import MODEL, FloorProtocol
+from bench.floor import MODEL, AsgiFloor, FloorProtocol
 from routing.upstream import FastUpstream
 
 
@@ -48,3 +48,22 @@ async def test_the_json_floor_rewrites_the_model_both_ways() -> None:
     answer = orjson.loads(response.content)
     assert response.status_code == 200 and answer["model"] == "public-name"
     assert answer["usage"]["completion_tokens"] > 0
+
+
+async def test_the_asgi_floor_does_the_same_json_work_as_an_asgi_app() -> None:
+    # given the ASGI floor (the server-layer comparison) pointed at a mock engine
+    with MockServer(models=[MODEL]) as mock:
+        app = AsgiFloor()
+        app.url = f"{mock.url}/v1/chat/completions"
+        body = {"model": "public-name", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        # when a chat completion goes through it
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://floor") as client:
+                response = await client.post("/v1/chat/completions", json=body)
+        finally:
+            assert app.upstream is not None
+            await app.upstream.aclose()
+    # then the engine answered and the client sees the model name it asked for, with the body's length
+    answer = orjson.loads(response.content)
+    assert response.status_code == 200 and answer["model"] == "public-name"
+    assert int(response.headers["content-length"]) == len(response.content)

@@ -451,3 +451,18 @@ def test_stacked_bars_are_proportional() -> None:
     svg = stacked_bars_svg(["a"], [("ok", "#0a0", [30.0]), ("errors", "#a00", [10.0])], "Requests")
     heights = [float(h) for h in re.findall(r'<rect x="[^"]+" y="[^"]+" width="[^"]+" height="([^"]+)"', svg)[:2]]
     assert heights[0] == pytest.approx(3 * heights[1], rel=0.02)
+
+
+@pytest.mark.parametrize("stamp", [0.0, 1764680280.0, 1764680280.123456, 1764680280.5])
+def test_sqlite_datetimes_are_written_as_django_writes_them(stamp: float) -> None:
+    # given an aware UTC datetime of a usage event (microseconds or none)
+    from django.db import connection
+
+    from governance.usage import _sqlite_datetime
+
+    value = datetime.fromtimestamp(stamp, tz=UTC)
+    # when the writer's SQLite shortcut and Django's own SQLite adaptation format it
+    # then the stored text is the same (what the admin and the ORM read back)
+    from django.db.backends.sqlite3.operations import DatabaseOperations
+
+    assert _sqlite_datetime(value) == DatabaseOperations(connection).adapt_datetimefield_value(value)
