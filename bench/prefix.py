@@ -696,6 +696,53 @@ def turn_table(results: list[RunResult]) -> list[str]:
     return ["", *lines]
 
 
+def overlap_table(results: list[RunResult]) -> list[str]:
+    """Multi-turn later turns split by whether a first turn's prefill ran on the same engine at the same time.
+
+    A later turn's own prefill is short (its history is cached where the turn before ran), but an engine computes
+    the prompts it holds together, step by step: a later turn that arrives while a first turn (about 1,000 uncached
+    tokens) is being prefilled on its engine waits for that work too. Here a later turn counts as overlapped when
+    its interval (sent, first token) intersects a first turn's on the same engine. Systems whose answers name no
+    backend are left out, except the single server (one engine). Empty without such samples.
+    """
+    groups: dict[str, list[tuple[int, float, float, str]]] = {}
+    for r in results:
+        if r.workload != "multi-turn":
+            continue
+        known = r.system == SINGLE or all(backend for *_, backend in r.samples)
+        if known and r.samples:
+            # rounds apart: a round's clock starts at 0, so its samples are shifted past the previous round's
+            offset = 1e6 * r.round
+            groups.setdefault(r.system, []).extend(
+                (turn, sent + offset, ttft, backend) for _, turn, sent, ttft, backend in r.samples
+            )
+    if not groups:
+        return []
+    lines = [
+        "Multi-turn later turns, by whether a first turn was being prefilled on the same engine meanwhile "
+        "(interval from sending to the first token; pooled over rounds):",
+        "",
+        "| system | later turns overlapped | their p50 / p75 (s) | not overlapped | their p50 / p75 (s) |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for system, samples in groups.items():
+        firsts = [(sent, sent + ttft, backend) for turn, sent, ttft, backend in samples if turn == 0]
+        hit: list[float] = []
+        clear: list[float] = []
+        for turn, sent, ttft, backend in samples:
+            if turn == 0:
+                continue
+            end = sent + ttft
+            overlapped = any(b == backend and s < end and sent < e for s, e, b in firsts)
+            (hit if overlapped else clear).append(ttft)
+        cells = []
+        for group in (hit, clear):
+            p50 = statistics.median(group) if group else float("nan")
+            cells += [str(len(group)), f"{p50:.2f} / {_percentile(group, 75):.2f}"]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return ["", *lines]
+
+
 def render(meta: Meta, rows: list[Row], results: list[RunResult]) -> str:
     """The whole Markdown report."""
     plan, sizes = meta.plan, meta.plan.sizes
@@ -726,6 +773,7 @@ def render(meta: Meta, rows: list[Row], results: list[RunResult]) -> str:
         "Engines serve /v1/chat/completions/render (vllm-router cache_aware tokenizes with it; vLLM "
         f"--enable-scale-out): {'yes' if meta.render else '**no**: its cache_aware falls back to load balancing'}.",
         *turn_table(results),
+        *overlap_table(results),
         "",
         "| target | figures | met |",
         "|---|---|---|",

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.prefix import PA, PA2, RR, SINGLE, RunResult, aggregate, tagged, targets, turn_table, write_raw
+from bench.prefix import (
+    PA,
+    PA2,
+    RR,
+    SINGLE,
+    RunResult,
+    aggregate,
+    overlap_table,
+    tagged,
+    targets,
+    turn_table,
+    write_raw,
+)
 from bench.prefix_workloads import Sizes, multi_turn, no_sharing, shared_documents
 
 
@@ -82,3 +94,24 @@ def test_multi_turn_ttfts_are_split_into_first_and_later_turns(tmp_path: Path) -
     assert sum("platform prefix_aware" in line for line in lines) == 1
     assert len(raw.read_text().splitlines()) == 7
     assert turn_table([other]) == []
+
+
+def test_later_turns_are_split_by_a_first_turn_prefilled_beside_them() -> None:
+    # given a multi-turn run where one later turn ran on engine x while a first turn was prefilled there, and two
+    # did not (one on the other engine, one after that first turn had its first token), and a round 2 at clock 0
+    run = RunResult("platform prefix_aware", "multi-turn", 0, 5)
+    run.samples = [("a", 0, 0.0, 2.0, "x"), ("b", 1, 1.0, 1.5, "x"), ("c", 1, 1.0, 0.3, "y"), ("d", 1, 2.5, 0.2, "x")]
+    later = RunResult("platform prefix_aware", "multi-turn", 1, 1)
+    later.samples = [("e", 1, 0.5, 0.25, "x")]  # round 2: not beside round 1's first turn
+    peer = RunResult("vllm-router cache_aware", "multi-turn", 0, 2)
+    peer.samples = [("a", 0, 0.0, 2.0, ""), ("b", 1, 1.0, 1.5, "")]
+    single = RunResult("single server", "multi-turn", 0, 2)
+    single.samples = [("a", 0, 0.0, 2.0, ""), ("b", 1, 1.0, 1.5, "")]
+    # when the overlap table is rendered
+    lines = overlap_table([run, later, peer, single])
+    # then one later turn is overlapped (1.5 s) and three are not (median 0.25 s); vllm-router, whose answers name
+    # no backend, is left out; the single server's one engine is known
+    assert "| platform prefix_aware | 1 | 1.50 / 1.50 | 3 | 0.25 / " in lines[-2]
+    assert lines[-1].startswith("| single server | 1 | 1.50 / 1.50 | 0 | nan / nan |")
+    assert not any("vllm-router" in line for line in lines)
+    assert overlap_table([peer]) == []
