@@ -456,13 +456,29 @@ def test_stacked_bars_are_proportional() -> None:
 @pytest.mark.parametrize("stamp", [0.0, 1764680280.0, 1764680280.123456, 1764680280.5])
 def test_sqlite_datetimes_are_written_as_django_writes_them(stamp: float) -> None:
     # given an aware UTC datetime of a usage event (microseconds or none)
+    import django.db.backends.sqlite3.base  # noqa: F401  (the backend's module first: its operations import it)
     from django.db import connection
+    from django.db.backends.sqlite3.operations import DatabaseOperations
 
     from governance.usage import _sqlite_datetime
 
     value = datetime.fromtimestamp(stamp, tz=UTC)
     # when the writer's SQLite shortcut and Django's own SQLite adaptation format it
     # then the stored text is the same (what the admin and the ORM read back)
-    from django.db.backends.sqlite3.operations import DatabaseOperations
-
     assert _sqlite_datetime(value) == DatabaseOperations(connection).adapt_datetimefield_value(value)
+
+
+@pytest.mark.django_db
+def test_records_are_written_while_queries_are_logged() -> None:
+    # given a database connection that logs its queries (DEBUG, as `make run` sets it, or a query capture), and a
+    # model name with the characters Django's query logging formats with
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    # when a batch of usage events is written
+    with CaptureQueriesContext(connection) as captured:
+        written = usage_records_write([(1764680280.0, event(request_id="logged", model="m%s 50%"))])
+    # then the row is there, with its text as sent, and the statement was logged
+    assert written == 1
+    assert UsageRecord.objects.get(request_id="logged").model == "m%s 50%"
+    assert any("INSERT" in query["sql"] for query in captured.captured_queries)
