@@ -171,8 +171,10 @@ def batch_create(
             batch_size=1000,
         )
         Batch.objects.filter(pk=batch.pk).update(status=BatchStatus.IN_PROGRESS, in_progress_at=now)
+        # read back before the commit hands it to a worker: the answer is the batch as created, not whatever a
+        # fast worker made of it meanwhile (a small batch could be completed before this line ran)
+        batch.refresh_from_db()
         transaction.on_commit(lambda: batch_enqueue(batch_id=batch.pk))
-    batch.refresh_from_db()
     return batch
 
 

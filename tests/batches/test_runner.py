@@ -314,3 +314,24 @@ def test_batch_lines_run_in_the_lowest_class_whatever_they_ask(
     # then vLLM was asked for the batch class's priority
     assert _results(batch)["urgent"]["response"]["status_code"] == 200
     assert mock_server.stats.last_request["priority"] == 10
+
+
+def test_create_answers_the_batch_as_created_even_when_a_worker_finishes_it_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # given a worker that finishes a batch the moment it is handed over (a fast queue, a small batch)
+    from batches import services
+
+    def instant_worker(*, batch_id: str) -> None:
+        Batch.objects.filter(pk=batch_id).update(status="completed", completed_at=timezone.now())
+
+    monkeypatch.setattr(services, "batch_enqueue", instant_worker)
+    principal = _principal("instant")
+    file = file_create(principal=principal, filename="in.jsonl", purpose="batch", content=jsonl([chat_line("a")]))
+    # when the batch is created
+    batch = batch_create(
+        principal=principal, input_file=file, endpoint="/v1/chat/completions", completion_window="24h", metadata=None
+    )
+    # then the answer is the batch as created (in progress), whatever the worker did since; the worker did run
+    assert batch.status == "in_progress" and batch.completed_at is None
+    assert Batch.objects.get(pk=batch.pk).status == "completed"
