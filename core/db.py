@@ -16,6 +16,7 @@ Two ways, for two kinds of caller:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -119,17 +120,24 @@ def db_connections_close(timeout_s: float = 10.0) -> None:
         executor.submit(_close_all).result(timeout=timeout_s)
 
 
-async def adb_connections_close() -> None:
-    """Close the database thread's connections after the calls already queued (lifespan shutdown)."""
+async def adb_connections_close(timeout_s: float = 5.0) -> None:
+    """Close the database thread's connections after the calls already queued (lifespan shutdown); give up after
+    timeout_s, logged, when a call hangs (an unreachable database): the rest of the shutdown must go on."""
     if _executor is not None:
-        await run_db(_close_all)
+        try:
+            await asyncio.wait_for(run_db(_close_all), timeout_s)
+        except TimeoutError:
+            logger.warning(
+                "database thread still busy after %.0f s: its connection is left to the process exit", timeout_s
+            )
 
 
 def _forget_after_fork() -> None:
     """In a forked child (a Celery prefork worker): the parent's database thread did not come along, so the next
     call starts one of its own."""
-    global _executor
+    global _executor, _executor_lock
     _executor = None
+    _executor_lock = threading.Lock()  # a fork during the first call would otherwise leave it held in the child
     _kept_until.clear()
 
 

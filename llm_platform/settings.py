@@ -174,6 +174,22 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # path in DATABASE_URL); one per test run, so that two runs on one checkout do not share it.
     DATABASES["default"]["TEST"] = {"NAME": str(LOCAL_DIR / f"test_db_{os.getpid()}.sqlite3")}
 
+elif DATABASES["default"]["ENGINE"].startswith("django.db.backends.postgresql"):
+    # Bounded waits on the database (docs/deploy.md): a connection attempt gives up after DB_CONNECT_TIMEOUT_S, and
+    # TCP keepalives find a connection whose server vanished without a word (a failover, a dropped network path)
+    # in about a minute, where the kernel's defaults take two hours; meanwhile the web process's database thread
+    # (core.db.run_db) would hold the usage writes and the registry and key polls. libpq's own parameters:
+    # values given in DATABASE_URL's query string win.
+    _pg_options = DATABASES["default"].setdefault("OPTIONS", {})
+    _pg_options.setdefault("connect_timeout", env_int("DB_CONNECT_TIMEOUT_S", 10))
+    for _name, _value in (
+        ("keepalives", 1),
+        ("keepalives_idle", 30),
+        ("keepalives_interval", 10),
+        ("keepalives_count", 3),
+    ):
+        _pg_options.setdefault(_name, _value)
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -65,6 +65,22 @@ async def test_the_connection_is_closed_at_shutdown_and_reopened_on_use() -> Non
     assert await run_db(lambda: connection.connection) is None
 
 
+async def test_the_shutdown_close_gives_up_on_a_hung_call(caplog: pytest.LogCaptureFixture) -> None:
+    # given a call that hangs in the database thread (a database that stopped answering)
+    release = threading.Event()
+    hung = asyncio.ensure_future(run_db(lambda: release.wait(30)))
+    await asyncio.sleep(0.05)
+    # when the lifespan shutdown closes the connections with a short bound
+    started = time.monotonic()
+    await adb_connections_close(timeout_s=0.2)
+    # then it returned after the bound, said so, and the hung call was left alone
+    assert time.monotonic() - started < 10 and not hung.done()
+    assert "still busy" in caplog.text
+    release.set()
+    assert await hung is True
+    db_connections_close()  # what the bounded close gave up on, done now that the thread is free
+
+
 async def test_a_connection_older_than_the_bound_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     # given a CONN_MAX_AGE of 0 (SQLite's here; the settings are shared by every thread's connection) and a bound of 0
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)

@@ -103,3 +103,19 @@ def test_production_server_serves_static_files_and_logs_no_secret(tmp_path: Path
     assert "GET /v1/models" in log  # the access log was on
     for secret in (SECRET_KEY, env["ROUTER_MASTER_KEY"], "sk-wrong-key-that-must-not-be-logged"):
         assert secret not in log
+
+
+@pytest.mark.parametrize(
+    ("url", "connect_timeout"),
+    [("postgres://llm@db.invalid:5432/llm", 10), ("postgres://llm@db.invalid:5432/llm?connect_timeout=3", 3)],
+)
+def test_postgresql_connections_have_bounded_waits(url: str, connect_timeout: int) -> None:
+    # given a PostgreSQL DATABASE_URL, with or without its own connect_timeout
+    code = "from django.conf import settings; import json; print(json.dumps(settings.DATABASES['default']['OPTIONS']))"
+    # when the settings are loaded
+    result = _manage("shell", "-c", code, env={**DEPLOY_ENV, "DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    options = json.loads(result.stdout.strip().splitlines()[-1])
+    # then a connection attempt is bounded (the URL's value wins) and a vanished server is found by TCP keepalives
+    assert options["connect_timeout"] == connect_timeout
+    assert (options["keepalives"], options["keepalives_idle"], options["keepalives_count"]) == (1, 30, 3)
