@@ -163,17 +163,22 @@ class AsgiFloor:
 asgi_floor = AsgiFloor()
 
 
+def _listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> str:
+    """The URL of a proxy once it accepts connections on `port`; RuntimeError if it does not within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    raise RuntimeError(f"the proxy on port {port} did not start")
+
+
 def start_asgi_floor(mock_url: str) -> tuple[str, subprocess.Popen[bytes]]:
     """The ASGI floor under uvicorn, started as the platform is (core.procs.uvicorn_argv), app swapped."""
     port = free_port()
     argv = [ASGI_FLOOR_APP if arg == ASGI_APP else arg for arg in uvicorn_argv(port, python=PY, log_level="warning")]
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "FLOOR_UPSTREAM": mock_url})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            break
-        time.sleep(0.1)
-    return f"http://127.0.0.1:{port}", proc
+    return _listening(port, proc), proc
 
 
 def serve_floor(port: int, upstream_url: str, json_work: bool) -> None:
@@ -216,12 +221,7 @@ def start_floor(mock_url: str, json_work: bool) -> tuple[str, subprocess.Popen[b
     port = free_port()
     argv = [PY, str(Path(__file__).resolve()), "--serve-floor", str(port), "--upstream", mock_url]
     proc = subprocess.Popen([*argv, *(["--json"] if json_work else [])], cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            break
-        time.sleep(0.1)
-    return f"http://127.0.0.1:{port}", proc
+    return _listening(port, proc), proc
 
 
 def start_router(mock_url: str) -> tuple[str, subprocess.Popen[bytes]]:

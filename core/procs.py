@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 ASGI_APP = "llm_platform.asgi:application"
-HTTP_PROTOCOL = "llm_platform.serve:EnvBoundedHttpToolsProtocol"  # request-head bounds, one write per JSON answer
+HTTP_PROTOCOL = "llm_platform.serve:EnvBoundedHttpToolsProtocol"  # httptools with bounded request heads
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,8 +32,8 @@ def uvicorn_argv(
     python: str = sys.executable,
 ) -> list[str]:
     """The platform under uvicorn as the tools run it: uvloop, the HTTP protocol of `make run` and `make serve`
-    (llm_platform/serve.py: httptools with bounded request heads and one write per JSON answer; its bounds from
-    MAX_REQUEST_HEAD_BYTES and REQUEST_HEAD_TIMEOUT_S), lifespan on, no access log."""
+    (llm_platform/serve.py: httptools with bounded request heads, the bounds from MAX_REQUEST_HEAD_BYTES and
+    REQUEST_HEAD_TIMEOUT_S), lifespan on, no access log."""
     argv = [python, "-m", "uvicorn", ASGI_APP, "--host", host, "--port", str(port)]
     argv += ["--loop", "uvloop", "--http", HTTP_PROTOCOL, "--lifespan", "on", "--no-access-log"]
     if log_level:

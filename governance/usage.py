@@ -378,13 +378,13 @@ def usage_backend_buckets_prune(*, before: datetime) -> int:
 
 
 def _insert(rows: Sequence[tuple[Any, ...]], entries: Sequence[Entry]) -> None:
-    """Multi-row INSERTs through the cursor, as many rows per statement as the backend takes parameters (58: Django
-    says 999 for SQLite, and 999 is used where the backend names no limit, as PostgreSQL's does): about 10x less CPU
-    than `bulk_create`'s model instances and compiler, which matters because the writer thread shares the GIL with
-    the event loop. Not `executemany`: Python's sqlite3 module lets go of the GIL around every statement step, one per
+    """Multi-row INSERTs through the cursor, as many rows per statement as 999 parameters allow (58 rows: Django's
+    limit for SQLite, and the one used where a backend names none, as PostgreSQL's does): about 10x less CPU than
+    `bulk_create`'s model instances and compiler, which matters because the writer thread shares the GIL with the
+    event loop. Not `executemany`: Python's sqlite3 module lets go of the GIL around every statement step, one per
     row there, and each time takes it back from the busy event loop (a hand-off of the GIL per row, futex calls on
-    both threads). The backend buckets of the same events are added
-    in the same transaction (a retried batch is not counted twice)."""
+    both threads). The backend buckets of the same events are added in the same transaction (a retried batch is
+    not counted twice)."""
     from django.db import DEFAULT_DB_ALIAS, connection, connections
 
     meta = UsageRecord._meta
