@@ -141,6 +141,7 @@ class ShadowMirror:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._last_log = 0.0
 
     @classmethod
@@ -320,7 +321,20 @@ class ShadowMirror:
             await self.aflush()
 
     async def aflush(self) -> int:
-        """Add the tallies to the hour's rows (in a worker thread); on failure keep them for the next flush."""
+        """Add the tallies to the hour's rows (in the database thread); on failure keep them for the next flush.
+        One flush at a time: a flush asked for while another writes waits for it, so that it returns only once
+        everything tallied before it is written (the background flush takes the tallies before writing them)."""
+        async with self._lock():
+            return await self._flush()
+
+    def _lock(self) -> asyncio.Lock:
+        """The flush lock of the running loop (a new one on a new loop: a lock belongs to the loop it waited on)."""
+        loop = asyncio.get_running_loop()
+        if self._flush_lock is None or self._flush_lock[0] is not loop:
+            self._flush_lock = (loop, asyncio.Lock())
+        return self._flush_lock[1]
+
+    async def _flush(self) -> int:
         if not self.tallies:
             return 0
         tallies, self.tallies = self.tallies, {}

@@ -358,3 +358,23 @@ async def test_the_tokenizer_is_not_mirrored(
     assert (await client(gateway).post("/v1/chat/completions", json=body, headers=AUTH)).status_code == 200
     await settle(mirror)
     assert mirror.stats()["mirrored"] == 1 and mock_b.stats.total_requests == 1
+
+
+async def test_a_flush_returns_only_once_what_was_tallied_before_it_is_written() -> None:
+    # given a mirror whose background flush is writing (slowly) the comparisons tallied so far
+    written: list[tuple[str, str]] = []
+
+    def slow_write(hour: datetime, tallies: Mapping[tuple[str, str], Mapping[str, float]]) -> int:
+        time.sleep(0.2)
+        written.extend(tallies)
+        return len(tallies)
+
+    mirror = ShadowMirror(write=slow_write)
+    mirror.tallies[("chat-v1", "chat-v2")] = {"mirrored": 1.0}
+    background = asyncio.ensure_future(mirror.aflush())
+    await asyncio.sleep(0.01)  # the background flush has taken the tallies and is writing them
+    # when a flush is asked for meanwhile (a test, the lifespan shutdown)
+    await mirror.aflush()
+    # then it returned after the comparisons were written, not before
+    assert written == [("chat-v1", "chat-v2")]
+    await background
