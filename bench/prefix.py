@@ -705,17 +705,19 @@ def overlap_table(results: list[RunResult]) -> list[str]:
     its interval (sent, first token) intersects a first turn's on the same engine. Systems whose answers name no
     backend are left out, except the single server (one engine). Empty without such samples.
     """
-    groups: dict[str, list[tuple[int, float, float, str]]] = {}
+    groups: dict[str, tuple[list[float], list[float]]] = {}  # system: (overlapped, not overlapped) TTFTs
     for r in results:
-        if r.workload != "multi-turn":
-            continue
         known = r.system == SINGLE or all(backend for *_, backend in r.samples)
-        if known and r.samples:
-            # rounds apart: a round's clock starts at 0, so its samples are shifted past the previous round's
-            offset = 1e6 * r.round
-            groups.setdefault(r.system, []).extend(
-                (turn, sent + offset, ttft, backend) for _, turn, sent, ttft, backend in r.samples
-            )
+        if r.workload != "multi-turn" or not r.samples or not known:
+            continue
+        hit, clear = groups.setdefault(r.system, ([], []))
+        # within this run only: each run's clock starts at 0
+        firsts = [(sent, sent + ttft, backend) for _, turn, sent, ttft, backend in r.samples if turn == 0]
+        for _, turn, sent, ttft, backend in r.samples:
+            if turn > 0:
+                end = sent + ttft
+                overlapped = any(b == backend and s < end and sent < e for s, e, b in firsts)
+                (hit if overlapped else clear).append(ttft)
     if not groups:
         return []
     lines = [
@@ -725,16 +727,7 @@ def overlap_table(results: list[RunResult]) -> list[str]:
         "| system | later turns overlapped | their p50 / p75 (s) | not overlapped | their p50 / p75 (s) |",
         "|---|--:|--:|--:|--:|",
     ]
-    for system, samples in groups.items():
-        firsts = [(sent, sent + ttft, backend) for turn, sent, ttft, backend in samples if turn == 0]
-        hit: list[float] = []
-        clear: list[float] = []
-        for turn, sent, ttft, backend in samples:
-            if turn == 0:
-                continue
-            end = sent + ttft
-            overlapped = any(b == backend and s < end and sent < e for s, e, b in firsts)
-            (hit if overlapped else clear).append(ttft)
+    for system, (hit, clear) in groups.items():
         cells = []
         for group in (hit, clear):
             p50 = statistics.median(group) if group else float("nan")
