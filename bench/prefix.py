@@ -324,8 +324,9 @@ class RunResult:
     hits: float = 0.0
     queries: float = 0.0
     engine_queries: tuple[float, ...] = ()  # prompt tokens each engine was asked for (the routing's balance)
-    samples: list[tuple[str, int, float, float, str]] = field(default_factory=list)
-    """Every answered request: (session, turn index, seconds since the run started, TTFT, backend), for `--raw`."""
+    samples: list[tuple[str, int, float, float, str, float]] = field(default_factory=list)
+    """Every answered request: (session, turn index, seconds since the run started, TTFT, backend, seconds since the
+    run started when its stream ended), for `--raw`."""
     started: float = 0.0
 
 
@@ -381,8 +382,9 @@ async def conversation(target: Target, conv: Conversation, gate: asyncio.Semapho
                 result.failures += len(conv.turns) - index  # this turn and the ones it prevents
                 result.errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 return
+        done = time.perf_counter() - result.started
         result.ttfts.append(ttft)
-        result.samples.append((conv.session, index, round(sent, 4), round(ttft, 4), backend))
+        result.samples.append((conv.session, index, round(sent, 4), round(ttft, 4), backend, round(done, 4)))
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -673,7 +675,7 @@ def turn_table(results: list[RunResult]) -> list[str]:
     groups: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         if r.workload == "multi-turn":
-            groups.setdefault(r.system, []).extend((turn, ttft) for _, turn, _, ttft, _ in r.samples)
+            groups.setdefault(r.system, []).extend((turn, ttft) for _, turn, _, ttft, *_ in r.samples)
     if not groups:
         return []
     lines = [
@@ -707,13 +709,13 @@ def overlap_table(results: list[RunResult]) -> list[str]:
     """
     groups: dict[str, tuple[list[float], list[float]]] = {}  # system: (overlapped, not overlapped) TTFTs
     for r in results:
-        known = r.system == SINGLE or all(backend for *_, backend in r.samples)
+        known = r.system == SINGLE or all(backend for _, _, _, _, backend, _ in r.samples)
         if r.workload != "multi-turn" or not r.samples or not known:
             continue
         hit, clear = groups.setdefault(r.system, ([], []))
         # within this run only: each run's clock starts at 0
-        firsts = [(sent, sent + ttft, backend) for _, turn, sent, ttft, backend in r.samples if turn == 0]
-        for _, turn, sent, ttft, backend in r.samples:
+        firsts = [(sent, sent + ttft, backend) for _, turn, sent, ttft, backend, _ in r.samples if turn == 0]
+        for _, turn, sent, ttft, backend, _ in r.samples:
             if turn > 0:
                 end = sent + ttft
                 overlapped = any(b == backend and s < end and sent < e for s, e, b in firsts)
@@ -733,6 +735,47 @@ def overlap_table(results: list[RunResult]) -> list[str]:
             p50 = statistics.median(group) if group else float("nan")
             cells += [str(len(group)), f"{p50:.2f} / {_percentile(group, 75):.2f}"]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return ["", *lines]
+
+
+def load_table(results: list[RunResult]) -> list[str]:
+    """Multi-turn later turns by how many other requests were open on their own engine, and on the other engines,
+    when they were sent (a request is open from its sending to the end of its stream).
+
+    This compares systems at equal load per engine: the single server always has the client's other requests on
+    its one engine, a two-engine system spreads them. Where a two-engine system's turns are slower than the single
+    server's at the same count on their own engine, the difference is not the routing (both hold the history: see
+    the hit rates) but what else runs on the machine meanwhile. Systems whose answers name no backend are left
+    out, except the single server. Empty without such samples.
+    """
+    groups: dict[str, dict[tuple[int, int], list[float]]] = {}  # system: (own engine, others) -> TTFTs
+    for r in results:
+        known = r.system == SINGLE or all(backend for _, _, _, _, backend, _ in r.samples)
+        if r.workload != "multi-turn" or not r.samples or not known:
+            continue
+        cells = groups.setdefault(r.system, {})
+        spans = [(sent, done, backend) for _, _, sent, _, backend, done in r.samples]
+        for i, (_, turn, sent, ttft, backend, _) in enumerate(r.samples):
+            if turn == 0:
+                continue
+            own = other = 0
+            for j, (s, e, b) in enumerate(spans):
+                if j != i and s <= sent < e:
+                    own, other = (own + 1, other) if b == backend else (own, other + 1)
+            cells.setdefault((own, other), []).append(ttft)
+    if not groups:
+        return []
+    keys = sorted({key for cells in groups.values() for key in cells})
+    lines = [
+        "Multi-turn later turns by the requests open when each was sent, on its own engine + on the other "
+        "(TTFT p50 in s, and how many turns; pooled over rounds):",
+        "",
+        "| system | " + " | ".join(f"{own} + {other}" for own, other in keys) + " |",
+        "|---|" + "--:|" * len(keys),
+    ]
+    for system, cells in groups.items():
+        row = [f"{statistics.median(cells[k]):.2f} ({len(cells[k])})" if k in cells else "" for k in keys]
+        lines.append(f"| {system} | " + " | ".join(row) + " |")
     return ["", *lines]
 
 
@@ -767,6 +810,7 @@ def render(meta: Meta, rows: list[Row], results: list[RunResult]) -> str:
         f"--enable-scale-out): {'yes' if meta.render else '**no**: its cache_aware falls back to load balancing'}.",
         *turn_table(results),
         *overlap_table(results),
+        *load_table(results),
         "",
         "| target | figures | met |",
         "|---|---|---|",
@@ -856,8 +900,8 @@ def run(args: argparse.Namespace, plan: Plan, meta: Meta) -> list[RunResult]:
 
 def write_raw(path: Path, results: list[RunResult]) -> None:
     """One JSON line per answered request: system, workload, round, session, turn, sent at (s), TTFT (s),
-    backend (when the platform names it)."""
-    keys = ("session", "turn", "sent_s", "ttft_s", "backend")
+    backend (when the platform names it), stream ended at (s)."""
+    keys = ("session", "turn", "sent_s", "ttft_s", "backend", "done_s")
     with path.open("w") as out:
         for r in results:
             for sample in r.samples:

@@ -11,6 +11,7 @@ from bench.prefix import (
     SINGLE,
     RunResult,
     aggregate,
+    load_table,
     overlap_table,
     tagged,
     targets,
@@ -81,10 +82,10 @@ def test_targets_are_checked_against_the_issue_thresholds() -> None:
 def test_multi_turn_ttfts_are_split_into_first_and_later_turns(tmp_path: Path) -> None:
     # given a multi-turn run with slow first turns and fast later ones, and a shared-documents run
     run = RunResult("platform prefix_aware", "multi-turn", 1, 6)
-    run.samples = [("a", 0, 0.0, 2.0, "x"), ("a", 1, 2.1, 0.2, "x"), ("a", 2, 2.4, 0.4, "x")]
-    run.samples += [("b", 0, 0.0, 3.0, "y"), ("b", 1, 3.1, 0.6, "y"), ("b", 2, 3.8, 0.8, "y")]
+    run.samples = [("a", 0, 0.0, 2.0, "x", 2.1), ("a", 1, 2.1, 0.2, "x", 2.4), ("a", 2, 2.4, 0.4, "x", 2.9)]
+    run.samples += [("b", 0, 0.0, 3.0, "y", 3.1), ("b", 1, 3.1, 0.6, "y", 3.8), ("b", 2, 3.8, 0.8, "y", 4.7)]
     other = RunResult("platform prefix_aware", "shared documents", 1, 1)
-    other.samples = [("c", 0, 0.0, 9.0, "")]
+    other.samples = [("c", 0, 0.0, 9.0, "", 9.1)]
     # when the by-turn table is rendered and the raw samples written
     lines = turn_table([run, other])
     raw = tmp_path / "raw.jsonl"
@@ -100,13 +101,18 @@ def test_later_turns_are_split_by_a_first_turn_prefilled_beside_them() -> None:
     # given a multi-turn run where one later turn ran on engine x while a first turn was prefilled there, and two
     # did not (one on the other engine, one after that first turn had its first token), and a round 2 at clock 0
     run = RunResult("platform prefix_aware", "multi-turn", 0, 5)
-    run.samples = [("a", 0, 0.0, 2.0, "x"), ("b", 1, 1.0, 1.5, "x"), ("c", 1, 1.0, 0.3, "y"), ("d", 1, 2.5, 0.2, "x")]
+    run.samples = [
+        ("a", 0, 0.0, 2.0, "x", 2.1),
+        ("b", 1, 1.0, 1.5, "x", 2.6),
+        ("c", 1, 1.0, 0.3, "y", 1.4),
+        ("d", 1, 2.5, 0.2, "x", 2.8),
+    ]
     later = RunResult("platform prefix_aware", "multi-turn", 1, 1)
-    later.samples = [("e", 1, 0.5, 0.25, "x")]  # round 2: not beside round 1's first turn
+    later.samples = [("e", 1, 0.5, 0.25, "x", 0.85)]  # round 2: not beside round 1's first turn
     peer = RunResult("vllm-router cache_aware", "multi-turn", 0, 2)
-    peer.samples = [("a", 0, 0.0, 2.0, ""), ("b", 1, 1.0, 1.5, "")]
+    peer.samples = [("a", 0, 0.0, 2.0, "", 2.1), ("b", 1, 1.0, 1.5, "", 2.6)]
     single = RunResult("single server", "multi-turn", 0, 2)
-    single.samples = [("a", 0, 0.0, 2.0, ""), ("b", 1, 1.0, 1.5, "")]
+    single.samples = [("a", 0, 0.0, 2.0, "", 2.1), ("b", 1, 1.0, 1.5, "", 2.6)]
     # when the overlap table is rendered
     lines = overlap_table([run, later, peer, single])
     # then one later turn is overlapped (1.5 s) and three are not (median 0.25 s); vllm-router, whose answers name
@@ -115,3 +121,23 @@ def test_later_turns_are_split_by_a_first_turn_prefilled_beside_them() -> None:
     assert lines[-1].startswith("| single server | 1 | 1.50 / 1.50 | 0 | nan / nan |")
     assert not any("vllm-router" in line for line in lines)
     assert overlap_table([peer]) == []
+
+
+def test_later_turns_are_grouped_by_the_requests_open_on_their_engine_and_the_other() -> None:
+    # given a two-engine run where one later turn was sent while two requests were open on its engine (x) and one
+    # on the other (y), one was sent with nothing else open, and a single server whose later turn had one beside it
+    run = RunResult("platform prefix_aware", "multi-turn", 0, 5)
+    run.samples = [("a", 0, 0.0, 1.0, "x", 2.0), ("b", 0, 0.0, 1.0, "x", 2.0), ("c", 0, 0.0, 1.0, "y", 2.0)]
+    run.samples += [("d", 1, 1.5, 0.4, "x", 1.9), ("a", 1, 3.0, 0.2, "x", 3.5)]
+    single = RunResult("single server", "multi-turn", 0, 2)
+    single.samples = [("a", 0, 0.0, 1.0, "", 2.0), ("b", 1, 1.0, 0.3, "", 1.5)]
+    peer = RunResult("vllm-router cache_aware", "multi-turn", 0, 1)
+    peer.samples = [("a", 1, 0.0, 1.0, "", 2.0)]
+    # when the load table is rendered
+    lines = load_table([run, single, peer])
+    # then the columns are the (own, other) counts seen, each cell the TTFT median and count; the peer is left out
+    assert lines[3] == "| system | 0 + 0 | 1 + 0 | 2 + 1 |"
+    assert lines[5] == "| platform prefix_aware | 0.20 (1) |  | 0.40 (1) |"
+    assert lines[6] == "| single server |  | 0.30 (1) |  |"
+    assert not any("vllm-router" in line for line in lines)
+    assert load_table([peer]) == []
