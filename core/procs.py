@@ -33,9 +33,9 @@ def uvicorn_argv(
 ) -> list[str]:
     """The platform under uvicorn as the tools run it: uvloop, the HTTP protocol of `make run` and `make serve`
     (llm_platform/serve.py: httptools with bounded request heads, the bounds from MAX_REQUEST_HEAD_BYTES and
-    REQUEST_HEAD_TIMEOUT_S), lifespan on, no access log."""
+    REQUEST_HEAD_TIMEOUT_S), lifespan on, no access log, no `server` header."""
     argv = [python, "-m", "uvicorn", ASGI_APP, "--host", host, "--port", str(port)]
-    argv += ["--loop", "uvloop", "--http", HTTP_PROTOCOL, "--lifespan", "on", "--no-access-log"]
+    argv += ["--loop", "uvloop", "--http", HTTP_PROTOCOL, "--lifespan", "on", "--no-access-log", "--no-server-header"]
     if log_level:
         argv += ["--log-level", log_level]
     if workers > 1:

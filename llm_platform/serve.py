@@ -292,6 +292,7 @@ class ServeOptions:
             "timeout_keep_alive": self.keepalive_timeout_s,
             "proxy_headers": True,
             "forwarded_allow_ips": self.forwarded_allow_ips,
+            "server_header": False,  # no `server: uvicorn` on every answer: it tells a client only what to attack
             "log_level": self.log_level,
             "access_log": self.access_log,
             "backlog": self.backlog,

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from backends.mock_vllm import wait_until
+from core.procs import uvicorn_argv
 from llm_platform.serve import BoundedHttpToolsProtocol, ServeOptions, parse_args
 from tests.deploy.serve import ServeProcess, sockets_by_pid
 
@@ -138,3 +139,27 @@ def test_head_bounds_from_the_command_line_and_the_environment(monkeypatch: pyte
     assert (options.max_head_bytes, options.head_timeout_s) == (32768, 4.0)
     # both 0: uvicorn's own protocol, unbounded
     assert parse_args(["--max-head-bytes", "0", "--head-timeout", "0"])[0].uvicorn_config().http == "httptools"
+
+
+def test_answers_do_not_name_the_server_software(tmp_path: Path) -> None:
+    # given the production server with one worker
+    with _serving(tmp_path / "serve.log", workers=1) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        # when the gateway, its errors and Django answer
+        answers = [
+            httpx.get(f"{base}/healthz", timeout=10),
+            httpx.post(f"{base}/v1/chat/completions", json={}, timeout=10),
+            httpx.get(f"{base}/admin/login/", timeout=10),
+        ]
+    # then none names uvicorn (nor any server software), and each still has its date
+    assert [a.status_code for a in answers[:2]] == [200, 401] and answers[2].status_code < 500
+    assert not [a.headers["server"] for a in answers if "server" in a.headers]
+    assert all("date" in a.headers for a in answers)
+
+
+def test_the_tools_run_uvicorn_without_its_server_header() -> None:
+    # given the command line the benchmarks and the live tests start the platform with
+    argv = uvicorn_argv(8000)
+    # then it drops the `server` header as the production server does
+    assert "--no-server-header" in argv
+    assert ServeOptions().uvicorn_config().server_header is False
