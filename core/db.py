@@ -8,7 +8,8 @@ Two ways, for two kinds of caller:
   here, opening and closing them was a third of the side work's CPU), and one side thread takes the GIL from the
   event loop less often than a pool of them. The connection is dropped after a database error (the next call
   reconnects, so a database that goes away and comes back is picked up again), when a call left autocommit
-  changed, and when it is older than `CONN_MAX_AGE` (`KEPT_MAX_AGE_S` when that is 0);
+  changed, and when it is older than `CONN_MAX_AGE` (on SQLite, whose `CONN_MAX_AGE` is 0, `KEPT_MAX_AGE_S`; on
+  PostgreSQL a `CONN_MAX_AGE` of 0 closes it after each call, as the operator asked);
   `adb_connections_close()` closes it at the lifespan shutdown.
 - `db_call(func)`: a one-off sync ORM call from a worker thread of any pool (`asyncio.to_thread(db_call(f))`): stale
   connections dropped before and after, as Django does per request.
@@ -31,7 +32,7 @@ T = TypeVar("T")
 
 DB_THREAD_NAME = "db"
 KEPT_MAX_AGE_S = 60.0
-"""Age at which the database thread reconnects when CONN_MAX_AGE is 0 (SQLite here): a bound, not a cost."""
+"""Age at which the database thread reconnects on SQLite (CONN_MAX_AGE 0 here): a bound, not a cost."""
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 _kept_until: dict[str, tuple[object, float]] = {}  # alias: (raw connection, when to reconnect); db thread only
@@ -79,8 +80,10 @@ def _kept(func: Callable[[], T]) -> Callable[[], T]:
 def _settle_connections() -> None:
     """After a call in the database thread: keep its connections for the next call, unless a database error
     occurred (the connection may be broken: reconnecting on the next call is cheap, and errors are rare), a call
-    left autocommit changed, or the connection is older than CONN_MAX_AGE (KEPT_MAX_AGE_S when that is 0, as for
-    SQLite here: there is no request whose end would close it). Django's `close_if_unusable_or_obsolete` otherwise.
+    left autocommit changed, or the connection is older than CONN_MAX_AGE. On SQLite, whose CONN_MAX_AGE is 0 here,
+    KEPT_MAX_AGE_S stands for it (opening a file is all a connection costs, and there is no request whose end would
+    close it). On PostgreSQL a CONN_MAX_AGE of 0 (`DB_CONN_MAX_AGE=0`, e.g. behind PgBouncer in transaction mode)
+    means what it says: the connection is closed after each call. Django's `close_if_unusable_or_obsolete` decides.
     """
     from django.db import connections
 
@@ -92,7 +95,7 @@ def _settle_connections() -> None:
             if conn.errors_occurred:
                 conn.close()
                 continue
-            if conn.settings_dict["CONN_MAX_AGE"] == 0:
+            if conn.settings_dict["CONN_MAX_AGE"] == 0 and conn.vendor == "sqlite":
                 kept = _kept_until.get(conn.alias)
                 if kept is None or kept[0] is not raw:
                     kept = _kept_until[conn.alias] = (raw, time.monotonic() + KEPT_MAX_AGE_S)

@@ -82,6 +82,8 @@ async def test_the_shutdown_close_gives_up_on_a_hung_call(caplog: pytest.LogCapt
 
 
 async def test_a_connection_older_than_the_bound_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    if connection.vendor != "sqlite":
+        pytest.skip("the bound stands for a CONN_MAX_AGE of 0 on SQLite only")
     # given a CONN_MAX_AGE of 0 (SQLite's here; the settings are shared by every thread's connection) and a bound of 0
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
     monkeypatch.setattr(db, "KEPT_MAX_AGE_S", 0.0)
@@ -90,6 +92,24 @@ async def test_a_connection_older_than_the_bound_is_replaced(monkeypatch: pytest
     _, before = await run_db(_where)
     _, after = await run_db(_where)
     assert after is not before
+
+
+async def test_a_conn_max_age_of_0_is_kept_on_sqlite_and_closed_after_each_call_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # given DB_CONN_MAX_AGE=0 (the settings are shared by every thread's connection)
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    await adb_connections_close()
+    # when two calls follow each other
+    _, before = await run_db(_where)
+    _, after = await run_db(_where)
+    left_open = await run_db(lambda: connection.connection)
+    if connection.vendor == "sqlite":
+        # then on SQLite the connection is kept (opening one per poll was a measured cost; KEPT_MAX_AGE_S bounds it)
+        assert after is before and left_open is before
+    else:
+        # then elsewhere (PostgreSQL) each call opened its own and none is held between calls, as the operator asked
+        assert after is not before and left_open is None
 
 
 async def test_a_result_and_an_exception_are_handed_back_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
