@@ -434,24 +434,33 @@ def usage_records_write(entries: Sequence[Entry]) -> int:
     """Insert a batch of usage events (keys deleted meanwhile are dropped from the row); return the count.
 
     A connection failure raises (the writer keeps the batch and retries); a row the database refuses is skipped
-    rather than blocking every later batch.
+    rather than blocking every later batch. A refused batch is split in halves until the refused rows are alone:
+    one bad row among 2,000 costs about 2 x log2(2000) = 22 statements in the database thread, not 2,000.
     """
     key_ids = {e.key_id for _, e in entries if e.key_id is not None}
     known = set(ApiKey.objects.filter(pk__in=key_ids).values_list("pk", flat=True)) if key_ids else set()
     rows = [_values(created, event, known) for created, event in entries]
+    return _insert_split(rows, entries)
+
+
+def _insert_split(rows: list[tuple[Any, ...]], entries: Sequence[Entry], *, whole: bool = True) -> int:
+    """Insert these rows in one transaction, or, when the database refuses them, each half apart (recursively):
+    every row the database accepts is written once, every row it refuses is dropped and logged."""
     try:
         _insert(rows, entries)
         return len(rows)
     except (DataError, IntegrityError) as exc:
-        logger.warning("usage writer: batch refused (%s); writing row by row", exc)
-    written = 0
-    for row, entry in zip(rows, entries, strict=True):
-        try:
-            _insert([row], [entry])
-            written += 1
-        except (DataError, IntegrityError) as exc:
-            logger.error("usage writer: dropping record %s: %s", row[1], exc)
-    return written
+        if len(rows) == 1:
+            logger.error("usage writer: dropping record %s: %s", rows[0][1], exc)
+            return 0
+        if whole:
+            logger.warning(
+                "usage writer: batch of %d refused (%s); splitting it to drop the refused rows", len(rows), exc
+            )
+    middle = len(rows) // 2
+    return _insert_split(rows[:middle], entries[:middle], whole=False) + _insert_split(
+        rows[middle:], entries[middle:], whole=False
+    )
 
 
 def _hour(moment: datetime) -> datetime:

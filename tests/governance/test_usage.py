@@ -271,6 +271,33 @@ def test_a_refused_row_is_dropped_not_retried_forever(monkeypatch: pytest.Monkey
     assert list(UsageBackendBucket.objects.values_list("backend", "requests")) == [("b1", 2)]
 
 
+@pytest.mark.django_db
+def test_a_refused_batch_is_split_in_halves_not_written_row_by_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    from governance import usage
+
+    original = usage._insert
+    statements: list[int] = []
+
+    def insert(rows: Any, entries: Any) -> None:
+        statements.append(len(rows))
+        if any(row[1].startswith("bad") for row in rows):  # the database refuses any batch holding a bad row
+            raise IntegrityError("refused")
+        original(rows, entries)
+
+    monkeypatch.setattr(usage, "_insert", insert)
+    # given a batch of 256 events, two of which the database refuses
+    now = datetime.now(UTC).timestamp()
+    ids = [f"bad-{i}" if i in (17, 200) else f"ok-{i}" for i in range(256)]
+    # when it is written
+    written = usage_records_write([(now, event(request_id=request_id)) for request_id in ids])
+    # then every good row is written once and the bad ones dropped
+    assert written == 254
+    stored = list(UsageRecord.objects.values_list("request_id", flat=True))
+    assert sorted(stored) == sorted(i for i in ids if i.startswith("ok")) and len(set(stored)) == len(stored)
+    # in a few dozen transactions (halving to each bad row: about 4 x log2(256) = 32), not one per row (257)
+    assert len(statements) <= 4 * 8 + 1
+
+
 # --- rollups ------------------------------------------------------------------------------------------------------
 
 HOUR = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
