@@ -76,7 +76,7 @@ case $role in
       --schedule "${TMPDIR:-/tmp}/celerybeat-schedule" "$@"
     ;;
   migrate)
-    python manage.py migrate --noinput
+    DB_STATEMENT_TIMEOUT_MS=0 python manage.py migrate --noinput  # a migration may run longer than a request's bound
     if [[ -n ${REGISTRY_FILE:-} ]]; then
       log "importing the registry from $REGISTRY_FILE"
       python manage.py import_registry "$REGISTRY_FILE"

@@ -189,6 +189,14 @@ elif DATABASES["default"]["ENGINE"].startswith("django.db.backends.postgresql"):
         ("keepalives_count", 3),
     ):
         _pg_options.setdefault(_name, _value)
+    # And a statement that runs longer than DB_STATEMENT_TIMEOUT_MS (a lock wait, a runaway report) is cancelled by
+    # the server instead of holding its connection and thread: the database thread's writes and polls, an admin
+    # page. 0 turns it off; `deploy/entrypoint.sh migrate` and `make run` migrate with 0 (a migration may be long).
+    # A statement_timeout already in DATABASE_URL's `options` wins.
+    _statement_timeout_ms = env_int("DB_STATEMENT_TIMEOUT_MS", 30_000)
+    _libpq_options = str(_pg_options.get("options", ""))
+    if _statement_timeout_ms > 0 and "statement_timeout" not in _libpq_options:
+        _pg_options["options"] = f"{_libpq_options} -c statement_timeout={_statement_timeout_ms}".strip()
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -199,7 +199,8 @@ def main() -> int:
                     log("the mock backend did not start")
                     return 1
                 mock_urls.append(f"http://127.0.0.1:{port_i}")
-        subprocess.run([PY, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+        migrate_env = {**env, "DB_STATEMENT_TIMEOUT_MS": "0"}  # a migration may run longer than a request's bound
+        subprocess.run([PY, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=migrate_env, check=True)
         setup = [PY, "manage.py", "setup_platform"]
         for url in mock_urls:
             setup += ["--mock-url", url]

@@ -147,6 +147,30 @@ async def test_a_connection_killed_by_postgresql_is_replaced() -> None:
     assert await run_db(backend_pid) != pid
 
 
+def test_postgresql_cancels_a_statement_longer_than_the_bound() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("needs DATABASE_URL on PostgreSQL")
+    from django.db import OperationalError, connections
+
+    # given the settings' bound (DB_STATEMENT_TIMEOUT_MS, 30 s unless set) on every connection
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone()[0] == f"{int(os.environ.get('DB_STATEMENT_TIMEOUT_MS', 30_000)) // 1000}s"
+    # and a connection made with the same options but a bound of 0.2 s
+    short = connections.create_connection("default")
+    options = short.settings_dict["OPTIONS"] = dict(short.settings_dict["OPTIONS"])
+    options["options"] = "-c statement_timeout=200"
+    try:
+        started = time.monotonic()
+        # when a statement runs longer (a lock wait, a runaway query)
+        with pytest.raises(OperationalError, match="statement timeout"), short.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(5)")
+        # then the server cancels it after the bound, and the caller gets an error instead of waiting
+        assert time.monotonic() - started < 4
+    finally:
+        short.close()
+
+
 def test_a_forked_child_starts_its_own_database_thread() -> None:
     # given a process whose database thread is running (a Celery prefork parent, say)
     asyncio.run(run_db(_where))

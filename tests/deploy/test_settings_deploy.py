@@ -119,3 +119,32 @@ def test_postgresql_connections_have_bounded_waits(url: str, connect_timeout: in
     # then a connection attempt is bounded (the URL's value wins) and a vanished server is found by TCP keepalives
     assert options["connect_timeout"] == connect_timeout
     assert (options["keepalives"], options["keepalives_idle"], options["keepalives_count"]) == (1, 30, 3)
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "options"),
+    [
+        ("postgres://llm@db.invalid:5432/llm", {}, "-c statement_timeout=30000"),
+        ("postgres://llm@db.invalid:5432/llm", {"DB_STATEMENT_TIMEOUT_MS": "500"}, "-c statement_timeout=500"),
+        ("postgres://llm@db.invalid:5432/llm", {"DB_STATEMENT_TIMEOUT_MS": "0"}, None),
+        (
+            "postgres://llm@db.invalid:5432/llm?options=-c%20search_path%3Dllm",
+            {},
+            "-c search_path=llm -c statement_timeout=30000",
+        ),
+        (
+            "postgres://llm@db.invalid:5432/llm?options=-c%20statement_timeout%3D5s",
+            {"DB_STATEMENT_TIMEOUT_MS": "500"},
+            "-c statement_timeout=5s",
+        ),
+    ],
+)
+def test_postgresql_statements_are_bounded_in_time(url: str, env: dict[str, str], options: str | None) -> None:
+    # given a PostgreSQL DATABASE_URL, its own libpq options or none, and DB_STATEMENT_TIMEOUT_MS set or not
+    code = "from django.conf import settings; import json; print(json.dumps(settings.DATABASES['default']['OPTIONS']))"
+    # when the settings are loaded
+    result = _manage("shell", "-c", code, env={**DEPLOY_ENV, "DATABASE_URL": url, **env})
+    assert result.returncode == 0, result.stderr
+    # then the server cancels statements after the bound (30 s by default), added to the URL's own options, unless
+    # the bound is 0 or the URL sets one itself
+    assert json.loads(result.stdout.strip().splitlines()[-1]).get("options") == options
