@@ -16,10 +16,14 @@ pytestmark = pytest.mark.e2e
 
 CAPITAL = "In one word, can you provide me the capital of France?"
 LONG_ANSWER = "Count from one to one hundred in words, separated by commas."
-# A fixed sampling seed makes the temperature-0.1 sample reproducible. Unseeded, SmolLM2-135M named Paris in
-# 89 of 100 samples at 0.1 (it sometimes answers "No, I'm afraid. I'm afraid of the French."), which would
-# make the nightly run flaky; seed 0 is one of the unlucky draws, 1234 is not. At temperature 0 it changes nothing.
+# A fixed sampling seed makes the temperature-0.1 sample reproducible on one machine. Unseeded, SmolLM2-135M named
+# Paris in 89 of 100 samples at 0.1 (it sometimes answers "No, I'm afraid. I'm afraid of the French."); which seeds
+# are unlucky depends on the CPU (its vector code changes the logits' last bits): 1234 was lucky on the machines
+# before 2026-12-02 and is not on that day's. So at a temperature above 0 the question is asked with up to three
+# seeds and one answer naming Paris passes (all three missing: ~0.1 % per machine, and what a platform that
+# garbled the prompt or the sampling parameters would get every time). At temperature 0 the seed changes nothing.
 SEED = 1234
+SAMPLE_SEEDS = (SEED, 4321, 2026)
 
 
 def _messages(text: str) -> list[ChatCompletionMessageParam]:
@@ -67,25 +71,29 @@ def test_platform_lists_the_model_with_the_backends_context_length(
 def test_capital_of_france(
     client: openai.OpenAI, e2e_registry: E2ERegistry, latency: LatencyLog, temperature: float, stream: bool
 ) -> None:
-    params: dict[str, Any] = {
-        "model": e2e_registry.model,
-        "messages": _messages(CAPITAL),
-        "temperature": temperature,
-        "max_tokens": 50,
-        "seed": SEED,
-    }
-    # when the seed's critical question is asked through the platform
-    with latency.measure(f"capital t={temperature:g} {'stream' if stream else 'json'}") as timing:
-        if stream:
-            chunks = _stream(client, timing, **params)
-            answer = _text(chunks)
-            assert {c.model for c in chunks} == {e2e_registry.model}
-        else:
-            response = client.chat.completions.create(**params)
-            answer = response.choices[0].message.content or ""
-            assert response.model == e2e_registry.model
-    # then the answer names Paris
-    assert "paris" in answer.lower(), f"no 'Paris' in the answer at temperature {temperature}: {answer!r}"
+    answers: list[str] = []
+    for seed in SAMPLE_SEEDS if temperature > 0 else (SEED,):
+        params: dict[str, Any] = {
+            "model": e2e_registry.model,
+            "messages": _messages(CAPITAL),
+            "temperature": temperature,
+            "max_tokens": 50,
+            "seed": seed,
+        }
+        # when the seed's critical question is asked through the platform
+        with latency.measure(f"capital t={temperature:g} {'stream' if stream else 'json'} seed={seed}") as timing:
+            if stream:
+                chunks = _stream(client, timing, **params)
+                answers.append(_text(chunks))
+                assert {c.model for c in chunks} == {e2e_registry.model}
+            else:
+                response = client.chat.completions.create(**params)
+                answers.append(response.choices[0].message.content or "")
+                assert response.model == e2e_registry.model
+        if "paris" in answers[-1].lower():
+            break
+    # then the answer names Paris (at 0.1, one of the seeded samples does)
+    assert "paris" in answers[-1].lower(), f"no 'Paris' in the answers at temperature {temperature}: {answers!r}"
 
 
 def _tokenize(backend_http: httpx.Client, model: str, messages: list[ChatCompletionMessageParam]) -> int:
