@@ -156,10 +156,11 @@ def test_postgresql_cancels_a_statement_longer_than_the_bound() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SHOW statement_timeout")
         assert cursor.fetchone()[0] == f"{int(os.environ.get('DB_STATEMENT_TIMEOUT_MS', 30_000)) // 1000}s"
-    # and a connection made with the same options but a bound of 0.2 s
-    short = connections.create_connection("default")
-    options = short.settings_dict["OPTIONS"] = dict(short.settings_dict["OPTIONS"])
-    options["options"] = "-c statement_timeout=200"
+    # and a connection made with the same options but a bound of 0.2 s: from a copy of the settings, which every
+    # connection of the alias shares (connections.create_connection would hand it the shared dict itself)
+    shared_options = dict(connection.settings_dict["OPTIONS"])
+    settings_dict = {**connection.settings_dict, "OPTIONS": {**shared_options, "options": "-c statement_timeout=200"}}
+    short = type(connections["default"])(settings_dict, "default")
     try:
         started = time.monotonic()
         # when a statement runs longer (a lock wait, a runaway query)
@@ -169,6 +170,9 @@ def test_postgresql_cancels_a_statement_longer_than_the_bound() -> None:
         assert time.monotonic() - started < 4
     finally:
         short.close()
+    # and the process's other connections keep the settings' bound (a later test's teardown flush is no statement
+    # to cut at 0.2 s)
+    assert connection.settings_dict["OPTIONS"] == shared_options
 
 
 def test_a_forked_child_starts_its_own_database_thread() -> None:
