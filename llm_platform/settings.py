@@ -192,7 +192,8 @@ elif DATABASES["default"]["ENGINE"].startswith("django.db.backends.postgresql"):
     # And a statement that runs longer than DB_STATEMENT_TIMEOUT_MS (a lock wait, a runaway report) is cancelled by
     # the server instead of holding its connection and thread: the database thread's writes and polls, an admin
     # page. 0 turns it off; `deploy/entrypoint.sh migrate` and `make run` migrate with 0 (a migration may be long).
-    # A statement_timeout already in DATABASE_URL's `options` wins.
+    # A statement_timeout already in DATABASE_URL's `options` wins. Behind PgBouncer, which refuses the `options`
+    # startup parameter, the operator sets 0 and bounds the database role instead (docs/deploy.md).
     _statement_timeout_ms = env_int("DB_STATEMENT_TIMEOUT_MS", 30_000)
     _libpq_options = str(_pg_options.get("options", ""))
     if _statement_timeout_ms > 0 and "statement_timeout" not in _libpq_options:
